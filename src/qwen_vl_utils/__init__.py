@@ -1,0 +1,87 @@
+"""qwen-vl-utils: vision preprocessing for Qwen2.5-VL and Qwen3-VL, a drop-in for qwen-vl-utils 0.0.14.
+
+``process_vision_info`` turns chat messages with images and videos into what the Qwen processors expect.
+Importing this package loads no optional decoder and does not import torch.
+"""
+
+from ._errors import (
+    AspectRatioError,
+    DecodeError,
+    FetchTimeoutError,
+    InvalidOptionError,
+    NetworkError,
+    QwenVLError,
+    SourceError,
+    SourceNotAllowedError,
+    SourceNotFoundError,
+    SourceTooLargeError,
+)
+from ._policy import FetchPolicy, get_fetch_policy, set_fetch_policy
+from ._version import __version__
+from .video import BackendFallbackWarning
+from .vision_process import (
+    FPS,
+    FPS_MAX_FRAMES,
+    FPS_MIN_FRAMES,
+    FRAME_FACTOR,
+    IMAGE_MAX_TOKEN_NUM,
+    IMAGE_MIN_TOKEN_NUM,
+    MAX_RATIO,
+    MODEL_SEQ_LEN,
+    SPATIAL_MERGE_SIZE,
+    VIDEO_MAX_TOKEN_NUM,
+    VIDEO_MIN_TOKEN_NUM,
+    VIDEO_READER_BACKENDS,
+    ceil_by_factor,
+    count_visual_tokens,
+    extract_vision_info,
+    fetch_image,
+    fetch_video,
+    floor_by_factor,
+    get_video_reader_backend,
+    process_vision_info,
+    round_by_factor,
+    smart_nframes,
+    smart_resize,
+)
+
+__all__ = [
+    "FPS",
+    "FPS_MAX_FRAMES",
+    "FPS_MIN_FRAMES",
+    "FRAME_FACTOR",
+    "IMAGE_MAX_TOKEN_NUM",
+    "IMAGE_MIN_TOKEN_NUM",
+    "MAX_RATIO",
+    "MODEL_SEQ_LEN",
+    "SPATIAL_MERGE_SIZE",
+    "VIDEO_MAX_TOKEN_NUM",
+    "VIDEO_MIN_TOKEN_NUM",
+    "VIDEO_READER_BACKENDS",
+    "AspectRatioError",
+    "BackendFallbackWarning",
+    "DecodeError",
+    "FetchPolicy",
+    "FetchTimeoutError",
+    "InvalidOptionError",
+    "NetworkError",
+    "QwenVLError",
+    "SourceError",
+    "SourceNotAllowedError",
+    "SourceNotFoundError",
+    "SourceTooLargeError",
+    "__version__",
+    "ceil_by_factor",
+    "count_visual_tokens",
+    "extract_vision_info",
+    "fetch_image",
+    "fetch_video",
+    "floor_by_factor",
+    "get_fetch_policy",
+    "get_video_reader_backend",
+    "process_vision_info",
+    "round_by_factor",
+    "set_fetch_policy",
+    "smart_nframes",
+    "smart_resize",
+]

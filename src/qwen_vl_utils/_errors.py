@@ -1,0 +1,94 @@
+"""The exceptions qwen-vl-utils raises for bad input.
+
+Every error the library raises for user input is one of these, and each subclasses the builtin that
+older code would have caught, so ``except OSError`` / ``except ValueError`` keep working::
+
+    QwenVLError(Exception)
+    ├── SourceError(OSError)                    the source cannot be read
+    │   ├── SourceNotFoundError(FileNotFoundError)  no such file
+    │   ├── SourceNotAllowedError(PermissionError)  refused by the fetch policy
+    │   ├── NetworkError(ConnectionError)           HTTP status >= 400, refused connection, bad redirects
+    │   ├── FetchTimeoutError(TimeoutError)         connect/read timeout or total deadline passed
+    │   └── SourceTooLargeError                     over a byte, pixel, frame or duration limit
+    ├── DecodeError(OSError)                    the bytes are not a decodable image or video
+    └── InvalidOptionError(ValueError)          an element key or argument the library cannot honour
+        └── AspectRatioError                    an image or video more elongated than MAX_RATIO
+
+Backend exceptions are converted to these at one boundary (``video._read_frames``), chained with
+``raise ... from exc`` so the original stays visible in the traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AspectRatioError",
+    "DecodeError",
+    "FetchTimeoutError",
+    "InvalidOptionError",
+    "NetworkError",
+    "QwenVLError",
+    "SourceError",
+    "SourceNotAllowedError",
+    "SourceNotFoundError",
+    "SourceTooLargeError",
+]
+
+
+class QwenVLError(Exception):
+    """Base class of every error qwen-vl-utils raises for user input."""
+
+
+class SourceError(QwenVLError, OSError):
+    """The image or video source could not be read."""
+
+
+class SourceNotFoundError(SourceError, FileNotFoundError):
+    """A local path or ``file://`` URI that does not exist."""
+
+
+class SourceNotAllowedError(SourceError, PermissionError):
+    """The fetch policy refuses this source (scheme, host, address or local path)."""
+
+
+class NetworkError(SourceError, ConnectionError):
+    """An HTTP error status, a refused connection or a redirect problem."""
+
+
+class FetchTimeoutError(SourceError, TimeoutError):
+    """A connect or read timeout, or the total deadline of a download, passed."""
+
+
+class SourceTooLargeError(SourceError):
+    """A download, image or video over one of the configured size limits."""
+
+
+class DecodeError(QwenVLError, OSError):
+    """The bytes are not a decodable image or video."""
+
+
+class InvalidOptionError(QwenVLError, ValueError):
+    """An element key, argument or environment variable that cannot be honoured."""
+
+
+class AspectRatioError(InvalidOptionError):
+    """The image or video is more elongated than ``MAX_RATIO`` allows."""
+
+
+def describe(source: object, limit: int = 80) -> str:
+    """A short, printable name for a source, for error messages: never a whole base64 string."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, str):
+        if source.startswith("data:"):
+            head = source.split(",", 1)[0]
+            return f"<{head[:60]},... ({len(source)} chars)>"
+        if len(source) > limit:
+            keep = limit // 2 - 2
+            return f"{source[:keep]}...{source[-keep:]}"
+        return source
+    name = getattr(source, "name", None)
+    if isinstance(name, str):
+        return describe(name, limit)
+    kind = type(source)
+    shape = getattr(source, "shape", None) or getattr(source, "size", None)
+    return f"<{kind.__module__}.{kind.__qualname__}{' ' + str(tuple(shape)) if shape else ''}>"

@@ -1,0 +1,117 @@
+"""What the library may fetch, and how much: one policy for every source kind.
+
+A policy comes from (in increasing priority) the defaults below, ``QWENVL_*`` environment variables
+(read at call time), :func:`set_fetch_policy` for the process, and a ``policy=`` argument per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ._errors import InvalidOptionError
+
+__all__ = ["FetchPolicy", "get_fetch_policy", "set_fetch_policy"]
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """Limits and permissions for resolving image and video sources.
+
+    The defaults keep qwen-vl-utils 0.0.14's behaviour for ordinary use (local files, any http(s) host),
+    while bounding what a single element can cost. A server that takes untrusted messages should use
+    something like ``FetchPolicy(allow_local=False, block_private_networks=True)``.
+    """
+
+    allowed_schemes: tuple = ("http", "https", "file", "data")
+    #: local paths and file:// URIs
+    allow_local: bool = True
+    #: when set, local paths must resolve (symlinks followed) inside this directory
+    media_root: Optional[str] = None
+    #: when set, only these host names (exact, or ".example.com" for a domain and its subdomains)
+    allowed_hosts: Optional[tuple] = None
+    denied_hosts: tuple = ()
+    #: refuse private, loopback, link-local and reserved addresses, checked after DNS and on every redirect
+    block_private_networks: bool = False
+    max_redirects: int = 5
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    #: total seconds for one download, however fast the bytes trickle in
+    deadline: float = 300.0
+    max_image_bytes: int = 256 * MiB
+    max_video_bytes: int = 4096 * MiB
+    #: decompression-bomb limit, checked from the header before any decode (Pillow's own error threshold)
+    max_image_pixels: int = 178_956_970
+    #: refuse videos longer than this many seconds / frames (None: no limit)
+    max_video_seconds: Optional[float] = None
+    max_video_frames: Optional[int] = None
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def replace(self, **changes: Any) -> FetchPolicy:
+        return dataclasses.replace(self, **changes)
+
+
+_ENV = {
+    "QWENVL_ALLOWED_SCHEMES": ("allowed_schemes", lambda v: tuple(s.strip().lower() for s in v.split(",") if s)),
+    "QWENVL_ALLOW_LOCAL": ("allow_local", lambda v: v.strip().lower() in ("1", "true", "yes", "on")),
+    "QWENVL_MEDIA_ROOT": ("media_root", lambda v: v or None),
+    "QWENVL_ALLOWED_HOSTS": ("allowed_hosts", lambda v: tuple(h.strip().lower() for h in v.split(",") if h)),
+    "QWENVL_DENIED_HOSTS": ("denied_hosts", lambda v: tuple(h.strip().lower() for h in v.split(",") if h)),
+    "QWENVL_BLOCK_PRIVATE_NETWORKS": (
+        "block_private_networks",
+        lambda v: v.strip().lower() in ("1", "true", "yes", "on"),
+    ),
+    "QWENVL_MAX_REDIRECTS": ("max_redirects", int),
+    "QWENVL_CONNECT_TIMEOUT": ("connect_timeout", float),
+    "QWENVL_READ_TIMEOUT": ("read_timeout", float),
+    "QWENVL_DEADLINE": ("deadline", float),
+    "QWENVL_MAX_IMAGE_BYTES": ("max_image_bytes", lambda v: int(float(v))),
+    "QWENVL_MAX_VIDEO_BYTES": ("max_video_bytes", lambda v: int(float(v))),
+    "QWENVL_MAX_IMAGE_PIXELS": ("max_image_pixels", lambda v: int(float(v))),
+    "QWENVL_MAX_VIDEO_SECONDS": ("max_video_seconds", float),
+    "QWENVL_MAX_VIDEO_FRAMES": ("max_video_frames", lambda v: int(float(v))),
+}
+
+_lock = threading.Lock()
+_process_policy: Optional[FetchPolicy] = None
+
+
+def _from_env(base: FetchPolicy) -> FetchPolicy:
+    changes = {}
+    for var, (name, parse) in _ENV.items():
+        raw = os.environ.get(var)
+        if raw is None:
+            continue
+        try:
+            changes[name] = parse(raw)
+        except ValueError as exc:
+            raise InvalidOptionError(f"environment variable {var}={raw!r} is not valid: {exc}") from exc
+    return base.replace(**changes) if changes else base
+
+
+def set_fetch_policy(policy: Optional[FetchPolicy] = None, **changes: Any) -> FetchPolicy:
+    """Set the process-wide policy (``None`` returns to defaults + environment); returns the new one."""
+    global _process_policy
+    with _lock:
+        if policy is None and not changes:
+            _process_policy = None
+            return get_fetch_policy()
+        base = policy if policy is not None else get_fetch_policy()
+        _process_policy = base.replace(**changes) if changes else base
+        return _process_policy
+
+
+def get_fetch_policy(policy: Optional[FetchPolicy] = None) -> FetchPolicy:
+    """The policy in force: the argument, else the process policy, else defaults + environment."""
+    if policy is not None:
+        if not isinstance(policy, FetchPolicy):
+            raise InvalidOptionError(f"policy must be a qwen_vl_utils.FetchPolicy, got {type(policy).__name__}")
+        return policy
+    if _process_policy is not None:
+        return _process_policy
+    return _from_env(FetchPolicy())

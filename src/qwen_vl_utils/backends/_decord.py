@@ -1,0 +1,37 @@
+"""decord: batched random access; bundles an FFmpeg without AV1 and mishandles rotated streams."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import Optional
+
+import decord
+import numpy as np
+
+from .._probe import VideoInfo
+from .._sources import Source
+from ._chunks import batches
+
+NAME = "decord"
+APPLIES_ROTATION = False
+
+
+def unsupported(info: VideoInfo) -> Optional[str]:
+    if info.codec in ("av1", "libdav1d", "libaom-av1"):
+        return "decord 0.6 bundles an FFmpeg that cannot decode AV1"
+    if info.rotation:
+        return "decord 0.6 returns corrupt frames for videos with rotation metadata"
+    return None
+
+
+def read(source: Source, info: VideoInfo, indices: list[int], threads: int) -> Iterator[tuple[int, np.ndarray]]:
+    target = source.path if source.path is not None else io.BytesIO(source.data)
+    reader = decord.VideoReader(target, ctx=decord.cpu(0), num_threads=threads)
+    try:
+        last = len(reader) - 1
+        for wanted, clamped in batches(indices, last):
+            data = reader.get_batch(clamped).asnumpy()
+            yield from zip(wanted, data)
+    finally:
+        del reader

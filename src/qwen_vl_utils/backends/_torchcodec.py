@@ -1,0 +1,29 @@
+"""torchcodec: FFmpeg through C++, exact frame index from a scan of the file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Optional
+
+import numpy as np
+from torchcodec.decoders import VideoDecoder
+
+from .._probe import VideoInfo
+from .._sources import Source
+from ._chunks import batches
+
+NAME = "torchcodec"
+APPLIES_ROTATION = True  # torchcodec >= 0.8 turns frames upright from the display matrix
+
+
+def unsupported(info: VideoInfo) -> Optional[str]:
+    return None
+
+
+def read(source: Source, info: VideoInfo, indices: list[int], threads: int) -> Iterator[tuple[int, np.ndarray]]:
+    target = source.path if source.path is not None else source.data
+    decoder = VideoDecoder(target, seek_mode="exact", num_ffmpeg_threads=threads, dimension_order="NHWC")
+    last = decoder.metadata.num_frames - 1
+    for wanted, clamped in batches(indices, last):
+        data = decoder.get_frames_at(indices=clamped).data.numpy()
+        yield from zip(wanted, data)

@@ -1,0 +1,298 @@
+"""Images: sizing rules shared with video (``smart_resize``) and ``fetch_image``.
+
+Inside the library images are PIL images and numpy arrays; torch is never imported here.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from typing import Any, Optional, Union
+
+import numpy as np
+from PIL import Image
+
+from ._errors import AspectRatioError, DecodeError, InvalidOptionError, SourceTooLargeError, describe
+from ._policy import FetchPolicy, get_fetch_policy
+from ._sources import Source, resolve_source, sniff_media
+
+__all__ = [
+    "IMAGE_MAX_TOKEN_NUM",
+    "IMAGE_MIN_TOKEN_NUM",
+    "MAX_RATIO",
+    "SPATIAL_MERGE_SIZE",
+    "ceil_by_factor",
+    "fetch_image",
+    "floor_by_factor",
+    "round_by_factor",
+    "smart_resize",
+]
+
+MAX_RATIO = 200
+SPATIAL_MERGE_SIZE = 2
+IMAGE_MIN_TOKEN_NUM = 4
+IMAGE_MAX_TOKEN_NUM = 16384
+
+_ORIENTATION = 0x0112
+_TRANSPOSE = {
+    2: (Image.Transpose.FLIP_LEFT_RIGHT,),
+    3: (Image.Transpose.ROTATE_180,),
+    4: (Image.Transpose.FLIP_TOP_BOTTOM,),
+    5: (Image.Transpose.TRANSPOSE,),
+    6: (Image.Transpose.ROTATE_270,),
+    7: (Image.Transpose.TRANSVERSE,),
+    8: (Image.Transpose.ROTATE_90,),
+}
+
+
+def round_by_factor(number: float, factor: int) -> int:
+    """The closest integer to ``number`` that is divisible by ``factor``."""
+    return round(number / factor) * factor
+
+
+def ceil_by_factor(number: float, factor: int) -> int:
+    """The smallest integer >= ``number`` that is divisible by ``factor``."""
+    return math.ceil(number / factor) * factor
+
+
+def floor_by_factor(number: float, factor: int) -> int:
+    """The largest integer <= ``number`` that is divisible by ``factor``."""
+    return math.floor(number / factor) * factor
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int,
+    min_pixels: Optional[int] = None,
+    max_pixels: Optional[int] = None,
+) -> tuple[int, int]:
+    """Scale ``(height, width)`` so that both sides are multiples of ``factor``, the area lies within
+    ``[min_pixels, max_pixels]`` and the aspect ratio is kept as closely as possible.
+
+    Same arithmetic as qwen-vl-utils 0.0.14, except that a side is never 0 and the result never exceeds
+    ``max_pixels`` (0.0.14 can return 0 for very elongated inputs, and exceed the budget when the two
+    bounds are close). Raises :class:`AspectRatioError` past ``MAX_RATIO`` and
+    :class:`InvalidOptionError` for impossible budgets.
+    """
+    factor = int(factor)
+    if factor <= 0:
+        raise InvalidOptionError(f"factor must be a positive integer, got {factor}")
+    max_pixels = max_pixels if max_pixels is not None else IMAGE_MAX_TOKEN_NUM * factor**2
+    min_pixels = min_pixels if min_pixels is not None else IMAGE_MIN_TOKEN_NUM * factor**2
+    if not (height > 0 and width > 0):
+        raise InvalidOptionError(f"height and width must be positive, got {height}x{width}")
+    if max_pixels < min_pixels:
+        raise InvalidOptionError(f"max_pixels ({max_pixels}) must be >= min_pixels ({min_pixels})")
+    if max_pixels < factor * factor:
+        raise InvalidOptionError(
+            f"max_pixels ({max_pixels}) is below one {factor}x{factor} patch group; raise it to at least {factor**2}"
+        )
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_RATIO:
+        raise AspectRatioError(f"absolute aspect ratio must be smaller than {MAX_RATIO}, got {ratio:.1f}")
+    h_bar = max(factor, round_by_factor(height, factor))
+    w_bar = max(factor, round_by_factor(width, factor))
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, floor_by_factor(height / beta, factor))
+        w_bar = max(factor, floor_by_factor(width / beta, factor))
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = ceil_by_factor(height * beta, factor)
+        w_bar = ceil_by_factor(width * beta, factor)
+    # A side clamped up to one factor, or min_pixels close to max_pixels, can overshoot: shrink the
+    # longer side first, then the other, never below one factor.
+    if h_bar * w_bar > max_pixels:
+        if h_bar >= w_bar:
+            h_bar = max(factor, floor_by_factor(max_pixels / w_bar, factor))
+            w_bar = max(factor, min(w_bar, floor_by_factor(max_pixels / h_bar, factor)))
+        else:
+            w_bar = max(factor, floor_by_factor(max_pixels / h_bar, factor))
+            h_bar = max(factor, min(h_bar, floor_by_factor(max_pixels / w_bar, factor)))
+    return h_bar, w_bar
+
+
+# --- decoding ---------------------------------------------------------------------------------------------
+
+
+def _image_source(ele: dict) -> Any:
+    if "image" in ele and ele["image"] is not None:
+        return ele["image"]
+    value = ele.get("image_url")
+    if isinstance(value, dict):  # OpenAI form {"type": "image_url", "image_url": {"url": ...}}
+        value = value.get("url")
+    if value is None:
+        raise InvalidOptionError(f"image element has no 'image' or 'image_url' value: keys {sorted(ele)}")
+    return value
+
+
+def array_to_pil(value: Any, name: str) -> Image.Image:
+    """A numpy HWC/HW uint8 array or a torch CHW/HWC uint8 tensor as a PIL image."""
+    is_torch = type(value).__module__.startswith("torch")
+    if is_torch:
+        value = value.detach().cpu()
+        if value.ndim == 3 and value.shape[0] in (1, 3, 4) and value.shape[-1] not in (1, 3, 4):
+            value = value.permute(1, 2, 0)
+        value = value.numpy()
+    arr = np.asarray(value)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise InvalidOptionError(
+            f"image array {name} has shape {arr.shape}; expected HxW, HxWx3 or HxWx4 (or CxHxW for tensors)"
+        )
+    if arr.dtype != np.uint8:
+        raise InvalidOptionError(
+            f"image array {name} has dtype {arr.dtype}; convert it to uint8 0..255 first, "
+            "e.g. (x * 255).round().clip(0, 255).astype(np.uint8)"
+        )
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def open_image(source: Source, policy: FetchPolicy) -> Image.Image:
+    """Open (lazily: header only) the image behind a resolved source, checking the pixel budget."""
+    if source.obj is not None:
+        img = source.obj if isinstance(source.obj, Image.Image) else array_to_pil(source.obj, source.name)
+        _check_pixels(img.size, source.name, policy)
+        return img
+    stream = io.BytesIO(source.data) if source.data is not None else source.path
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(stream)
+    except Image.DecompressionBombError as exc:
+        raise SourceTooLargeError(f"image {source.name} is a decompression bomb: {exc}") from exc
+    except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        kind = sniff_media(source.head())
+        hint = " It looks like a video: use {'type': 'video', 'video': ...}." if kind == "video" else ""
+        raise DecodeError(f"{source.name} is not a decodable image ({exc}).{hint}") from exc
+    _check_pixels(img.size, source.name, policy)
+    return img
+
+
+def _check_pixels(size: tuple, name: str, policy: FetchPolicy) -> None:
+    w, h = size
+    if w * h > policy.max_image_pixels:
+        raise SourceTooLargeError(
+            f"image {name} is {w}x{h} = {w * h} pixels, over the decompression-bomb limit of "
+            f"{policy.max_image_pixels} (raise FetchPolicy.max_image_pixels or QWENVL_MAX_IMAGE_PIXELS)"
+        )
+
+
+def exif_orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(_ORIENTATION, 1))
+    except Exception:  # malformed EXIF must not make a readable image unreadable
+        return 1
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as displayed, after EXIF orientation; from the header only."""
+    w, h = img.size
+    return (h, w) if exif_orientation(img) in (5, 6, 7, 8) else (w, h)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB with every kind of transparency composited onto white; first frame of animations."""
+    if getattr(img, "is_animated", False):
+        img.seek(0)
+    mode = img.mode
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img if mode == "RGBA" else img.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
+    return img if mode == "RGB" else img.convert("RGB")
+
+
+def decode_rgb(img: Image.Image, name: str) -> Image.Image:
+    """Fully decode to upright RGB (EXIF applied), converting decoder failures to DecodeError."""
+    try:
+        orientation = exif_orientation(img)
+        rgb = to_rgb(img)
+        for op in _TRANSPOSE.get(orientation, ()):
+            rgb = rgb.transpose(op)
+        rgb.load()
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise DecodeError(f"image {name} could not be decoded ({exc}); the file may be truncated or corrupt") from exc
+    return rgb
+
+
+def image_target_size(ele: dict, width: int, height: int, factor: int) -> tuple[int, int]:
+    """(resized_height, resized_width) for an image element, as 0.0.14 computes it."""
+    if "resized_height" in ele and "resized_width" in ele:
+        return smart_resize(int(ele["resized_height"]), int(ele["resized_width"]), factor=factor)
+    min_pixels = ele.get("min_pixels", IMAGE_MIN_TOKEN_NUM * factor**2)
+    max_pixels = ele.get("max_pixels", IMAGE_MAX_TOKEN_NUM * factor**2)
+    return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def _patch_factor(image_patch_size: int) -> int:
+    if image_patch_size not in (14, 16) and not (isinstance(image_patch_size, int) and image_patch_size > 0):
+        raise InvalidOptionError(f"image_patch_size must be a positive integer (14 or 16), got {image_patch_size!r}")
+    return int(image_patch_size) * SPATIAL_MERGE_SIZE
+
+
+def _draft(img: Image.Image, ele: dict, width: int, height: int, factor: int) -> None:
+    """Opt-in JPEG draft decoding (DCT scaling) to at least the target size: faster, slightly different."""
+    if img.format != "JPEG" or not ele.get("jpeg_draft", _env_flag("QWENVL_JPEG_DRAFT")):
+        return
+    rh, rw = image_target_size(ele, width, height, factor)
+    if exif_orientation(img) in (5, 6, 7, 8):
+        rh, rw = rw, rh
+    img.draft("RGB", (rw, rh))
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def fetch_image(
+    ele: dict[str, Any],
+    image_patch_size: int = 14,
+    *,
+    policy: Optional[FetchPolicy] = None,
+) -> Image.Image:
+    """Load, orient, convert to RGB and resize one image element, as qwen-vl-utils 0.0.14 does.
+
+    ``ele`` holds ``image`` (or ``image_url``, a string or ``{"url": ...}``) plus optional ``min_pixels``,
+    ``max_pixels``, ``resized_height``/``resized_width`` and ``jpeg_draft``. Returns an RGB PIL image whose
+    sides are multiples of ``image_patch_size * 2``.
+    """
+    if not isinstance(ele, dict):
+        raise InvalidOptionError(f"an image element must be a dict, got {describe(ele)}")
+    factor = _patch_factor(image_patch_size)
+    policy = get_fetch_policy(policy)
+    value = _image_source(ele)
+    with resolve_source(value, "image", policy) as source:
+        img = open_image(source, policy)
+        width, height = oriented_size(img)
+        _draft(img, ele, width, height, factor)
+        rgb = decode_rgb(img, source.name)
+    try:
+        rh, rw = image_target_size(ele, rgb.width, rgb.height, factor)
+    except AspectRatioError as exc:
+        raise AspectRatioError(f"image {source.name}: {exc}") from None
+    if rgb.size != (rw, rh):
+        rgb = rgb.resize((rw, rh), Image.Resampling.BICUBIC)
+    return rgb
+
+
+def image_token_count(
+    ele: dict[str, Any], image_patch_size: int = 14, *, policy: Optional[FetchPolicy] = None
+) -> tuple[int, int, int]:
+    """(tokens, resized_height, resized_width) for an image element, from its header only."""
+    factor = _patch_factor(image_patch_size)
+    policy = get_fetch_policy(policy)
+    with resolve_source(_image_source(ele), "image", policy) as source:
+        img = open_image(source, policy)
+        width, height = oriented_size(img)
+    rh, rw = image_target_size(ele, width, height, factor)
+    return (rh // factor) * (rw // factor), rh, rw
+
+
+ImageInput = Union[str, bytes, Image.Image, np.ndarray]

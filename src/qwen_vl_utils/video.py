@@ -1,0 +1,525 @@
+"""Videos: one frame plan computed from one probe, decoded by any backend, resized frame by frame.
+
+The flow for a video file::
+
+    resolve_source -> probe_video (PyAV) -> plan_frames (pure) -> backend.read(indices) -> resize each frame
+
+so every backend returns the same ``frames_indices`` and shapes, and peak memory follows the output size,
+not the length or resolution of the video.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import numpy as np
+from PIL import Image
+
+from . import backends as _backends
+from ._errors import (
+    AspectRatioError,
+    DecodeError,
+    InvalidOptionError,
+    QwenVLError,
+    SourceTooLargeError,
+    describe,
+)
+from ._policy import FetchPolicy, get_fetch_policy
+from ._probe import VideoInfo, probe_video
+from ._sources import Source, resolve_source
+from .image import (
+    _patch_factor,
+    array_to_pil,
+    ceil_by_factor,
+    decode_rgb,
+    floor_by_factor,
+    open_image,
+    round_by_factor,
+    smart_resize,
+)
+
+__all__ = [
+    "FPS",
+    "FPS_MAX_FRAMES",
+    "FPS_MIN_FRAMES",
+    "FRAME_FACTOR",
+    "MAX_NUM_WORKERS_FETCH_VIDEO",
+    "MODEL_SEQ_LEN",
+    "VIDEO_MAX_TOKEN_NUM",
+    "VIDEO_MIN_TOKEN_NUM",
+    "VIDEO_READER_BACKENDS",
+    "BackendFallbackWarning",
+    "FramePlan",
+    "fetch_video",
+    "get_video_reader_backend",
+    "plan_frames",
+    "smart_nframes",
+]
+
+logger = logging.getLogger("qwen_vl_utils")
+
+VIDEO_MIN_TOKEN_NUM = 128
+VIDEO_MAX_TOKEN_NUM = 768
+FPS = 2.0
+FRAME_FACTOR = 2
+FPS_MIN_FRAMES = 4
+FPS_MAX_FRAMES = 768
+MAX_NUM_WORKERS_FETCH_VIDEO = 8
+MODEL_SEQ_LEN = int(float(os.environ.get("MODEL_SEQ_LEN", 128000)))
+
+
+class BackendFallbackWarning(UserWarning):
+    """The chosen backend cannot decode this stream; another seek-capable backend decoded it."""
+
+
+def _model_seq_len() -> int:
+    raw = os.environ.get("MODEL_SEQ_LEN")
+    if raw is None:
+        return MODEL_SEQ_LEN
+    try:
+        return int(float(raw))
+    except ValueError as exc:
+        raise InvalidOptionError(f"environment variable MODEL_SEQ_LEN={raw!r} is not a number") from exc
+
+
+# --- the frame plan ---------------------------------------------------------------------------------------
+
+
+def smart_nframes(ele: dict[str, Any], total_frames: int, video_fps: Union[int, float]) -> int:
+    """How many frames to sample, with qwen-vl-utils 0.0.14's rules (``fps`` or ``nframes``, ``min_frames``,
+    ``max_frames``, an even count, at most ``FPS_MAX_FRAMES``).
+
+    Unlike 0.0.14, a clip of fewer than ``FRAME_FACTOR`` frames gives ``FRAME_FACTOR`` (the last frame is
+    repeated) instead of raising.
+    """
+    if ele.get("fps") is not None and ele.get("nframes") is not None:
+        raise InvalidOptionError("give either 'fps' or 'nframes' in a video element, not both")
+    if total_frames < FRAME_FACTOR:
+        return FRAME_FACTOR
+    if ele.get("nframes") is not None:
+        nframes = max(FRAME_FACTOR, round_by_factor(_number(ele, "nframes"), FRAME_FACTOR))
+        if nframes > total_frames:
+            raise InvalidOptionError(
+                f"nframes={ele['nframes']} is more than the {total_frames} frames in the video (or window); "
+                f"ask for at most {floor_by_factor(total_frames, FRAME_FACTOR)}, or use 'fps'"
+            )
+        return int(nframes)
+    fps = _number(ele, "fps", FPS)
+    if not video_fps or video_fps <= 0:
+        raise InvalidOptionError(f"the video's frame rate must be positive, got {video_fps}")
+    min_frames = ceil_by_factor(_number(ele, "min_frames", FPS_MIN_FRAMES), FRAME_FACTOR)
+    max_frames = floor_by_factor(_number(ele, "max_frames", min(FPS_MAX_FRAMES, total_frames)), FRAME_FACTOR)
+    nframes = total_frames / video_fps * fps
+    nframes = min(min(max(nframes, min_frames), max_frames), total_frames)
+    nframes = floor_by_factor(nframes, FRAME_FACTOR)
+    if not FRAME_FACTOR <= nframes <= total_frames:
+        raise InvalidOptionError(
+            f"the sampling options give {nframes} frames, outside [{FRAME_FACTOR}, {total_frames}]; "
+            "check fps, min_frames and max_frames"
+        )
+    return int(nframes)
+
+
+def _number(ele: dict, key: str, default: Optional[float] = None) -> float:
+    value = ele.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise InvalidOptionError(f"video element key {key!r} must be a non-negative number, got {value!r}")
+    return value
+
+
+def linspace_round(start: int, end: int, n: int) -> list[int]:
+    """``torch.linspace(start, end, n).round().long()`` exactly (float32 arithmetic, round half to even)."""
+    if n == 1:
+        return [int(start)]
+    f32 = np.float32
+    step = (f32(end) - f32(start)) / f32(n - 1)
+    i = np.arange(n)
+    half = n // 2
+    lo = f32(start) + step * i[:half].astype(f32)
+    hi = f32(end) - step * (n - 1 - i[half:]).astype(f32)
+    return [int(v) for v in np.round(np.concatenate([lo, hi]).astype(f32))]
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    """Which source frames to read: a pure function of the probe and the element."""
+
+    indices: list[int]
+    start_frame: int
+    end_frame: int
+    sample_fps: float
+    fps: float
+    total_num_frames: int
+    positions: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def nframes(self) -> int:
+        return len(self.indices)
+
+    @property
+    def unique_indices(self) -> list[int]:
+        return sorted(set(self.indices))
+
+
+def plan_frames(
+    info: VideoInfo, ele: dict[str, Any], policy: Optional[FetchPolicy] = None, name: str = ""
+) -> FramePlan:
+    """Choose the source frames for ``ele`` (``fps``/``nframes``/``min_frames``/``max_frames``/
+    ``video_start``/``video_end``) from a probe. Indices are absolute source frame indices."""
+    fps, total = info.fps, info.num_frames
+    start_frame, end_frame = 0, total - 1
+    start = ele.get("video_start")
+    end = ele.get("video_end")
+    if start is not None or end is not None:
+        max_duration = total / fps
+        if start is not None:
+            start = _number(ele, "video_start")
+        if end is not None:
+            end = _number(ele, "video_end")
+        if start is not None and end is not None and start >= end:
+            raise InvalidOptionError(f"video_start ({start}) must be before video_end ({end}) for {name}")
+        if start is not None and start >= max_duration:
+            raise InvalidOptionError(
+                f"video_start ({start} s) is at or after the end of {name} ({max_duration:.3f} s, {total} frames)"
+            )
+        if start is not None:
+            start_frame = min(math.ceil(min(start, max_duration) * fps), total - 1)
+        if end is not None:
+            end_frame = min(math.floor(min(end, max_duration) * fps), total - 1)
+        if start_frame > end_frame:  # a window shorter than one frame: the frame on screen at its start
+            start_frame = end_frame = min(math.floor((start or 0.0) * fps), total - 1)
+    window = end_frame - start_frame + 1
+    policy = get_fetch_policy(policy)
+    if policy.max_video_frames is not None and window > policy.max_video_frames:
+        raise SourceTooLargeError(
+            f"video {name} has {window} frames to decode, over the limit of {policy.max_video_frames} "
+            "(set video_start/video_end, or raise FetchPolicy.max_video_frames)"
+        )
+    if policy.max_video_seconds is not None and window / fps > policy.max_video_seconds:
+        raise SourceTooLargeError(
+            f"video {name} is {window / fps:.1f} s long, over the limit of {policy.max_video_seconds:g} s "
+            "(set video_start/video_end, or raise FetchPolicy.max_video_seconds)"
+        )
+    nframes = smart_nframes(ele, total_frames=window, video_fps=fps)
+    indices = linspace_round(start_frame, end_frame, nframes)
+    return FramePlan(
+        indices=indices,
+        start_frame=start_frame,
+        end_frame=end_frame,
+        sample_fps=nframes / max(window, 1e-6) * fps,
+        fps=fps,
+        total_num_frames=total,
+    )
+
+
+def video_frame_size(ele: dict[str, Any], nframes: int, height: int, width: int, factor: int) -> tuple[int, int]:
+    """(resized_height, resized_width) for every frame, under 0.0.14's per-frame and total pixel budgets."""
+    if "resized_height" in ele and "resized_width" in ele:
+        return smart_resize(int(ele["resized_height"]), int(ele["resized_width"]), factor=factor)
+    min_pixels = ele.get("min_pixels", VIDEO_MIN_TOKEN_NUM * factor * factor)
+    total_pixels = ele.get("total_pixels", _model_seq_len() * factor * factor * 0.9)
+    max_pixels = max(
+        min(VIDEO_MAX_TOKEN_NUM * factor * factor, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05)
+    )
+    wanted = ele.get("max_pixels", max_pixels)
+    if wanted > max_pixels:
+        logger.warning("The given max_pixels[%s] exceeds limit[%s].", wanted, max_pixels)
+    return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=min(wanted, max_pixels))
+
+
+# --- backends ------------------------------------------------------------------------------------------------
+
+
+def get_video_reader_backend(backend: Optional[str] = None) -> str:
+    """The backend that decodes videos: ``backend``, else ``FORCE_QWENVL_VIDEO_READER`` (read now, not at
+    import), else the fastest one that really loads here."""
+    name = backend or os.environ.get("FORCE_QWENVL_VIDEO_READER") or None
+    if name is not None:
+        name = name.strip().lower()
+        _backends.load_backend(name)
+        return name
+    auto = _backends.auto_backend()
+    if auto is None:
+        raise InvalidOptionError("no video reader backend can be loaded; install one with: pip install av")
+    return auto
+
+
+_warned_lock = threading.Lock()
+_warned: set = set()
+
+
+def _backend_for(name: str, info: VideoInfo, source_name: str) -> Any:
+    module = _backends.load_backend(name)
+    reason = module.unsupported(info)
+    if reason is None:
+        return module
+    warnings.warn(
+        f"qwen-vl-utils: the {name} backend cannot decode {source_name}: {reason}. Decoding it with pyav instead "
+        "(set FORCE_QWENVL_VIDEO_READER or the element's 'video_reader' to choose a backend).",
+        BackendFallbackWarning,
+        stacklevel=4,
+    )
+    return _backends.load_backend("pyav")
+
+
+def _decoder_threads() -> int:
+    raw = os.environ.get("QWENVL_DECODER_THREADS", "0")
+    try:
+        return max(0, int(raw))
+    except ValueError as exc:
+        raise InvalidOptionError(f"QWENVL_DECODER_THREADS={raw!r} is not an integer") from exc
+
+
+# --- decoding and resizing ---------------------------------------------------------------------------------------
+
+
+def _resize(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bicubic with antialias (Pillow): within 0.02 mean of torchvision's uint8 resize, used by 0.0.14."""
+    if frame.shape[1] == width and frame.shape[0] == height:
+        return frame
+    img = Image.fromarray(np.ascontiguousarray(frame))
+    return np.asarray(img.resize((width, height), Image.Resampling.BICUBIC))
+
+
+def _read_frames(
+    module: Any, source: Source, info: VideoInfo, plan: FramePlan, size: tuple[int, int], with_resize: bool = True
+) -> np.ndarray:
+    """Decode the planned frames, resizing each as it arrives, into one (T, H, W, 3) uint8 array.
+
+    The one boundary where backend exceptions become :class:`DecodeError`."""
+    height, width = size
+    k = 0 if module.APPLIES_ROTATION else info.rotation // 90
+    coded_w, coded_h = (height, width) if k % 2 else (width, height)
+    out = np.empty((plan.nframes, height, width, 3), dtype=np.uint8)
+    positions: dict[int, list[int]] = {}
+    for pos, idx in enumerate(plan.indices):
+        positions.setdefault(idx, []).append(pos)
+    expected = plan.unique_indices
+    seen = 0
+    try:
+        for idx, frame in module.read(source, info, expected, _decoder_threads()):
+            if frame.ndim != 3 or frame.shape[2] != 3:
+                raise DecodeError(f"{module.NAME} returned a frame of shape {frame.shape} for {source.name}")
+            small = _resize(frame, coded_w, coded_h) if with_resize else frame
+            if k:
+                small = np.rot90(small, k)
+            for pos in positions[idx]:
+                out[pos] = small
+            seen += 1
+    except QwenVLError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise DecodeError(
+            f"the {module.NAME} backend could not decode {source.name} ({type(exc).__name__}: {exc}); "
+            "the file may be truncated or corrupt"
+        ) from exc
+    if seen != len(expected):
+        raise DecodeError(f"the {module.NAME} backend returned {seen} of {len(expected)} frames for {source.name}")
+    return out
+
+
+def _to_tensor(frames: np.ndarray, dtype: Any = None) -> Any:
+    """(T, H, W, 3) uint8 -> contiguous (T, 3, H, W) torch tensor: float32 0..255 (0.0.14) or uint8."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise InvalidOptionError(
+            "video output is a torch tensor, and torch is not installed: pip install torch "
+            "(or the build for your platform from https://pytorch.org)"
+        ) from exc
+    dtype = _torch_dtype(torch, dtype)
+    chw = torch.from_numpy(frames).permute(0, 3, 1, 2)
+    return chw.to(dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def _torch_dtype(torch: Any, dtype: Any) -> Any:
+    if dtype is None:
+        dtype = os.environ.get("QWENVL_VIDEO_DTYPE", "float32")
+    table = {"float32": torch.float32, "float": torch.float32, "uint8": torch.uint8}
+    if isinstance(dtype, str):
+        if dtype.lower().replace("torch.", "") not in table:
+            raise InvalidOptionError(f"dtype must be 'float32' or 'uint8', got {dtype!r}")
+        return table[dtype.lower().replace("torch.", "")]
+    if dtype in (torch.float32, torch.uint8):
+        return dtype
+    if dtype in (np.uint8, np.float32):
+        return table[np.dtype(dtype).name]
+    raise InvalidOptionError(f"dtype must be float32 or uint8, got {dtype!r}")
+
+
+# --- frame lists and decoded arrays --------------------------------------------------------------------------
+
+
+def _frame_list_metadata(ele: dict, n_given: int, n_out: int) -> tuple[dict, float]:
+    """0.0.14's fps/raw_fps convention, with frame indices on the source's timeline so that the Qwen3-VL
+    processor's timestamps (index / fps) are right; explicit per-frame ``timestamps`` win."""
+    timestamps = ele.get("timestamps")
+    sample_fps = ele.get("sample_fps") or ele.get("fps") or FPS
+    if timestamps is not None:
+        ts = [float(t) for t in timestamps]
+        if len(ts) != n_given or any(b < a for a, b in zip(ts, ts[1:])) or (ts and ts[0] < 0):
+            raise InvalidOptionError(
+                f"'timestamps' must be {n_given} non-decreasing, non-negative seconds (one per frame), got {len(ts)}"
+            )
+        ts += [ts[-1]] * (n_out - n_given)
+        # a millisecond time base keeps frames_indices integral while the processor's index/fps is exact
+        fps = float(ele.get("raw_fps") or 1000.0)
+        indices = [round(t * fps) for t in ts]
+        if "sample_fps" not in ele and n_given > 1 and ts[n_given - 1] > ts[0]:
+            sample_fps = (n_given - 1) / (ts[n_given - 1] - ts[0])
+        total = indices[-1] + 1
+    else:
+        fps = float(ele.get("raw_fps") or sample_fps)
+        indices = [round(i * fps / sample_fps) for i in range(n_out)]
+        total = round(n_out / sample_fps * fps)
+    return {"fps": fps, "frames_indices": indices, "total_num_frames": total}, float(sample_fps)
+
+
+def _load_frame(value: Any, policy: FetchPolicy, size: Optional[tuple[int, int]]) -> np.ndarray:
+    with resolve_source(value, "image", policy) as source:
+        img = open_image(source, policy)
+        rgb = decode_rgb(img, source.name)
+    if size is not None and rgb.size != (size[1], size[0]):
+        rgb = rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    return np.asarray(rgb)
+
+
+def _fetch_frames(ele: dict, frames: Any, factor: int, policy: FetchPolicy) -> tuple[np.ndarray, dict, float]:
+    if len(frames) == 0:
+        raise InvalidOptionError("a video given as a list of frames needs at least one frame")
+    n_out = max(FRAME_FACTOR, ceil_by_factor(len(frames), FRAME_FACTOR))
+    first = _load_frame(frames[0], policy, None)
+    try:
+        size = video_frame_size(ele, n_out, first.shape[0], first.shape[1], factor)
+    except AspectRatioError as exc:
+        raise AspectRatioError(f"video frames {describe(frames[0])}: {exc}") from None
+    out = np.empty((n_out, size[0], size[1], 3), dtype=np.uint8)
+    out[0] = _resize(first, size[1], size[0])
+    rest = list(frames[1:])
+    if rest:
+        workers = min(MAX_NUM_WORKERS_FETCH_VIDEO, len(rest))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qwen-vl-frames") as pool:
+            for i, arr in enumerate(pool.map(lambda v: _load_frame(v, policy, size), rest), start=1):
+                out[i] = arr
+    out[len(frames) :] = out[len(frames) - 1]
+    metadata, sample_fps = _frame_list_metadata(ele, len(frames), n_out)
+    return out, metadata, sample_fps
+
+
+def _array_frames(value: Any) -> list:
+    """A decoded video (T,C,H,W or T,H,W,C numpy array or torch tensor) as a list of HWC frames."""
+    if type(value).__module__.startswith("torch"):
+        value = value.detach().cpu()
+        if value.ndim == 4 and value.shape[1] in (1, 3) and value.shape[-1] not in (1, 3):
+            value = value.permute(0, 2, 3, 1)
+        value = value.numpy()
+    arr = np.asarray(value)
+    if arr.ndim == 4 and arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(0, 2, 3, 1)
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise InvalidOptionError(f"a decoded video must be TxCxHxW or TxHxWxC with 1 or 3 channels, got {arr.shape}")
+    return [array_to_pil(frame, "decoded video frame") for frame in arr]
+
+
+# --- fetch_video ---------------------------------------------------------------------------------------------
+
+
+def _is_frame_sequence(value: Any) -> bool:
+    return isinstance(value, (list, tuple))
+
+
+def _is_array(value: Any) -> bool:
+    return hasattr(value, "__array_interface__") or type(value).__module__.startswith(("torch", "numpy"))
+
+
+def decode_video(
+    ele: dict[str, Any],
+    image_patch_size: int = 14,
+    *,
+    backend: Optional[str] = None,
+    policy: Optional[FetchPolicy] = None,
+    resize: bool = True,
+) -> tuple[np.ndarray, dict, float]:
+    """The numpy core of :func:`fetch_video`: ((T, H, W, 3) uint8 frames, metadata, sample_fps)."""
+    if not isinstance(ele, dict) or "video" not in ele:
+        raise InvalidOptionError(f"a video element must be a dict with a 'video' key, got {describe(ele)}")
+    factor = _patch_factor(image_patch_size)
+    policy = get_fetch_policy(policy)
+    value = ele["video"]
+    if _is_frame_sequence(value):
+        return _fetch_frames(ele, value, factor, policy)
+    if _is_array(value):
+        frames_ele = {**ele, "sample_fps": ele.get("sample_fps") or ele.get("fps") or FPS}
+        return _fetch_frames(frames_ele, _array_frames(value), factor, policy)
+    name = get_video_reader_backend(backend or ele.get("video_reader"))
+    with resolve_source(value, "video", policy) as source:
+        if source.obj is not None:
+            raise InvalidOptionError(f"cannot decode {source.name} as a video; give a file, URL, bytes or frames")
+        info = probe_video(source)
+        plan = plan_frames(info, ele, policy, source.name)
+        display_w, display_h = info.display_size
+        try:
+            size = (
+                video_frame_size(ele, plan.nframes, display_h, display_w, factor) if resize else (display_h, display_w)
+            )
+        except AspectRatioError as exc:
+            raise AspectRatioError(f"video {source.name}: {exc}") from None
+        module = _backend_for(name, info, source.name)
+        frames = _read_frames(module, source, info, plan, size, with_resize=resize)
+    metadata = {
+        "fps": info.fps,
+        "frames_indices": list(plan.indices),
+        "total_num_frames": info.num_frames,
+        "video_backend": module.NAME,
+    }
+    return frames, metadata, plan.sample_fps
+
+
+def fetch_video(
+    ele: dict[str, Any],
+    image_patch_size: int = 14,
+    return_video_sample_fps: bool = False,
+    return_video_metadata: bool = False,
+    *,
+    backend: Optional[str] = None,
+    dtype: Any = None,
+    policy: Optional[FetchPolicy] = None,
+) -> Any:
+    """Sample, decode and resize one video element, as qwen-vl-utils 0.0.14 does.
+
+    Returns a (T, 3, H, W) torch tensor (float32 0..255 by default; ``dtype="uint8"`` or the element's
+    ``dtype`` key for 4x less memory), optionally with the metadata dict (``fps``, ``frames_indices``,
+    ``total_num_frames``, ``video_backend``) and the sample fps, in 0.0.14's nesting.
+    """
+    frames, metadata, sample_fps = decode_video(ele, image_patch_size, backend=backend, policy=policy)
+    video = _to_tensor(frames, dtype if dtype is not None else ele.get("dtype"))
+    del frames
+    result: Any = (video, metadata) if return_video_metadata else video
+    if return_video_sample_fps:
+        return result, sample_fps
+    return result
+
+
+def _reader(backend: str) -> Any:
+    def read(ele: dict[str, Any]) -> tuple[Any, dict, float]:
+        """0.0.14's ``_read_video_<backend>(ele)``: full-resolution uint8 TCHW frames, metadata, sample_fps."""
+        frames, metadata, sample_fps = decode_video(ele, backend=backend, resize=False)
+        return _to_tensor(frames, "uint8"), metadata, sample_fps
+
+    read.__name__ = f"_read_video_{backend}"
+    return read
+
+
+#: name -> ``reader(ele) -> (uint8 TCHW tensor at source resolution, metadata, sample_fps)``, as in 0.0.14
+VIDEO_READER_BACKENDS = {name: _reader(name) for name in _backends.BACKENDS}

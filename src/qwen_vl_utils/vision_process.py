@@ -1,0 +1,197 @@
+"""The public API under qwen-vl-utils 0.0.14's module path: ``from qwen_vl_utils.vision_process import ...``."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional, Union
+
+from PIL import Image
+
+from ._errors import InvalidOptionError, describe
+from ._policy import FetchPolicy, get_fetch_policy
+from ._probe import probe_video
+from ._sources import resolve_source
+from .image import (
+    IMAGE_MAX_TOKEN_NUM,
+    IMAGE_MIN_TOKEN_NUM,
+    MAX_RATIO,
+    SPATIAL_MERGE_SIZE,
+    _patch_factor,
+    ceil_by_factor,
+    fetch_image,
+    floor_by_factor,
+    image_token_count,
+    open_image,
+    oriented_size,
+    round_by_factor,
+    smart_resize,
+)
+from .video import (
+    FPS,
+    FPS_MAX_FRAMES,
+    FPS_MIN_FRAMES,
+    FRAME_FACTOR,
+    MAX_NUM_WORKERS_FETCH_VIDEO,
+    MODEL_SEQ_LEN,
+    VIDEO_MAX_TOKEN_NUM,
+    VIDEO_MIN_TOKEN_NUM,
+    VIDEO_READER_BACKENDS,
+    fetch_video,
+    get_video_reader_backend,
+    plan_frames,
+    smart_nframes,
+    video_frame_size,
+)
+
+__all__ = [
+    "FPS",
+    "FPS_MAX_FRAMES",
+    "FPS_MIN_FRAMES",
+    "FRAME_FACTOR",
+    "IMAGE_MAX_TOKEN_NUM",
+    "IMAGE_MIN_TOKEN_NUM",
+    "MAX_NUM_WORKERS_FETCH_IMAGE",
+    "MAX_NUM_WORKERS_FETCH_VIDEO",
+    "MAX_RATIO",
+    "MODEL_SEQ_LEN",
+    "SPATIAL_MERGE_SIZE",
+    "VIDEO_MAX_TOKEN_NUM",
+    "VIDEO_MIN_TOKEN_NUM",
+    "VIDEO_READER_BACKENDS",
+    "ceil_by_factor",
+    "count_visual_tokens",
+    "extract_vision_info",
+    "fetch_image",
+    "fetch_video",
+    "floor_by_factor",
+    "get_video_reader_backend",
+    "process_vision_info",
+    "round_by_factor",
+    "smart_nframes",
+    "smart_resize",
+]
+
+#: threads that fetch the images of one process_vision_info call concurrently
+MAX_NUM_WORKERS_FETCH_IMAGE = 8
+
+_VISION_TYPES = ("image", "image_url", "video")
+
+
+def _is_vision(ele: Any) -> bool:
+    return isinstance(ele, dict) and (
+        "image" in ele or "image_url" in ele or "video" in ele or ele.get("type", "text") in _VISION_TYPES
+    )
+
+
+def extract_vision_info(
+    conversations: Union[list[dict[str, Any]], list[list[dict[str, Any]]]],
+) -> list[dict[str, Any]]:
+    """Every image and video element of one conversation or a batch of them, in order."""
+    if isinstance(conversations, dict):
+        conversations = [conversations]
+    if not isinstance(conversations, (list, tuple)):
+        raise InvalidOptionError(
+            f"conversations must be a list of messages or of conversations, got {describe(conversations)}"
+        )
+    if not conversations:
+        return []
+    if isinstance(conversations[0], dict):
+        conversations = [conversations]
+    infos = []
+    for conversation in conversations:
+        for message in conversation:
+            if not isinstance(message, dict):
+                raise InvalidOptionError(
+                    f"a message must be a dict with 'role' and 'content', got {describe(message)}"
+                )
+            content = message.get("content")
+            if isinstance(content, list):
+                infos.extend(ele for ele in content if _is_vision(ele))
+    return infos
+
+
+def _kind(ele: dict) -> str:
+    if "image" in ele or "image_url" in ele:
+        return "image"
+    if "video" in ele:
+        return "video"
+    raise InvalidOptionError(
+        f"a {ele.get('type')!r} element needs an 'image', 'image_url' or 'video' key holding the source; "
+        f"got keys {sorted(ele)}"
+    )
+
+
+def process_vision_info(
+    conversations: Union[list[dict[str, Any]], list[list[dict[str, Any]]]],
+    return_video_kwargs: bool = False,
+    return_video_metadata: bool = False,
+    image_patch_size: int = 14,
+    *,
+    policy: Optional[FetchPolicy] = None,
+    backend: Optional[str] = None,
+) -> tuple:
+    """Fetch every image and video of one conversation or a batch, in order.
+
+    Returns ``(images or None, videos or None)``, plus ``video_kwargs`` when ``return_video_kwargs``:
+    ``{"do_sample_frames": False}``, with the per-video ``"fps"`` list when ``return_video_metadata`` is
+    False (Qwen2.5-VL). With ``return_video_metadata`` each video is a ``(tensor, metadata)`` pair (Qwen3-VL).
+    Images are fetched concurrently by a bounded thread pool; videos one after another (each decoder is
+    already multi-threaded).
+    """
+    infos = extract_vision_info(conversations)
+    kinds = [_kind(ele) for ele in infos]
+    policy = get_fetch_policy(policy)
+    image_eles = [ele for ele, kind in zip(infos, kinds) if kind == "image"]
+    images: list[Image.Image] = []
+    if len(image_eles) == 1:
+        images = [fetch_image(image_eles[0], image_patch_size, policy=policy)]
+    elif image_eles:
+        workers = min(MAX_NUM_WORKERS_FETCH_IMAGE, len(image_eles))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qwen-vl-images") as pool:
+            images = list(pool.map(lambda e: fetch_image(e, image_patch_size, policy=policy), image_eles))
+    videos, sample_fps = [], []
+    for ele, kind in zip(infos, kinds):
+        if kind == "video":
+            video, fps = fetch_video(
+                ele,
+                image_patch_size=image_patch_size,
+                return_video_sample_fps=True,
+                return_video_metadata=return_video_metadata,
+                backend=backend,
+                policy=policy,
+            )
+            videos.append(video)
+            sample_fps.append(fps)
+    video_kwargs: dict[str, Any] = {"do_sample_frames": False}
+    if not return_video_metadata:
+        video_kwargs["fps"] = sample_fps
+    result = (images or None, videos or None)
+    return (*result, video_kwargs) if return_video_kwargs else result
+
+
+def count_visual_tokens(
+    ele: dict[str, Any], image_patch_size: int = 14, *, policy: Optional[FetchPolicy] = None
+) -> int:
+    """The number of visual tokens an element becomes, without decoding its pixels.
+
+    Images: (H/f)*(W/f); videos: ceil(T/2)*(H/f)*(W/f), with f = image_patch_size * 2 and H, W, T the
+    resized size and frame count that :func:`fetch_image` / :func:`fetch_video` would produce.
+    """
+    if _kind(ele) == "image":
+        return image_token_count(ele, image_patch_size, policy=policy)[0]
+    factor = _patch_factor(image_patch_size)
+    policy = get_fetch_policy(policy)
+    value = ele["video"]
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise InvalidOptionError("a video given as a list of frames needs at least one frame")
+        with resolve_source(value[0], "image", policy) as source:
+            w, h = oriented_size(open_image(source, policy))
+        nframes = max(FRAME_FACTOR, ceil_by_factor(len(value), FRAME_FACTOR))
+    else:
+        with resolve_source(value, "video", policy) as source:
+            info = probe_video(source)
+            nframes = plan_frames(info, ele, policy, source.name).nframes
+            w, h = info.display_size
+    rh, rw = video_frame_size(ele, nframes, h, w, factor)
+    return -(-nframes // FRAME_FACTOR) * (rh // factor) * (rw // factor)
