@@ -27,6 +27,7 @@ class VideoInfo:
     codec: str
     container: str
     has_audio: bool
+    has_b_frames: bool = False  # frames are reordered between decoding and display
 
     @property
     def display_size(self) -> tuple[int, int]:
@@ -62,6 +63,12 @@ def probe_video(source: Source) -> VideoInfo:
     """Read the container header (and, where it has no frame count, its packet headers) and one frame."""
     import av
 
+    head = source.head(16)
+    if sniff_media(head) == "image" and not head.startswith(b"GIF8"):  # an animated GIF is a video; a PNG is not
+        raise DecodeError(
+            f"{source.name} is a still image, not a video: use {{'type': 'image', 'image': ...}}, "
+            "or give a list of frames as the video"
+        )
     container = open_container(source)
     try:
         if not container.streams.video:
@@ -107,6 +114,7 @@ def probe_video(source: Source) -> VideoInfo:
             codec=stream.codec_context.name,
             container=container.format.name,
             has_audio=has_audio,
+            has_b_frames=bool(stream.codec_context.has_b_frames),
         )
     finally:
         container.close()

@@ -363,7 +363,10 @@ def _stream_body(resp: Any, media: str, limit: int, name: str, remaining: Any, p
             out = os.fdopen(fd, "wb")
         while True:
             if sock is not None:
-                sock.settimeout(max(0.01, min(policy.read_timeout, remaining())))
+                try:
+                    sock.settimeout(max(0.01, min(policy.read_timeout, remaining())))
+                except OSError:  # the body is complete and the connection already released
+                    sock = None
             try:
                 chunk = raw.read1(_CHUNK) if hasattr(raw, "read1") else raw.read(_CHUNK)
             except (socket.timeout, TimeoutError) as exc:

@@ -95,23 +95,21 @@ def smart_resize(
         raise AspectRatioError(f"absolute aspect ratio must be smaller than {MAX_RATIO}, got {ratio:.1f}")
     h_bar = max(factor, round_by_factor(height, factor))
     w_bar = max(factor, round_by_factor(width, factor))
+    if h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = ceil_by_factor(height * beta, factor)
+        w_bar = ceil_by_factor(width * beta, factor)
+    # Over the budget (rounding, or min_pixels close to max_pixels after ceiling): scale down to it.
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt((height * width) / max_pixels)
         h_bar = max(factor, floor_by_factor(height / beta, factor))
         w_bar = max(factor, floor_by_factor(width / beta, factor))
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = ceil_by_factor(height * beta, factor)
-        w_bar = ceil_by_factor(width * beta, factor)
-    # A side clamped up to one factor, or min_pixels close to max_pixels, can overshoot: shrink the
-    # longer side first, then the other, never below one factor.
-    if h_bar * w_bar > max_pixels:
-        if h_bar >= w_bar:
-            h_bar = max(factor, floor_by_factor(max_pixels / w_bar, factor))
-            w_bar = max(factor, min(w_bar, floor_by_factor(max_pixels / h_bar, factor)))
-        else:
-            w_bar = max(factor, floor_by_factor(max_pixels / h_bar, factor))
-            h_bar = max(factor, min(h_bar, floor_by_factor(max_pixels / w_bar, factor)))
+        # a side pinned at one factor (very elongated input) can still overshoot: shorten the other side
+        if h_bar * w_bar > max_pixels:
+            if h_bar == factor:
+                w_bar = floor_by_factor(max_pixels / factor, factor)
+            else:
+                h_bar = floor_by_factor(max_pixels / factor, factor)
     return h_bar, w_bar
 
 

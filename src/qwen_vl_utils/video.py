@@ -381,8 +381,9 @@ def _frame_list_metadata(ele: dict, n_given: int, n_out: int) -> tuple[dict, flo
         total = indices[-1] + 1
     else:
         fps = float(ele.get("raw_fps") or sample_fps)
-        indices = [round(i * fps / sample_fps) for i in range(n_out)]
-        total = round(n_out / sample_fps * fps)
+        indices = [round(i * fps / sample_fps) for i in range(n_given)]
+        indices += [indices[-1]] * (n_out - n_given)  # padding repeats the last frame, and its time
+        total = round(n_given / sample_fps * fps)
     return {"fps": fps, "frames_indices": indices, "total_num_frames": total}, float(sample_fps)
 
 

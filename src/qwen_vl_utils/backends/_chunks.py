@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Optional
+
+from .._probe import VideoInfo
 
 #: frames decoded per batch: large enough to amortise a call, small enough to bound full-resolution memory
 BATCH = 8
+
+
+def avi_reordering(info: VideoInfo) -> Optional[str]:
+    """Index-based decoders take AVI's decode-order counters for presentation times: B-frames come out of order."""
+    if info.container == "avi" and info.has_b_frames:
+        return "it returns the frames of AVI files with B-frames out of order"
+    return None
 
 
 def batches(indices: list[int], last: int) -> Iterator[tuple[list[int], list[int]]]:

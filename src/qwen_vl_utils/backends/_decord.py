@@ -1,4 +1,5 @@
-"""decord: batched random access; bundles an FFmpeg without AV1 and mishandles rotated streams."""
+"""decord: batched random access. Its bundled FFmpeg has no AV1, its seeks land on wrong frames in HEVC and
+MPEG-4 part 2, and it corrupts rotated streams: those go to PyAV with a warning (``unsupported``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from .._probe import VideoInfo
 from .._sources import Source
-from ._chunks import batches
+from ._chunks import avi_reordering, batches
 
 NAME = "decord"
 APPLIES_ROTATION = False
@@ -20,9 +21,11 @@ APPLIES_ROTATION = False
 def unsupported(info: VideoInfo) -> Optional[str]:
     if info.codec in ("av1", "libdav1d", "libaom-av1"):
         return "decord 0.6 bundles an FFmpeg that cannot decode AV1"
+    if info.codec in ("hevc", "mpeg4"):
+        return f"decord 0.6 seeks to the wrong frames in {info.codec.upper()} streams"
     if info.rotation:
         return "decord 0.6 returns corrupt frames for videos with rotation metadata"
-    return None
+    return avi_reordering(info)
 
 
 def read(source: Source, info: VideoInfo, indices: list[int], threads: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -64,8 +64,9 @@ def read(source: Source, info: VideoInfo, indices: list[int], threads: int) -> I
         stream = container.streams.video[0]
         stream.codec_context.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
-        index = _Index(container, stream)
-        if index.usable:
+        # AVI stores decode-order counters, not presentation times: count frames in output order instead
+        index = _Index(container, stream) if container.format.name != "avi" else None
+        if index is not None and index.usable:
             yield from _read_seeking(container, stream, index, indices)
         else:
             container.seek(0)
@@ -83,13 +84,13 @@ def _read_through(frames: Iterator[Any], targets: list[int], start: int) -> Iter
             ti = yield from _emit(frame, ordinal, targets, ti)
             if ti == len(targets):
                 return
-    yield from _repeat_last(frame, targets, ti)
+    yield from _repeat_last(frame, ordinal, targets, ti)
 
 
 def _read_seeking(container: Any, stream: Any, index: _Index, targets: list[int]) -> Iterator[tuple[int, np.ndarray]]:
     frames: Optional[Iterator[Any]] = None
     position = 0  # ordinal of the next frame the current decode run will produce
-    frame = None
+    frame, ordinal = None, -1
     ti = 0
     while ti < len(targets):
         key = index.keyframe_before(targets[ti])
@@ -104,7 +105,7 @@ def _read_seeking(container: Any, stream: Any, index: _Index, targets: list[int]
                 ti = yield from _emit(frame, ordinal, targets, ti)
                 break
         else:  # end of stream: fewer decodable frames than packets (truncated, dropped frames)
-            yield from _repeat_last(frame, targets, ti)
+            yield from _repeat_last(frame, ordinal, targets, ti)
             return
 
 
@@ -117,11 +118,18 @@ def _emit(frame: Any, ordinal: int, targets: list[int], ti: Any) -> Any:
     return ti
 
 
-def _repeat_last(frame: Any, targets: list[int], ti: int) -> Iterator[tuple[int, np.ndarray]]:
+#: frames a stream may end short of its header's count (edit lists, a dropped trailing frame) before it is
+#: treated as truncated
+END_TOLERANCE = 2
+
+
+def _repeat_last(frame: Any, ordinal: int, targets: list[int], ti: int) -> Iterator[tuple[int, np.ndarray]]:
     if ti == len(targets):
         return
-    if frame is None:
-        raise EOFError("the stream ended before the first requested frame")
+    if frame is None or targets[-1] - ordinal > END_TOLERANCE:
+        raise EOFError(
+            f"the stream ends after frame {ordinal}, before frame {targets[-1]}: the file is truncated or corrupt"
+        )
     rgb = _rgb(frame)
     for t in targets[ti:]:
         yield t, rgb

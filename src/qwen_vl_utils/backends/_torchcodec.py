@@ -10,14 +10,14 @@ from torchcodec.decoders import VideoDecoder
 
 from .._probe import VideoInfo
 from .._sources import Source
-from ._chunks import batches
+from ._chunks import avi_reordering, batches
 
 NAME = "torchcodec"
 APPLIES_ROTATION = True  # torchcodec >= 0.8 turns frames upright from the display matrix
 
 
 def unsupported(info: VideoInfo) -> Optional[str]:
-    return None
+    return avi_reordering(info)
 
 
 def read(source: Source, info: VideoInfo, indices: list[int], threads: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -1,0 +1,357 @@
+import base64
+import io
+import logging
+import subprocess
+import sys
+import warnings
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import qwen_vl_utils as q
+from qwen_vl_utils import BackendFallbackWarning, DecodeError, InvalidOptionError, fetch_video
+from qwen_vl_utils.video import linspace_round
+
+from conftest import BACKENDS, DECORD, TORCHCODEC
+from media import frame_pattern, make_audio_only, make_video
+
+torch = pytest.importorskip("torch")
+
+W, H, N, FPS = 160, 96, 48, 24
+
+MATRIX = [
+    ("libx264", "mp4"),
+    ("libx264", "mkv"),
+    ("libx264", "mov"),
+    ("libx264", "avi"),
+    ("libx265", "mp4"),
+    ("libx265", "mkv"),
+    ("libvpx-vp9", "webm"),
+    ("libsvtav1", "mp4"),
+    ("libsvtav1", "webm"),
+    ("mpeg4", "avi"),
+    ("mpeg4", "mp4"),
+]
+FORMATS = {"mp4": "mp4", "mkv": "matroska", "mov": "mov", "avi": "avi", "webm": "webm"}
+
+
+@pytest.fixture(scope="session")
+def matrix(media_dir):
+    return {
+        (codec, ext): make_video(media_dir / f"m_{codec}.{ext}", codec=codec, container=FORMATS[ext])
+        for codec, ext in MATRIX
+    }
+
+
+def _identify(frame_chw: np.ndarray, width: int = W, height: int = H, n: int = N) -> int:
+    """Which pattern frame this output frame is (nearest by mean absolute difference)."""
+    h, w = frame_chw.shape[1:]
+    out = frame_chw.transpose(1, 2, 0).astype(np.float32)
+    errs = [
+        np.abs(np.asarray(Image.fromarray(frame_pattern(i, width, height)).resize((w, h), Image.BICUBIC)) - out).mean()
+        for i in range(n)
+    ]
+    return int(np.argmin(errs))
+
+
+def _fetch(path, backend, **ele):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BackendFallbackWarning)
+        return fetch_video(
+            {"video": str(path), **ele}, image_patch_size=16, return_video_metadata=True, backend=backend
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("codec", "ext"), MATRIX, ids=[f"{c}-{e}" for c, e in MATRIX])
+def test_matrix_right_frames_on_every_backend(matrix, backend, codec, ext):
+    path = matrix[(codec, ext)]
+    video, meta = _fetch(path, backend, nframes=8, min_pixels=W * H, max_pixels=W * H * 2)
+    assert video.dtype == torch.float32 and video.shape[:2] == (8, 3)
+    assert video.shape[2] % 32 == 0 and video.shape[3] % 32 == 0
+    assert meta["frames_indices"] == linspace_round(0, N - 1, 8)
+    assert meta["total_num_frames"] == N and meta["fps"] == pytest.approx(FPS, rel=1e-3)
+    deferred = (backend == "decord" and codec in ("libsvtav1", "libx265", "mpeg4")) or (
+        backend in ("decord", "torchcodec") and ext == "avi"
+    )
+    assert meta["video_backend"] == ("pyav" if deferred else backend)
+    got = [_identify(f) for f in video.numpy()]
+    assert got == meta["frames_indices"], "each output frame must be the planned source frame"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree_with_pyav(matrix, backend):
+    for key in [("libx264", "mp4"), ("libvpx-vp9", "webm"), ("libx265", "mkv")]:
+        ref, ref_meta = _fetch(matrix[key], "pyav")
+        out, meta = _fetch(matrix[key], backend)
+        assert meta["frames_indices"] == ref_meta["frames_indices"]
+        assert out.shape == ref.shape
+        assert (out - ref).abs().mean().item() <= 1.0, key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_rotation_is_applied(media_dir, backend, rotation):
+    path = make_video(media_dir / f"rot{rotation}.mp4", rotation=rotation, frames=8)
+    video, meta = _fetch(path, backend, nframes=2, min_pixels=W * H, max_pixels=W * H * 2)
+    upright = np.rot90(frame_pattern(0, W, H), rotation // 90)
+    if rotation in (90, 270):
+        assert video.shape[2] > video.shape[3], "portrait output"
+    h, w = video.shape[2:]
+    expected = np.asarray(Image.fromarray(np.ascontiguousarray(upright)).resize((w, h), Image.BICUBIC))
+    got = video[0].permute(1, 2, 0).numpy()
+    assert np.abs(got - expected).mean() < 8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_short_clips_give_two_frames(media_dir, backend):
+    one = make_video(media_dir / "one.mp4", frames=1)
+    video, meta = _fetch(one, backend)
+    assert video.shape[0] == 2 and meta["frames_indices"] == [0, 0] and meta["total_num_frames"] == 1
+    assert torch.equal(video[0], video[1])
+    three = make_video(media_dir / "three.mkv", frames=3, container="matroska")
+    video, meta = _fetch(three, backend)
+    assert video.shape[0] == 2 and meta["frames_indices"] == [0, 2] and meta["total_num_frames"] == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_window_indices_are_absolute(h264, backend):
+    video, meta = _fetch(h264, backend, video_start=0.5, video_end=1.5, fps=4)
+    # frames 12..36 at 24 fps; 1 s window at 4 fps = 4 frames
+    assert meta["frames_indices"] == linspace_round(12, 36, 4)
+    assert meta["total_num_frames"] == N
+    assert [_identify(f) for f in video.numpy()] == meta["frames_indices"]
+    # a window shorter than one frame: the frame on screen, twice
+    video, meta = _fetch(h264, backend, video_start=1.01, video_end=1.02)
+    assert meta["frames_indices"] == [24, 24]
+
+
+def test_window_errors(h264):
+    with pytest.raises(InvalidOptionError, match="before video_end"):
+        fetch_video({"video": str(h264), "video_start": 1.5, "video_end": 1.0})
+    with pytest.raises(InvalidOptionError, match="after the end"):
+        fetch_video({"video": str(h264), "video_start": 10.0})
+    with pytest.raises(ValueError, match="either 'fps' or 'nframes'"):
+        fetch_video({"video": str(h264), "fps": 2, "nframes": 4})
+    with pytest.raises(InvalidOptionError, match="more than the 48 frames"):
+        fetch_video({"video": str(h264), "nframes": 100})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_variable_frame_rate(media_dir, backend):
+    # irregular gaps: 30 ms and 50 ms alternating (mean 25 fps)
+    pts = np.cumsum([0] + [30 if i % 2 else 50 for i in range(39)]).tolist()
+    path = make_video(media_dir / "vfr.mp4", frames=40, pts=pts, rate=Fraction(25))
+    video, meta = _fetch(path, backend, nframes=6)
+    ref, ref_meta = _fetch(path, "pyav", nframes=6)
+    assert meta["frames_indices"] == ref_meta["frames_indices"] == linspace_round(0, 39, 6)
+    assert [_identify(f, n=40) for f in video.numpy()] == meta["frames_indices"]
+
+
+def test_noisy_frame_rate_same_plan_everywhere(media_dir):
+    path = make_video(media_dir / "noisy.mkv", frames=48, rate=Fraction(24002, 1000), container="matroska")
+    plans = {}
+    for backend in ("pyav", "torchcodec", "decord"):
+        try:
+            _, meta = _fetch(path, backend)
+        except InvalidOptionError:
+            continue  # not installed: covered by the parametrized tests' skips
+        plans[backend] = meta["frames_indices"]
+    assert len(set(map(tuple, plans.values()))) == 1, plans
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_audio_faststart_and_misnamed(media_dir, backend):
+    for name, kwargs in {
+        "audio.mp4": {"audio": True},
+        "fast.mp4": {"faststart": True},
+        "webm_named.mp4": {"codec": "libvpx-vp9", "container": "webm"},
+    }.items():
+        path = make_video(media_dir / name, frames=24, **kwargs)
+        video, meta = _fetch(path, backend, nframes=4)
+        assert [_identify(f) for f in video.numpy()] == meta["frames_indices"] == linspace_round(0, 23, 4), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_undecodable_videos_are_typed(media_dir, h264, backend, tmp_path):
+    data = h264.read_bytes()
+    cases = {
+        "audio-only": make_audio_only(tmp_path / "a.m4a"),
+        "truncated": data[: len(data) // 2],  # the moov box is at the end: gone
+        "truncated-faststart": make_video(tmp_path / "fs.mp4", frames=96, faststart=True).read_bytes()[:9000],
+        "random": np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+        "empty": b"",
+    }
+    pic = tmp_path / "pic.png"
+    Image.new("RGB", (64, 64)).save(pic)
+    cases["image"] = pic
+    for case, value in cases.items():
+        with pytest.raises(DecodeError) as info:
+            _fetch(value, backend) if not isinstance(value, bytes) else fetch_video({"video": value}, backend=backend)
+        assert info.type is DecodeError, case
+    with pytest.raises(DecodeError, match="no video stream"):
+        _fetch(cases["audio-only"], backend)
+    with pytest.raises(DecodeError, match="still image"):
+        _fetch(pic, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_source_kind(h264, server, backend):
+    data = h264.read_bytes()
+    url = server.add_bytes("/v.mp4", data, "video/mp4")
+    ref, ref_meta = _fetch(h264, backend, nframes=4)
+    for value in (
+        h264.as_uri(),
+        url,
+        "data:video/mp4;base64," + base64.b64encode(data).decode(),
+        data,
+        io.BytesIO(data),
+    ):
+        out, meta = fetch_video({"video": value, "nframes": 4}, 16, return_video_metadata=True, backend=backend)
+        assert meta["frames_indices"] == ref_meta["frames_indices"]
+        assert torch.equal(out, ref)
+
+
+def test_resize_matches_torchvision_bicubic(media_dir):
+    """torchvision's uint8 bicubic antialias resize == interpolate(float) rounded; ours within 0.1 mean."""
+    path = make_video(media_dir / "hd.mp4", frames=4, width=640, height=360)
+    full, meta = fetch_video({"video": str(path), "nframes": 2}, 16, return_video_metadata=True, backend="pyav")
+    small = fetch_video({"video": str(path), "nframes": 2, "max_pixels": 128 * 32 * 32}, 16)
+    ref = torch.nn.functional.interpolate(full, size=small.shape[2:], mode="bicubic", antialias=True)
+    ref = ref.round().clamp(0, 255)
+    assert (small - ref).abs().mean().item() <= 0.1
+
+
+def test_pixel_budgets(h264):
+    video = fetch_video({"video": str(h264), "resized_height": 64, "resized_width": 100}, 14)
+    assert video.shape[2:] == (56, 112)
+    video = fetch_video({"video": str(h264), "nframes": 4, "total_pixels": 4 * 28 * 28 * 8}, 14)
+    assert video.shape[2] * video.shape[3] <= 128 * 28 * 28 * 1.05 + 1  # max(total/n*2, min*1.05)
+    video = fetch_video({"video": str(h264), "max_pixels": 4 * 32 * 32, "min_pixels": 32 * 32}, 16)
+    assert video.shape[2] * video.shape[3] <= 4 * 32 * 32
+
+
+def test_uint8_dtype_and_sample_fps(h264):
+    (video, meta), sample_fps = fetch_video(
+        {"video": str(h264), "dtype": "uint8"}, return_video_metadata=True, return_video_sample_fps=True
+    )
+    assert video.dtype == torch.uint8
+    assert sample_fps == pytest.approx(len(meta["frames_indices"]) / N * FPS)
+    floats = fetch_video({"video": str(h264)})
+    assert torch.equal(floats, video.float()) and floats.is_contiguous()
+
+
+# --- frame lists and decoded arrays -------------------------------------------------------------------
+
+
+def test_frame_list_resized_once_with_patch_factor(tmp_path):
+    frames = []
+    for i in range(5):
+        path = tmp_path / f"f{i}.png"
+        Image.fromarray(frame_pattern(i * 3, 320, 200)).save(path)
+        frames.append(str(path))
+    ele = {"video": frames, "sample_fps": 2.0, "raw_fps": 30, "min_pixels": 4 * 32 * 32}
+    video, meta = fetch_video(ele, 16, return_video_metadata=True)
+    # 320x200 inside the default per-frame budget, rounded to multiples of 32 once: 320x192 (0.0.14 gives 56-multiples)
+    assert video.shape == (6, 3, 192, 320)
+    assert torch.equal(video[5], video[4]), "padded to an even count with the last frame"
+    expected = np.asarray(Image.fromarray(frame_pattern(3, 320, 200)).resize((320, 192), Image.BICUBIC))
+    assert np.array_equal(video[1].permute(1, 2, 0).numpy().astype(np.uint8), expected), "a single resize"
+    assert meta["fps"] == 30 and meta["frames_indices"] == [0, 15, 30, 45, 60, 60]
+    assert [i / meta["fps"] for i in meta["frames_indices"][:5]] == [0, 0.5, 1.0, 1.5, 2.0]
+
+
+def test_frame_list_timestamps_and_mixed_sources(tmp_path, server):
+    img = Image.fromarray(frame_pattern(0, 128, 96))
+    url = server.add_bytes("/frame.png", _png(img), "image/png")
+    frames = [img, np.asarray(img), url, _png(img)]
+    video, meta = fetch_video({"video": frames, "timestamps": [0.0, 0.4, 1.3, 2.25]}, 14, return_video_metadata=True)
+    assert video.shape[0] == 4
+    assert [i / meta["fps"] for i in meta["frames_indices"]] == [0.0, 0.4, 1.3, 2.25]
+    with pytest.raises(InvalidOptionError, match="timestamps"):
+        fetch_video({"video": frames, "timestamps": [0.0, 1.0]})
+
+
+def test_decoded_arrays(h264):
+    ref = fetch_video({"video": str(h264), "nframes": 4}, 14, backend="pyav")
+    as_uint8 = ref.to(torch.uint8)
+    for value in (as_uint8, as_uint8.permute(0, 2, 3, 1), as_uint8.numpy(), as_uint8.permute(0, 2, 3, 1).numpy()):
+        video, meta = fetch_video({"video": value, "fps": 2.0}, 14, return_video_metadata=True)
+        assert torch.equal(video, ref)
+        assert meta["fps"] == 2.0 and len(meta["frames_indices"]) == 4
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --- backend selection ----------------------------------------------------------------------------------
+
+
+def test_backend_selection(h264, monkeypatch):
+    monkeypatch.setenv("FORCE_QWENVL_VIDEO_READER", "torchvision")
+    assert q.get_video_reader_backend() == "torchvision"  # read at call time, not import time
+    _, meta = fetch_video({"video": str(h264)}, return_video_metadata=True)
+    assert meta["video_backend"] == "torchvision"
+    _, meta = fetch_video({"video": str(h264), "video_reader": "pyav"}, return_video_metadata=True)
+    assert meta["video_backend"] == "pyav"
+    monkeypatch.setenv("FORCE_QWENVL_VIDEO_READER", "nope")
+    with pytest.raises(InvalidOptionError, match="available: .*pyav"):
+        fetch_video({"video": str(h264)})
+    monkeypatch.delenv("FORCE_QWENVL_VIDEO_READER")
+    assert q.get_video_reader_backend() in ("pyav", "torchcodec", "decord")
+    assert set(q.VIDEO_READER_BACKENDS) >= {"decord", "torchvision", "torchcodec", "pyav"}
+    video, meta, sample_fps = q.VIDEO_READER_BACKENDS["pyav"]({"video": str(h264), "nframes": 4})
+    assert video.shape == (4, 3, H, W) and video.dtype == torch.uint8 and sample_fps == pytest.approx(2.0)
+
+
+def test_torchvision_backend_says_it_uses_pyav(h264, caplog):
+    from qwen_vl_utils.backends import _torchvision
+
+    with caplog.at_level(logging.INFO, logger="qwen_vl_utils"):
+        _, meta = fetch_video({"video": str(h264)}, return_video_metadata=True, backend="torchvision")
+    if _torchvision._load() is None:
+        assert meta["video_backend"] == "torchvision"
+        assert "PyAV" in caplog.text or _torchvision._checked
+
+
+@pytest.mark.skipif(not DECORD, reason="decord is not installed")
+def test_decord_av1_falls_back_with_one_warning(matrix):
+    with pytest.warns(BackendFallbackWarning, match="decord.*AV1.*pyav") as record:
+        _, meta = fetch_video(
+            {"video": str(matrix[("libsvtav1", "mp4")])}, return_video_metadata=True, backend="decord"
+        )
+    assert meta["video_backend"] == "pyav"
+    assert len([w for w in record if issubclass(w.category, BackendFallbackWarning)]) == 1
+
+
+@pytest.mark.skipif(not TORCHCODEC, reason="torchcodec is not installed")
+def test_torchcodec_needs_no_fallback_for_av1(matrix):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackendFallbackWarning)
+        _, meta = fetch_video(
+            {"video": str(matrix[("libsvtav1", "webm")])}, return_video_metadata=True, backend="torchcodec"
+        )
+    assert meta["video_backend"] == "torchcodec"
+
+
+def test_video_without_torch_is_a_clear_error(h264):
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import qwen_vl_utils as q\n"
+        "try:\n"
+        f"    q.fetch_video({{'video': {str(h264)!r}}})\n"
+        "except q.InvalidOptionError as e:\n"
+        "    assert 'pip install torch' in str(e), e; print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_linspace_round_matches_torch():
+    for start, end, n in [(0, 299, 20), (12, 36, 4), (0, 1799, 120), (5, 5, 2), (0, 99, 64), (0, 17999, 64)]:
+        assert linspace_round(start, end, n) == torch.linspace(start, end, n).round().long().tolist()
