@@ -1,0 +1,101 @@
+"""The real client: transformers' Qwen3-VL video processor and Qwen2-VL image processor take our output as is."""
+
+import pytest
+from media import gradient, make_video
+
+import qwen_vl_utils as q
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+
+
+@pytest.fixture(scope="module")
+def video_processor():
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    return Qwen3VLVideoProcessor(patch_size=16, temporal_patch_size=2, merge_size=2)
+
+
+@pytest.fixture(scope="module")
+def timestamps():
+    """The processor's own timestamp computation (Qwen3VLProcessor._calculate_timestamps)."""
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+    proc = Qwen3VLProcessor.__new__(Qwen3VLProcessor)
+    return lambda meta: proc._calculate_timestamps(list(meta["frames_indices"]), meta["fps"], 2)
+
+
+def _process(video_processor, video, meta):
+    from transformers.video_utils import VideoMetadata
+
+    md = VideoMetadata(
+        total_num_frames=meta["total_num_frames"],
+        fps=meta["fps"],
+        frames_indices=list(meta["frames_indices"]),
+        width=video.shape[3],
+        height=video.shape[2],
+    )
+    # transformers 5 does RGB conversion and normalisation with torchvision, which cannot load next to a CPU
+    # torch; they change pixel values only, and this test checks the grid and the timestamps
+    return video_processor(
+        videos=[video],
+        video_metadata=[md],
+        do_resize=False,
+        do_sample_frames=False,
+        do_convert_rgb=False,
+        do_rescale=False,
+        do_normalize=False,
+        return_metadata=True,
+    )
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"fps": 4}, {"video_start": 0.5, "video_end": 1.5}, {"nframes": 6, "max_pixels": 200 * 32 * 32}],
+)
+def test_qwen3_vl_video_grid_and_timestamps(tmp_path, video_processor, timestamps, extra):
+    path = make_video(tmp_path / "v.mp4", frames=48, width=320, height=180)
+    video, meta = q.fetch_video({"video": str(path), **extra}, image_patch_size=16, return_video_metadata=True)
+    out = _process(video_processor, video, meta)
+    t, _, h, w = video.shape
+    assert out["video_grid_thw"].tolist() == [[t // 2, h // 16, w // 16]]
+    assert out["pixel_values_videos"].shape[0] == (t // 2) * (h // 16) * (w // 16)
+    ts = timestamps(meta)
+    expected = [
+        (meta["frames_indices"][i] + meta["frames_indices"][i + 1]) / 2 / meta["fps"] for i in range(0, t, 2)
+    ]
+    assert ts == pytest.approx(expected)
+    if "video_start" in extra:
+        assert ts[0] >= 0.5 - 1 / 24 and ts[-1] <= 1.5 + 1 / 24, "window timestamps are absolute"
+    assert q.count_visual_tokens({"video": str(path), **extra}, 16) == t // 2 * (h // 32) * (w // 32)
+
+
+def test_qwen3_vl_frame_list_timestamps(tmp_path, video_processor, timestamps):
+    frames = [gradient(128, 96) for _ in range(4)]
+    ele = {"video": frames, "timestamps": [0.0, 0.5, 2.0, 2.6]}
+    video, meta = q.fetch_video(ele, image_patch_size=16, return_video_metadata=True)
+    out = _process(video_processor, video, meta)
+    assert out["video_grid_thw"].tolist()[0][0] == 2
+    assert timestamps(meta) == pytest.approx([0.25, 2.3])
+    video, meta = q.fetch_video({"video": frames, "sample_fps": 2.0}, 16, return_video_metadata=True)
+    assert timestamps(meta) == pytest.approx([0.25, 1.25])
+
+
+def test_qwen2_vl_image_processor(tmp_path):
+    try:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    except ImportError:  # transformers 5 without a loadable torchvision: the same processor on Pillow
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil as Qwen2VLImageProcessor,
+        )
+
+    processor = Qwen2VLImageProcessor(patch_size=16, merge_size=2)
+    path = tmp_path / "i.png"
+    gradient(333, 211).save(path)
+    images, _ = q.process_vision_info(
+        [{"role": "user", "content": [{"type": "image", "image": str(path)}]}], image_patch_size=16
+    )
+    out = processor(images=images, do_resize=False, return_tensors="pt")
+    w, h = images[0].size
+    assert out["image_grid_thw"].tolist() == [[1, h // 16, w // 16]]
+    assert q.count_visual_tokens({"image": str(path)}, 16) == (h // 32) * (w // 32)
