@@ -4,10 +4,11 @@ import sys
 
 import numpy as np
 import pytest
-from media import gradient, make_video
 
 import qwen_vl_utils as q
 from qwen_vl_utils import InvalidOptionError, process_vision_info
+
+from media import gradient, make_video
 
 PUBLIC = [
     "AspectRatioError",

@@ -1,9 +1,10 @@
 """The real client: transformers' Qwen3-VL video processor and Qwen2-VL image processor take our output as is."""
 
 import pytest
-from media import gradient, make_video
 
 import qwen_vl_utils as q
+
+from media import gradient, make_video
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
@@ -61,9 +62,8 @@ def test_qwen3_vl_video_grid_and_timestamps(tmp_path, video_processor, timestamp
     assert out["video_grid_thw"].tolist() == [[t // 2, h // 16, w // 16]]
     assert out["pixel_values_videos"].shape[0] == (t // 2) * (h // 16) * (w // 16)
     ts = timestamps(meta)
-    expected = [
-        (meta["frames_indices"][i] + meta["frames_indices"][i + 1]) / 2 / meta["fps"] for i in range(0, t, 2)
-    ]
+    assert q.video.qwen3_timestamps(meta["frames_indices"], meta["fps"]) == pytest.approx(ts)
+    expected = [(meta["frames_indices"][i] + meta["frames_indices"][i + 1]) / 2 / meta["fps"] for i in range(0, t, 2)]
     assert ts == pytest.approx(expected)
     if "video_start" in extra:
         assert ts[0] >= 0.5 - 1 / 24 and ts[-1] <= 1.5 + 1 / 24, "window timestamps are absolute"

@@ -17,7 +17,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -291,7 +291,13 @@ def _resize(frame: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def _read_frames(
-    module: Any, source: Source, info: VideoInfo, plan: FramePlan, size: tuple[int, int], with_resize: bool = True
+    module: Any,
+    source: Source,
+    info: VideoInfo,
+    plan: FramePlan,
+    size: tuple[int, int],
+    with_resize: bool = True,
+    on_frame: Optional[Callable[[int, int], None]] = None,
 ) -> np.ndarray:
     """Decode the planned frames, resizing each as it arrives, into one (T, H, W, 3) uint8 array.
 
@@ -315,6 +321,8 @@ def _read_frames(
             for pos in positions[idx]:
                 out[pos] = small
             seen += 1
+            if on_frame is not None:
+                on_frame(seen, len(expected))
     except QwenVLError:
         raise
     except MemoryError:
@@ -444,6 +452,13 @@ def _is_array(value: Any) -> bool:
     return hasattr(value, "__array_interface__") or type(value).__module__.startswith(("torch", "numpy"))
 
 
+class DecodedVideo(NamedTuple):
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    metadata: dict
+    sample_fps: float
+    info: Optional[VideoInfo]  # the probe, for files (None for frame lists and arrays)
+
+
 def decode_video(
     ele: dict[str, Any],
     image_patch_size: int = 14,
@@ -451,18 +466,19 @@ def decode_video(
     backend: Optional[str] = None,
     policy: Optional[FetchPolicy] = None,
     resize: bool = True,
-) -> tuple[np.ndarray, dict, float]:
-    """The numpy core of :func:`fetch_video`: ((T, H, W, 3) uint8 frames, metadata, sample_fps)."""
+    on_frame: Optional[Callable[[int, int], None]] = None,
+) -> DecodedVideo:
+    """The numpy core of :func:`fetch_video`, used by it and by the command line."""
     if not isinstance(ele, dict) or "video" not in ele:
         raise InvalidOptionError(f"a video element must be a dict with a 'video' key, got {describe(ele)}")
     factor = _patch_factor(image_patch_size)
     policy = get_fetch_policy(policy)
     value = ele["video"]
     if _is_frame_sequence(value):
-        return _fetch_frames(ele, value, factor, policy)
+        return DecodedVideo(*_fetch_frames(ele, value, factor, policy), None)
     if _is_array(value):
         frames_ele = {**ele, "sample_fps": ele.get("sample_fps") or ele.get("fps") or FPS}
-        return _fetch_frames(frames_ele, _array_frames(value), factor, policy)
+        return DecodedVideo(*_fetch_frames(frames_ele, _array_frames(value), factor, policy), None)
     name = get_video_reader_backend(backend or ele.get("video_reader"))
     with resolve_source(value, "video", policy) as source:
         if source.obj is not None:
@@ -477,14 +493,23 @@ def decode_video(
         except AspectRatioError as exc:
             raise AspectRatioError(f"video {source.name}: {exc}") from None
         module = _backend_for(name, info, source.name)
-        frames = _read_frames(module, source, info, plan, size, with_resize=resize)
+        frames = _read_frames(module, source, info, plan, size, with_resize=resize, on_frame=on_frame)
     metadata = {
         "fps": info.fps,
         "frames_indices": list(plan.indices),
         "total_num_frames": info.num_frames,
         "video_backend": module.NAME,
     }
-    return frames, metadata, plan.sample_fps
+    return DecodedVideo(frames, metadata, plan.sample_fps, info)
+
+
+def qwen3_timestamps(frames_indices: list, fps: float, temporal_patch_size: int = 2) -> list[float]:
+    """The time of each temporal group as the Qwen3-VL processor computes it: index / fps, padded to whole
+    groups with the last index, averaged over the first and last frame of each group."""
+    idx = list(frames_indices)
+    idx += [idx[-1]] * (-len(idx) % temporal_patch_size)
+    times = [i / fps for i in idx]
+    return [(times[i] + times[i + temporal_patch_size - 1]) / 2 for i in range(0, len(times), temporal_patch_size)]
 
 
 def fetch_video(
@@ -503,7 +528,7 @@ def fetch_video(
     ``dtype`` key for 4x less memory), optionally with the metadata dict (``fps``, ``frames_indices``,
     ``total_num_frames``, ``video_backend``) and the sample fps, in 0.0.14's nesting.
     """
-    frames, metadata, sample_fps = decode_video(ele, image_patch_size, backend=backend, policy=policy)
+    frames, metadata, sample_fps, _ = decode_video(ele, image_patch_size, backend=backend, policy=policy)
     video = _to_tensor(frames, dtype if dtype is not None else ele.get("dtype"))
     del frames
     result: Any = (video, metadata) if return_video_metadata else video
@@ -515,7 +540,7 @@ def fetch_video(
 def _reader(backend: str) -> Any:
     def read(ele: dict[str, Any]) -> tuple[Any, dict, float]:
         """0.0.14's ``_read_video_<backend>(ele)``: full-resolution uint8 TCHW frames, metadata, sample_fps."""
-        frames, metadata, sample_fps = decode_video(ele, backend=backend, resize=False)
+        frames, metadata, sample_fps, _ = decode_video(ele, backend=backend, resize=False)
         return _to_tensor(frames, "uint8"), metadata, sample_fps
 
     read.__name__ = f"_read_video_{backend}"

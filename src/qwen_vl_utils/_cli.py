@@ -1,0 +1,401 @@
+"""``qwen-vl-utils`` / ``python -m qwen_vl_utils``: see what the model will receive before running it.
+
+Every number comes from the library's own functions; the flags become element keys in one place
+(:func:`element_from_args`), so the CLI has no second implementation of sampling or resizing.
+
+Exit codes: 0 success, 1 when a source failed (the others are still reported), 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+from ._errors import QwenVLError
+from ._version import __version__
+
+EXIT_OK, EXIT_SOURCE_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+# --- flags -> element keys (the one place) -------------------------------------------------------------------
+
+
+def _add_element_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--patch-size", type=int, choices=(14, 16), default=14, help="14: Qwen2.5-VL, 16: Qwen3-VL")
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument("--fps", type=float, help="frames sampled per second (default 2)")
+    rate.add_argument("--nframes", type=int, help="exact number of frames")
+    p.add_argument("--min-frames", type=int)
+    p.add_argument("--max-frames", type=int)
+    p.add_argument("--min-pixels", type=int)
+    p.add_argument("--max-pixels", type=int)
+    p.add_argument("--total-pixels", type=int)
+    p.add_argument("--resized-height", type=int)
+    p.add_argument("--resized-width", type=int)
+    p.add_argument("--start", type=float, help="video_start, seconds")
+    p.add_argument("--end", type=float, help="video_end, seconds")
+    p.add_argument("--backend", choices=("pyav", "torchcodec", "decord", "torchvision"))
+
+
+_KEYS = {
+    "fps": "fps",
+    "nframes": "nframes",
+    "min_frames": "min_frames",
+    "max_frames": "max_frames",
+    "min_pixels": "min_pixels",
+    "max_pixels": "max_pixels",
+    "total_pixels": "total_pixels",
+    "resized_height": "resized_height",
+    "resized_width": "resized_width",
+    "start": "video_start",
+    "end": "video_end",
+    "backend": "video_reader",
+}
+_IMAGE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
+
+
+def element_from_args(args: argparse.Namespace, kind: str, source: str) -> dict[str, Any]:
+    """The element dict the library receives for these flags."""
+    ele: dict[str, Any] = {kind: source}
+    for flag, key in _KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None and (kind == "video" or key in _IMAGE_KEYS):
+            ele[key] = value
+    return ele
+
+
+# --- inspecting one source -----------------------------------------------------------------------------------
+
+
+def _kind_of(source: str) -> str:
+    """'image' or 'video', from the bytes (never the name)."""
+    from ._policy import get_fetch_policy
+    from ._sources import resolve_source, sniff_media
+
+    if source.startswith(("http://", "https://")):
+        return "video" if _http_looks_like_video(source) else "image"
+    with resolve_source(source, "video", get_fetch_policy()) as src:
+        kind = sniff_media(src.head(256))
+    return kind or "video"  # unknown magic: the video prober decides, with a typed error if it cannot
+
+
+def _http_looks_like_video(url: str) -> bool:
+    import requests
+
+    from ._sources import sniff_media
+
+    try:
+        with requests.get(url, stream=True, timeout=(10, 30), headers={"Range": "bytes=0-255"}) as r:
+            head = r.raw.read(256)
+    except requests.RequestException:
+        return False
+    return sniff_media(head) != "image"
+
+
+def inspect_source(
+    source: str, args: argparse.Namespace, on_frame: Optional[Callable[[int, int], None]] = None
+) -> dict:
+    """Everything the model will receive from one source, as a JSON-able dict (decodes it for real)."""
+    from .image import fetch_image, image_token_count, open_image
+    from .video import decode_video, qwen3_timestamps
+
+    start = time.perf_counter()
+    kind = _kind_of(source)
+    patch = args.patch_size
+    factor = patch * 2
+    ele = element_from_args(args, kind, source)
+    if kind == "image":
+        from ._policy import get_fetch_policy
+        from ._sources import resolve_source
+
+        policy = get_fetch_policy()
+        with resolve_source(source, "image", policy) as src:
+            img = open_image(src, policy)
+            fmt, mode, (width, height) = img.format, img.mode, img.size
+        tokens = image_token_count(ele, patch)[0]
+        out = fetch_image(ele, patch)
+        return {
+            "source": source,
+            "kind": "image",
+            "format": fmt,
+            "mode": mode,
+            "width": width,
+            "height": height,
+            "resized_height": out.height,
+            "resized_width": out.width,
+            "tokens": tokens,
+            "seconds": round(time.perf_counter() - start, 4),
+            "_image": out,
+        }
+    decoded = decode_video(ele, patch, backend=ele.get("video_reader"), on_frame=on_frame)
+    info, meta = decoded.info, decoded.metadata
+    t, h, w = decoded.frames.shape[:3]
+    fps = meta["fps"]
+    width, height = info.display_size
+    return {
+        "source": source,
+        "kind": "video",
+        "container": info.container,
+        "codec": info.codec,
+        "duration": round(info.duration, 4),
+        "source_fps": round(fps, 4),
+        "total_frames": meta["total_num_frames"],
+        "width": width,
+        "height": height,
+        "rotation": info.rotation,
+        "resized_height": h,
+        "resized_width": w,
+        "frames": t,
+        "sample_fps": round(decoded.sample_fps, 4),
+        "frames_indices": list(meta["frames_indices"]),
+        "frame_times": [round(i / fps, 4) for i in meta["frames_indices"]],
+        "qwen3_timestamps": [round(x, 4) for x in qwen3_timestamps(meta["frames_indices"], fps)],
+        "tokens": math.ceil(t / 2) * (h // factor) * (w // factor),
+        "backend": meta["video_backend"],
+        "seconds": round(time.perf_counter() - start, 4),
+        "_frames": decoded.frames,
+    }
+
+
+# --- output --------------------------------------------------------------------------------------------------
+
+
+def _public(result: dict) -> dict:
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def _table(result: dict) -> str:
+    r = result
+    rows = [("source", r["source"]), ("kind", r["kind"])]
+    if r["kind"] == "image":
+        rows += [
+            ("format / mode", f"{r['format']} / {r['mode']}"),
+            ("original", f"{r['width']}x{r['height']}"),
+            ("resized", f"{r['resized_width']}x{r['resized_height']}"),
+        ]
+    else:
+        rows += [
+            ("container / codec", f"{r['container']} / {r['codec']}"),
+            ("duration", f"{r['duration']:.3f} s"),
+            ("source fps / frames", f"{r['source_fps']:g} / {r['total_frames']}"),
+            ("original", f"{r['width']}x{r['height']}" + (f" (rotated {r['rotation']})" if r["rotation"] else "")),
+            ("resized", f"{r['resized_width']}x{r['resized_height']} x {r['frames']} frames"),
+            ("sampled frames", " ".join(f"{i}@{t:g}s" for i, t in zip(r["frames_indices"], r["frame_times"]))),
+            ("Qwen3-VL timestamps", " ".join(f"<{t:.1f} seconds>" for t in r["qwen3_timestamps"])),
+            ("backend", r["backend"]),
+        ]
+    rows += [("visual tokens", str(r["tokens"])), ("time", f"{r['seconds'] * 1000:.0f} ms")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+class Progress:
+    """A progress bar on stderr, shown only once work has taken over a second, only on a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.start = time.monotonic()
+        self.shown = False
+
+    def update(self, done: int, total: int, label: str = "") -> None:
+        if not self.enabled or time.monotonic() - self.start < 1.0:
+            return
+        filled = int(30 * done / max(total, 1))
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {label[:40]}\x1b[K")
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def _error_line(source: str, exc: BaseException, debug: bool) -> str:
+    if debug:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    return f"error: {source}: {type(exc).__name__}: {exc}"
+
+
+def _run_sources(args: argparse.Namespace, sources: list, each: Callable[[str, dict], None]) -> int:
+    progress = Progress(not args.quiet)
+    status = EXIT_OK
+    for n, source in enumerate(sources):
+        progress.update(n, len(sources), source)
+        try:
+            result = inspect_source(source, args, on_frame=lambda d, t, s=source: progress.update(d, t, s))
+        except (QwenVLError, OSError, ValueError) as exc:
+            progress.close()
+            print(_error_line(source, exc, args.debug), file=sys.stderr)
+            status = EXIT_SOURCE_FAILED
+            continue
+        progress.close()
+        each(source, result)
+    return status
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    results: list = []
+    status = _run_sources(args, args.sources, lambda s, r: results.append(r))
+    if args.json:
+        print(json.dumps([_public(r) for r in results], indent=2))
+    else:
+        print("\n\n".join(_table(r) for r in results))
+    return status
+
+
+def contact_sheet(result: dict, tile_width: int = 320) -> Any:
+    """A PIL image: every sampled frame (or the resized image) with its time drawn on it."""
+    from PIL import Image, ImageDraw
+
+    if result["kind"] == "image":
+        tiles = [(result["_image"], f"{result['resized_width']}x{result['resized_height']}")]
+    else:
+        tiles = [
+            (Image.fromarray(f), f"{t:.2f}s  #{i}")
+            for f, i, t in zip(result["_frames"], result["frames_indices"], result["frame_times"])
+        ]
+    w0, h0 = tiles[0][0].size
+    scale = min(1.0, tile_width / w0)
+    tw, th = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+    cols = max(1, min(len(tiles), math.ceil(math.sqrt(len(tiles)))))
+    rows = math.ceil(len(tiles) / cols)
+    pad = 4
+    sheet = Image.new("RGB", (cols * (tw + pad) + pad, rows * (th + pad) + pad), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    for n, (img, label) in enumerate(tiles):
+        x, y = pad + (n % cols) * (tw + pad), pad + (n // cols) * (th + pad)
+        sheet.paste(img.resize((tw, th)) if (tw, th) != img.size else img, (x, y))
+        box = draw.textbbox((x + 3, y + 3), label)
+        draw.rectangle((box[0] - 2, box[1] - 2, box[2] + 2, box[3] + 2), fill=(0, 0, 0))
+        draw.text((x + 3, y + 3), label, fill=(255, 255, 0))
+    sheet.info["qwen_vl_utils_tiles"] = len(tiles)
+    return sheet
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    def save(source: str, result: dict) -> None:
+        contact_sheet(result).save(args.output, format="PNG")
+        if not args.quiet:
+            print(_table(result))
+            print(f"contact sheet: {args.output}")
+
+    return _run_sources(args, [args.source], save)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import _bench
+
+    return _bench.main(["--quick", *(["--quiet"] if args.quiet else [])])
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate a sample video and image, then inspect and preview them."""
+    folder = tempfile.mkdtemp(prefix="qwen-vl-utils-demo-")
+    video, image = make_sample_video(os.path.join(folder, "sample.mp4")), os.path.join(folder, "sample.png")
+    make_sample_image(image)
+    print(f"qwen-vl-utils {__version__} demo: sample media in {folder}\n")
+    for patch in (14, 16):
+        args.patch_size = patch
+        print(f"== Qwen{'2.5' if patch == 14 else '3'}-VL (patch {patch}) ==")
+        status = cmd_inspect(_with(args, sources=[video, image], json=False))
+        print()
+        if status:
+            return status
+    args.patch_size = 16
+    sheet = os.path.join(folder, "sheet.png")
+    status = cmd_preview(_with(args, source=video, output=sheet, quiet=True))
+    print(f"contact sheet of the sampled frames: {sheet}")
+    return status
+
+
+def _with(args: argparse.Namespace, **changes: Any) -> argparse.Namespace:
+    new = argparse.Namespace(**vars(args))
+    for k, v in changes.items():
+        setattr(new, k, v)
+    return new
+
+
+def make_sample_video(path: str, seconds: float = 4.0, fps: int = 24, width: int = 320, height: int = 180) -> str:
+    """A short H.264 clip of a moving block with its frame number, made with PyAV."""
+    import av
+    import numpy as np
+
+    with av.open(path, "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(int(seconds * fps)):
+            a = np.zeros((height, width, 3), np.uint8)
+            a[..., 2] = 60 + (i * 3) % 120
+            x = int((width - 40) * (i / (seconds * fps)))
+            a[height // 2 - 20 : height // 2 + 20, x : x + 40] = (255, 220, 0)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def make_sample_image(path: str) -> str:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (640, 427), (40, 90, 160))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((220, 110, 420, 310), fill=(250, 200, 40))
+    draw.text((20, 20), "qwen-vl-utils sample", fill=(255, 255, 255))
+    img.save(path)
+    return path
+
+
+# --- entry point ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen-vl-utils", description="See what a Qwen-VL model receives.")
+    p.add_argument("--version", action="version", version=f"qwen-vl-utils {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress bar")
+    common.add_argument("--debug", action="store_true", help="print tracebacks")
+
+    ins = sub.add_parser("inspect", parents=[common], help="what the model receives from each source")
+    ins.add_argument("sources", nargs="+", metavar="SOURCE", help="path, file://, http(s)://, or data: URI")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_element_flags(ins)
+    ins.set_defaults(func=cmd_inspect)
+
+    pre = sub.add_parser("preview", parents=[common], help="a contact sheet of the sampled frames")
+    pre.add_argument("source", metavar="SOURCE")
+    pre.add_argument("-o", "--output", required=True, help="PNG file to write")
+    _add_element_flags(pre)
+    pre.set_defaults(func=cmd_preview)
+
+    ben = sub.add_parser("bench", parents=[common], help="the benchmark suite's quick mode on generated media")
+    ben.set_defaults(func=cmd_bench)
+
+    demo = sub.add_parser("demo", parents=[common], help="inspect and preview a generated sample")
+    _add_element_flags(demo)
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits with 2 on a usage error
+    if getattr(args, "resized_height", None) is not None and getattr(args, "resized_width", None) is None:
+        parser.error("--resized-height needs --resized-width")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        sys.stderr = io.StringIO()
+        return EXIT_OK

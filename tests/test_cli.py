@@ -1,0 +1,142 @@
+"""The command line, run as a subprocess on generated media; values checked against the library."""
+
+import base64
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import qwen_vl_utils as q
+from qwen_vl_utils.video import decode_video, qwen3_timestamps
+
+from media import gradient, make_video
+
+
+def run(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "qwen_vl_utils", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    video = make_video(d / "clip.mkv", frames=60, fps=24, width=320, height=180, container="matroska")
+    image = d / "pic.png"
+    gradient(500, 300).save(image)
+    return video, image
+
+
+def test_inspect_json_matches_the_library(files):
+    video, image = files
+    res = run("inspect", video, image, "--json", "--patch-size", "16", "--nframes", "6", "--max-pixels", 200 * 32 * 32)
+    assert res.returncode == 0, res.stderr
+    v, i = json.loads(res.stdout)
+    ele = {"video": str(video), "nframes": 6, "max_pixels": 200 * 32 * 32}
+    frames, meta, sample_fps, info = decode_video(ele, 16)
+    assert v["kind"] == "video" and v["codec"] == "h264" and v["container"] == "matroska,webm"
+    assert v["frames_indices"] == meta["frames_indices"] and v["total_frames"] == 60
+    assert (v["frames"], v["resized_height"], v["resized_width"]) == frames.shape[:3]
+    assert v["frame_times"] == pytest.approx([x / 24 for x in meta["frames_indices"]], abs=1e-4)
+    assert v["qwen3_timestamps"] == pytest.approx(qwen3_timestamps(meta["frames_indices"], meta["fps"]), abs=1e-4)
+    assert v["tokens"] == q.count_visual_tokens(ele, 16)
+    assert v["backend"] == meta["video_backend"] and v["seconds"] > 0
+    out = q.fetch_image({"image": str(image), "max_pixels": 200 * 32 * 32}, 16)
+    assert i["kind"] == "image" and (i["width"], i["height"]) == (500, 300)
+    assert (i["resized_width"], i["resized_height"]) == out.size
+    assert i["tokens"] == q.count_visual_tokens({"image": str(image), "max_pixels": 200 * 32 * 32}, 16)
+
+
+def test_inspect_table_and_other_source_kinds(files):
+    video, image = files
+    data_uri = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    res = run("inspect", video.as_uri(), data_uri, "--fps", "1", "--start", "0.5", "--end", "2.0")
+    assert res.returncode == 0, res.stderr
+    assert "Qwen3-VL timestamps" in res.stdout and "visual tokens" in res.stdout
+    meta = decode_video({"video": str(video), "fps": 1, "video_start": 0.5, "video_end": 2.0})[1]
+    assert " ".join(f"{i}@" for i in meta["frames_indices"]).split()[0] in res.stdout
+
+
+def test_failing_and_succeeding_sources_mixed(files, tmp_path):
+    video, _ = files
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\x00" * 1000)
+    res = run("inspect", tmp_path / "missing.mp4", video, junk, "--json")
+    assert res.returncode == 1
+    assert len(json.loads(res.stdout)) == 1, "the good source is still reported"
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "missing.mp4" in errors[0] and "junk.mp4" in errors[1]
+    assert "Traceback" not in res.stderr
+    assert "Traceback" in run("inspect", junk, "--debug").stderr
+
+
+def test_usage_errors_exit_2(files):
+    video, _ = files
+    assert run().returncode == 2
+    assert run("inspect").returncode == 2
+    assert run("inspect", video, "--fps", "2", "--nframes", "4").returncode == 2
+    assert run("inspect", video, "--patch-size", "15").returncode == 2
+    assert run("frobnicate").returncode == 2
+
+
+def test_preview_contact_sheet(files, tmp_path):
+    video, image = files
+    sheet = tmp_path / "sheet.png"
+    res = run("preview", video, "-o", sheet, "--nframes", "6", "--quiet")
+    assert res.returncode == 0, res.stderr
+    img = Image.open(sheet)
+    assert img.format == "PNG"
+    frames, meta, _, _ = decode_video({"video": str(video), "nframes": 6})
+    # 6 tiles in a 3x2 grid, each a frame scaled to 320 px wide, 4 px apart
+    tw = 320
+    th = round(frames.shape[1] * tw / frames.shape[2])
+    assert img.size == (3 * (tw + 4) + 4, 2 * (th + 4) + 4)
+    arr = np.asarray(img)
+    tiles = [
+        arr[4 + r * (th + 4) : 4 + r * (th + 4) + th, 4 + c * (tw + 4) : 4 + c * (tw + 4) + tw]
+        for r in range(2)
+        for c in range(3)
+    ]
+    assert all(t.std() > 1 for t in tiles), "every tile holds a frame"
+    res = run("preview", image, "-o", tmp_path / "img.png")
+    assert res.returncode == 0 and Image.open(tmp_path / "img.png").size[0] > 300
+
+
+def test_demo_end_to_end():
+    res = run("demo")
+    assert res.returncode == 0, res.stderr
+    assert "Qwen2.5-VL (patch 14)" in res.stdout and "Qwen3-VL (patch 16)" in res.stdout
+    sheet = res.stdout.strip().splitlines()[-1].split(": ", 1)[1]
+    assert Image.open(sheet).format == "PNG"
+
+
+class _TTY:
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> None:
+        self.text += s
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("tty", "quiet", "shown"), [(True, False, True), (True, True, False), (False, False, False)])
+def test_progress_bar_only_on_a_terminal_after_a_second(monkeypatch, tty, quiet, shown):
+    from qwen_vl_utils import _cli
+
+    fake = _TTY(tty)
+    monkeypatch.setattr(sys, "stderr", fake)
+    progress = _cli.Progress(not quiet)
+    progress.update(1, 4, "a")
+    assert fake.text == "", "nothing in the first second"
+    progress.start -= 2
+    progress.update(2, 4, "b")
+    progress.close()
+    assert ("2/4" in fake.text) is shown
