@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 CODEC_OPTIONS = {
-    "libx264": {"bf": "2", "g": "12", "preset": "ultrafast"},
+    "libx264": {"bf": "3", "g": "12", "preset": "veryfast"},
     "libx265": {"preset": "ultrafast", "x265-params": "log-level=none:keyint=12"},
     "libvpx-vp9": {"deadline": "realtime", "cpu-used": "8", "g": "12"},
     "libsvtav1": {"preset": "12", "g": "12"},
@@ -45,6 +45,7 @@ def make_video(
     faststart: bool = False,
     pts: Optional[list] = None,
     rate: Optional[Fraction] = None,
+    gop: Optional[int] = None,
 ) -> Path:
     """Encode ``frames`` pattern frames. ``pts`` (in 1/1000 s) makes a variable-frame-rate file."""
     options = {"movflags": "+faststart"} if faststart else {}
@@ -52,6 +53,8 @@ def make_video(
         stream = out.add_stream(codec, rate=rate or fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = dict(CODEC_OPTIONS.get(codec, {}))
+        if gop is not None:
+            stream.options["g"] = str(gop)
         if pts is not None:
             stream.time_base = Fraction(1, 1000)
             stream.codec_context.time_base = Fraction(1, 1000)

@@ -355,3 +355,32 @@ def test_video_without_torch_is_a_clear_error(h264):
 def test_linspace_round_matches_torch():
     for start, end, n in [(0, 299, 20), (12, 36, 4), (0, 1799, 120), (5, 5, 2), (0, 99, 64), (0, 17999, 64)]:
         assert linspace_round(start, end, n) == torch.linspace(start, end, n).round().long().tolist()
+
+
+@pytest.fixture(scope="session")
+def long_gop(media_dir):
+    """240 frames, a keyframe every 48, B-frames: targets far apart use seeking, skipping and parallel decoders."""
+    return make_video(media_dir / "long_gop.mp4", frames=240, fps=24, gop=48)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nframes", [6, 16, 64])
+def test_sparse_targets_are_the_right_frames(long_gop, backend, nframes):
+    video, meta = _fetch(long_gop, backend, nframes=nframes, min_pixels=W * H, max_pixels=W * H * 2)
+    assert meta["frames_indices"] == linspace_round(0, 239, nframes)
+    assert [_identify(f, n=240) for f in video.numpy()] == meta["frames_indices"]
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "4"])
+def test_pyav_skip_recovery_and_thread_counts(long_gop, monkeypatch, threads):
+    """Force non-reference skipping right up to each target: a skipped target must be decoded again."""
+    from qwen_vl_utils.backends import _pyav
+
+    seeks = []
+    real_seek = _pyav._seek
+    monkeypatch.setattr(_pyav, "_lag", lambda cc: -1)
+    monkeypatch.setattr(_pyav, "_seek", lambda *a: seeks.append(a[-1]) or real_seek(*a))
+    monkeypatch.setenv("QWENVL_DECODER_THREADS", threads)
+    video, meta = _fetch(long_gop, "pyav", nframes=20, min_pixels=W * H, max_pixels=W * H * 2)
+    assert [_identify(f, n=240) for f in video.numpy()] == meta["frames_indices"]
+    assert len(seeks) > len(set(seeks)), "some skipped target was decoded again from its keyframe"

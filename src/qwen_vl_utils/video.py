@@ -10,11 +10,13 @@ not the length or resolution of the video.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import threading
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional, Union
@@ -290,6 +292,23 @@ def _resize(frame: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(img.resize((width, height), Image.Resampling.BICUBIC))
 
 
+def _resize_threads() -> int:
+    raw = os.environ.get("QWENVL_RESIZE_THREADS")
+    if raw is None:
+        return max(1, min(4, os.cpu_count() or 1))
+    try:
+        return max(1, int(raw))
+    except ValueError as exc:
+        raise InvalidOptionError(f"QWENVL_RESIZE_THREADS={raw!r} is not an integer") from exc
+
+
+Allocate = Callable[[int, int, int], np.ndarray]
+
+
+def _numpy_frames(t: int, h: int, w: int) -> np.ndarray:
+    return np.empty((t, h, w, 3), dtype=np.uint8)
+
+
 def _read_frames(
     module: Any,
     source: Source,
@@ -298,31 +317,53 @@ def _read_frames(
     size: tuple[int, int],
     with_resize: bool = True,
     on_frame: Optional[Callable[[int, int], None]] = None,
+    allocate: Allocate = _numpy_frames,
 ) -> np.ndarray:
-    """Decode the planned frames, resizing each as it arrives, into one (T, H, W, 3) uint8 array.
+    """Decode the planned frames into ``allocate(T, H, W)`` ((T, H, W, 3) or (T, 3, H, W), any dtype).
 
+    The backend decodes on this thread while a small pool converts, resizes and stores each frame as it
+    arrives (Pillow and numpy release the GIL), with a bounded number of full-resolution frames in flight.
     The one boundary where backend exceptions become :class:`DecodeError`."""
     height, width = size
     k = 0 if module.APPLIES_ROTATION else info.rotation // 90
     coded_w, coded_h = (height, width) if k % 2 else (width, height)
-    out = np.empty((plan.nframes, height, width, 3), dtype=np.uint8)
+    out = allocate(plan.nframes, height, width)
+    channels_first = out.shape[1:] == (3, height, width)
     positions: dict[int, list[int]] = {}
     for pos, idx in enumerate(plan.indices):
         positions.setdefault(idx, []).append(pos)
     expected = plan.unique_indices
+
+    def store(idx: int, frame: Any) -> None:
+        if callable(frame):  # a backend may defer the RGB conversion to this worker
+            frame = frame()
+        if frame.ndim != 3 or frame.shape[2] != 3:
+            raise DecodeError(f"{module.NAME} returned a frame of shape {frame.shape} for {source.name}")
+        small = _resize(frame, coded_w, coded_h) if with_resize else frame
+        if k:
+            small = np.rot90(small, k)
+        if channels_first:
+            small = small.transpose(2, 0, 1)
+        for pos in positions[idx]:
+            out[pos] = small
+
+    workers = _resize_threads()
     seen = 0
     try:
-        for idx, frame in module.read(source, info, expected, _decoder_threads()):
-            if frame.ndim != 3 or frame.shape[2] != 3:
-                raise DecodeError(f"{module.NAME} returned a frame of shape {frame.shape} for {source.name}")
-            small = _resize(frame, coded_w, coded_h) if with_resize else frame
-            if k:
-                small = np.rot90(small, k)
-            for pos in positions[idx]:
-                out[pos] = small
-            seen += 1
-            if on_frame is not None:
-                on_frame(seen, len(expected))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qwen-vl-resize") as pool:
+            pending: deque = deque()
+            frames = contextlib.closing(module.read(source, info, expected, _decoder_threads()))
+            with frames as decoded:  # closed at once on error: a backend's decoder threads stop with it
+                for idx, frame in decoded:
+                    pending.append(pool.submit(store, idx, frame))
+                    while len(pending) > 2 * workers or (pending and pending[0].done()):
+                        pending.popleft().result()
+                        seen += 1
+                        if on_frame is not None:
+                            on_frame(seen, len(expected))
+            while pending:
+                pending.popleft().result()
+                seen += 1
     except QwenVLError:
         raise
     except MemoryError:
@@ -337,8 +378,7 @@ def _read_frames(
     return out
 
 
-def _to_tensor(frames: np.ndarray, dtype: Any = None) -> Any:
-    """(T, H, W, 3) uint8 -> contiguous (T, 3, H, W) torch tensor: float32 0..255 (0.0.14) or uint8."""
+def _require_torch() -> Any:
     try:
         import torch
     except ImportError as exc:
@@ -346,6 +386,12 @@ def _to_tensor(frames: np.ndarray, dtype: Any = None) -> Any:
             "video output is a torch tensor, and torch is not installed: pip install torch "
             "(or the build for your platform from https://pytorch.org)"
         ) from exc
+    return torch
+
+
+def _to_tensor(frames: np.ndarray, dtype: Any = None) -> Any:
+    """(T, H, W, 3) uint8 -> contiguous (T, 3, H, W) torch tensor: float32 0..255 (0.0.14) or uint8."""
+    torch = _require_torch()
     dtype = _torch_dtype(torch, dtype)
     chw = torch.from_numpy(frames).permute(0, 3, 1, 2)
     return chw.to(dtype=dtype, memory_format=torch.contiguous_format)
@@ -467,6 +513,7 @@ def decode_video(
     policy: Optional[FetchPolicy] = None,
     resize: bool = True,
     on_frame: Optional[Callable[[int, int], None]] = None,
+    allocate: Allocate = _numpy_frames,
 ) -> DecodedVideo:
     """The numpy core of :func:`fetch_video`, used by it and by the command line."""
     if not isinstance(ele, dict) or "video" not in ele:
@@ -493,7 +540,7 @@ def decode_video(
         except AspectRatioError as exc:
             raise AspectRatioError(f"video {source.name}: {exc}") from None
         module = _backend_for(name, info, source.name)
-        frames = _read_frames(module, source, info, plan, size, with_resize=resize, on_frame=on_frame)
+        frames = _read_frames(module, source, info, plan, size, resize, on_frame, allocate)
     metadata = {
         "fps": info.fps,
         "frames_indices": list(plan.indices),
@@ -528,8 +575,18 @@ def fetch_video(
     ``dtype`` key for 4x less memory), optionally with the metadata dict (``fps``, ``frames_indices``,
     ``total_num_frames``, ``video_backend``) and the sample fps, in 0.0.14's nesting.
     """
-    frames, metadata, sample_fps, _ = decode_video(ele, image_patch_size, backend=backend, policy=policy)
-    video = _to_tensor(frames, dtype if dtype is not None else ele.get("dtype"))
+    torch = _require_torch()
+    torch_dtype = _torch_dtype(torch, dtype if dtype is not None else ele.get("dtype"))
+    tensors: list = []
+
+    def allocate(t: int, h: int, w: int) -> np.ndarray:  # decode straight into the returned tensor
+        tensors.append(torch.empty((t, 3, h, w), dtype=torch_dtype))
+        return tensors[0].numpy()
+
+    frames, metadata, sample_fps, _ = decode_video(
+        ele, image_patch_size, backend=backend, policy=policy, allocate=allocate
+    )
+    video = tensors[0] if tensors else _to_tensor(frames, torch_dtype)
     del frames
     result: Any = (video, metadata) if return_video_metadata else video
     if return_video_sample_fps:

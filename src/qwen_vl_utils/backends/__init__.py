@@ -5,8 +5,9 @@ A backend module defines::
     NAME: str
     APPLIES_ROTATION: bool                          # True if its frames come out upright already
     def unsupported(info: VideoInfo) -> str | None  # why it cannot decode this stream, or None
-    def read(source, info, indices, threads) -> Iterator[tuple[int, np.ndarray]]
-        # yield (index, HxWx3 uint8 RGB frame) for each of the sorted, unique ``indices``, in order
+    def read(source, info, indices, threads) -> Iterator[tuple[int, np.ndarray | Callable[[], np.ndarray]]]
+        # yield (index, HxWx3 uint8 RGB frame, or a callable returning one) for each of the sorted,
+        # unique ``indices``, in order
 
 Backends never choose frames: ``video.plan_frames`` does, from the one probe in ``_probe``.
 """

@@ -4,6 +4,10 @@ decodes straight through; converts to RGB only the frames it returns."""
 from __future__ import annotations
 
 import bisect
+import functools
+import os
+import queue
+import threading
 from collections.abc import Iterator
 from typing import Any, Optional
 
@@ -58,14 +62,23 @@ def _rgb(frame: Any) -> np.ndarray:
     return frame.to_ndarray(format="rgb24")
 
 
-def read(source: Source, info: VideoInfo, indices: list[int], threads: int) -> Iterator[tuple[int, np.ndarray]]:
+def read(source: Source, info: VideoInfo, indices: list[int], threads: int) -> Iterator[tuple[int, Any]]:
+    """Targets spread over several GOPs are split into contiguous groups, each decoded by its own
+    single-threaded decoder in its own thread (PyAV releases the GIL): after every seek a frame-threaded
+    decoder must refill its pipeline, so independent decoders use the cores better. Frames arrive in any
+    order; the caller places them by index."""
     container = open_container(source)
     try:
         stream = container.streams.video[0]
-        stream.codec_context.thread_type = "AUTO"
-        stream.codec_context.thread_count = threads
         # AVI stores decode-order counters, not presentation times: count frames in output order instead
         index = _Index(container, stream) if container.format.name != "avi" else None
+        workers = threads or os.cpu_count() or 1
+        groups = _split(indices, index, workers) if index is not None and index.usable else [indices]
+        if len(groups) > 1:
+            container.close()
+            yield from _parallel(source, index, groups)
+            return
+        _configure(stream, threads, single=False)
         if index is not None and index.usable:
             yield from _read_seeking(container, stream, index, indices)
         else:
@@ -75,7 +88,79 @@ def read(source: Source, info: VideoInfo, indices: list[int], threads: int) -> I
         container.close()
 
 
-def _read_through(frames: Iterator[Any], targets: list[int], start: int) -> Iterator[tuple[int, np.ndarray]]:
+def _configure(stream: Any, threads: int, single: bool) -> None:
+    cc = stream.codec_context
+    cc.thread_type = "SLICE" if single else "AUTO"
+    cc.thread_count = 1 if single else threads
+
+
+def _split(indices: list[int], index: _Index, workers: int) -> list[list[int]]:
+    """Contiguous groups of targets, each starting in a different GOP; one group when that cannot help."""
+    if workers < 2 or len(indices) < 2:
+        return [indices]
+    n = min(workers, len(indices))
+    size = -(-len(indices) // n)
+    groups: list[list[int]] = []
+    for chunk in (indices[i : i + size] for i in range(0, len(indices), size)):
+        if groups and index.keyframe_before(chunk[0]) == index.keyframe_before(groups[-1][-1]):
+            groups[-1].extend(chunk)  # same GOP as the previous group's end: no independent work to split
+        else:
+            groups.append(list(chunk))
+    return groups
+
+
+_DONE = object()
+
+
+def _parallel(source: Source, index: _Index, groups: list[list[int]]) -> Iterator[tuple[int, Any]]:
+    results: queue.Queue = queue.Queue(maxsize=4 * len(groups))
+    stop = threading.Event()
+
+    def put(item: Any) -> None:
+        while not stop.is_set():
+            try:
+                results.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def work(group: list[int]) -> None:
+        try:
+            container = open_container(source)
+            try:
+                stream = container.streams.video[0]
+                _configure(stream, 1, single=True)
+                for item in _read_seeking(container, stream, index, group):
+                    if stop.is_set():
+                        return
+                    put(item)
+            finally:
+                container.close()
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put(exc)
+        finally:
+            put(_DONE)
+
+    pool = [threading.Thread(target=work, args=(g,), name="qwen-vl-decode", daemon=True) for g in groups]
+    for t in pool:
+        t.start()
+    try:
+        running = len(pool)
+        while running:
+            item = results.get()
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        stop.set()
+        for t in pool:
+            t.join()
+
+
+def _read_through(frames: Iterator[Any], targets: list[int], start: int) -> Iterator[tuple[int, Any]]:
     """Count frames from ordinal ``start``; yield the targets; past the end, repeat the last frame."""
     ti, ordinal, frame = 0, start - 1, None
     for frame in frames:
@@ -87,23 +172,46 @@ def _read_through(frames: Iterator[Any], targets: list[int], start: int) -> Iter
     yield from _repeat_last(frame, ordinal, targets, ti)
 
 
-def _read_seeking(container: Any, stream: Any, index: _Index, targets: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+def _lag(cc: Any) -> int:
+    """Frames between a packet entering the decoder and its frame coming out: threads and reordering."""
+    return (cc.thread_count or os.cpu_count() or 1) + 2 * (cc.has_b_frames or 0) + 4
+
+
+def _read_seeking(container: Any, stream: Any, index: _Index, targets: list[int]) -> Iterator[tuple[int, Any]]:
+    """Seek to the keyframe before a target when that skips frames; otherwise decode on. While the next
+    target is far ahead, skip non-reference frames (nothing depends on them); if a target was skipped
+    after all, seek back and decode that stretch again without skipping."""
+    cc = stream.codec_context
+    lag = _lag(cc)
     frames: Optional[Iterator[Any]] = None
     position = 0  # ordinal of the next frame the current decode run will produce
     frame, ordinal = None, -1
+    skipping = skipped = False
+    careful_until = -1  # after a recovery, no skipping up to this target
     ti = 0
     while ti < len(targets):
-        key = index.keyframe_before(targets[ti])
+        target = targets[ti]
+        key = index.keyframe_before(target)
         if frames is None or key > position:
-            frames = _seek(container, stream, index, key)
+            frames, position, skipped = _seek(container, stream, index, key), key, False
         for frame in frames:
             ordinal = index.ordinal_of(frame.pts)
             if ordinal is None:
                 continue
             position = ordinal + 1
-            if ordinal >= targets[ti]:
-                ti = yield from _emit(frame, ordinal, targets, ti)
+            want = target - position > lag and target > careful_until
+            if want != skipping:
+                cc.skip_frame = "NONREF" if want else "DEFAULT"
+                skipping = want
+                skipped = skipped or want
+            if ordinal < target:
+                continue
+            if ordinal > target and skipped:  # the target was a skipped frame: decode that GOP again
+                cc.skip_frame, skipping, careful_until = "DEFAULT", False, target
+                frames, position, skipped = _seek(container, stream, index, key), key, False
                 break
+            ti = yield from _emit(frame, ordinal, targets, ti)
+            break
         else:  # end of stream: fewer decodable frames than packets (truncated, dropped frames)
             yield from _repeat_last(frame, ordinal, targets, ti)
             return
@@ -111,7 +219,7 @@ def _read_seeking(container: Any, stream: Any, index: _Index, targets: list[int]
 
 def _emit(frame: Any, ordinal: int, targets: list[int], ti: Any) -> Any:
     """Yield this frame for every target up to its ordinal; return the next target's position."""
-    rgb = _rgb(frame)
+    rgb = functools.partial(_rgb, frame)  # converted by the caller's worker threads
     while ti < len(targets) and targets[ti] <= ordinal:
         yield targets[ti], rgb
         ti += 1
@@ -123,14 +231,14 @@ def _emit(frame: Any, ordinal: int, targets: list[int], ti: Any) -> Any:
 END_TOLERANCE = 2
 
 
-def _repeat_last(frame: Any, ordinal: int, targets: list[int], ti: int) -> Iterator[tuple[int, np.ndarray]]:
+def _repeat_last(frame: Any, ordinal: int, targets: list[int], ti: int) -> Iterator[tuple[int, Any]]:
     if ti == len(targets):
         return
     if frame is None or targets[-1] - ordinal > END_TOLERANCE:
         raise EOFError(
             f"the stream ends after frame {ordinal}, before frame {targets[-1]}: the file is truncated or corrupt"
         )
-    rgb = _rgb(frame)
+    rgb = functools.partial(_rgb, frame)
     for t in targets[ti:]:
         yield t, rgb
 
