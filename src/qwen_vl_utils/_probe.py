@@ -41,7 +41,9 @@ def open_container(source: Source) -> Any:
     target = source.path if source.path is not None else io.BytesIO(source.data)
     try:
         return av.open(target, mode="r", metadata_errors="ignore")
-    except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # FFmpeg errors, and whatever PyAV raises on hostile headers
         raise _undecodable(source, exc) from exc
 
 
@@ -61,8 +63,6 @@ def _rate(stream: Any) -> Optional[Fraction]:
 
 def probe_video(source: Source) -> VideoInfo:
     """Read the container header (and, where it has no frame count, its packet headers) and one frame."""
-    import av
-
     head = source.head(16)
     if sniff_media(head) == "image" and not head.startswith(b"GIF8"):  # an animated GIF is a video; a PNG is not
         raise DecodeError(
@@ -90,7 +90,9 @@ def probe_video(source: Source) -> VideoInfo:
                 num_frames = sum(1 for p in container.demux(stream) if p.size)
                 container.seek(0)
             first = next(iter(container.decode(stream)), None)
-        except (av.FFmpegError, OSError, ValueError, StopIteration) as exc:
+        except MemoryError:
+            raise
+        except Exception as exc:
             raise _undecodable(source, exc, "could not be decoded") from exc
         if first is None or num_frames <= 0:
             raise DecodeError(f"{source.name} has a video stream but no decodable frames (truncated or empty?)")

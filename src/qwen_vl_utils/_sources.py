@@ -209,6 +209,8 @@ def _check_bytes(n: int, media: str, policy: FetchPolicy, name: str) -> None:
 
 
 def _local(path: str, media: str, policy: FetchPolicy, name: str) -> Source:
+    if "\x00" in path:
+        raise InvalidOptionError(f"{media} source {name}: a path cannot contain a NUL character")
     if not policy.allow_local:
         raise SourceNotAllowedError(f"{media} source {name}: local files are not allowed by the fetch policy")
     if policy.media_root is not None:
@@ -348,8 +350,6 @@ def _fetch_http(url: str, media: str, policy: FetchPolicy) -> Source:
 
 def _stream_body(resp: Any, media: str, limit: int, name: str, remaining: Any, policy: FetchPolicy) -> Source:
     """Read the body chunk by chunk, aborting as soon as a limit is crossed. Videos go to a temporary file."""
-    import requests
-
     raw = resp.raw
     raw.decode_content = True
     sock = _socket_of(raw)
@@ -369,12 +369,11 @@ def _stream_body(resp: Any, media: str, limit: int, name: str, remaining: Any, p
                     sock = None
             try:
                 chunk = raw.read1(_CHUNK) if hasattr(raw, "read1") else raw.read(_CHUNK)
-            except (socket.timeout, TimeoutError) as exc:
-                remaining()
-                raise FetchTimeoutError(f"{media} source {name}: no data for {policy.read_timeout:g} s") from exc
-            except (requests.exceptions.RequestException, OSError, Exception) as exc:
-                if type(exc).__name__ in ("ReadTimeoutError", "TimeoutError"):
-                    remaining()
+            except MemoryError:
+                raise
+            except Exception as exc:  # urllib3 wraps socket errors in its own exception types
+                if isinstance(exc, (socket.timeout, TimeoutError)) or "Timeout" in type(exc).__name__:
+                    remaining()  # the deadline's message if that is what ran out
                     raise FetchTimeoutError(f"{media} source {name}: no data for {policy.read_timeout:g} s") from exc
                 raise NetworkError(f"{media} source {name}: the download broke off: {exc}") from exc
             if not chunk:

@@ -163,7 +163,9 @@ def open_image(source: Source, policy: FetchPolicy) -> Image.Image:
             img = Image.open(stream)
     except Image.DecompressionBombError as exc:
         raise SourceTooLargeError(f"image {source.name} is a decompression bomb: {exc}") from exc
-    except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow's plugins raise anything from SyntaxError to struct.error on bad bytes
         kind = sniff_media(source.head())
         hint = " It looks like a video: use {'type': 'video', 'video': ...}." if kind == "video" else ""
         raise DecodeError(f"{source.name} is not a decodable image ({exc}).{hint}") from exc
@@ -215,8 +217,14 @@ def decode_rgb(img: Image.Image, name: str) -> Image.Image:
         for op in _TRANSPOSE.get(orientation, ()):
             rgb = rgb.transpose(op)
         rgb.load()
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise DecodeError(f"image {name} could not be decoded ({exc}); the file may be truncated or corrupt") from exc
+    except Image.DecompressionBombError as exc:
+        raise SourceTooLargeError(f"image {name} is a decompression bomb: {exc}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # any decoder failure on hostile bytes is a DecodeError, never a bare builtin
+        raise DecodeError(
+            f"image {name} could not be decoded ({type(exc).__name__}: {exc}); the file may be truncated or corrupt"
+        ) from exc
     return rgb
 
 
