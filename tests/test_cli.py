@@ -140,3 +140,17 @@ def test_progress_bar_only_on_a_terminal_after_a_second(monkeypatch, tty, quiet,
     progress.update(2, 4, "b")
     progress.close()
     assert ("2/4" in fake.text) is shown
+
+
+def test_inspect_http_sources(files, server):
+    video, image = files
+    vurl = server.add_bytes("/cli.mkv", video.read_bytes(), "video/x-matroska")
+    iurl = server.add_bytes("/cli.png", image.read_bytes(), "image/png")
+    res = run("inspect", vurl, iurl, "--json", "--nframes", "4")
+    assert res.returncode == 0, res.stderr
+    v, i = json.loads(res.stdout)
+    assert (v["source"], v["kind"], v["frames"]) == (vurl, "video", 4)
+    assert (i["source"], i["kind"]) == (iurl, "image")
+    assert i["tokens"] == q.count_visual_tokens({"image": str(image)})
+    res = run("inspect", server.url("/missing.mp4"))
+    assert res.returncode == 1 and "HTTP 404" in res.stderr

@@ -297,9 +297,28 @@ def run_suite(media: str, quick: bool, reps: int, python_0014: Optional[str], lo
                 "title": case.title,
                 "rows": rows,
                 "ffmpeg_floor_s": statistics.median(floors) if floors else None,
+                "note": _draft_difference(case) if case.name == "images" else "",
             }
         )
     return results
+
+
+def _draft_difference(case: Case) -> str:
+    """The pixel cost of the opt-in JPEG draft mode on this case's images, measured untimed."""
+    from .image import fetch_image
+
+    diffs = []
+    for path in case.files:
+        ele = {"image": path, "max_pixels": case.max_pixels}
+        exact = np.asarray(fetch_image(ele, case.patch), dtype=np.int16)
+        draft = np.asarray(fetch_image({**ele, "jpeg_draft": True}, case.patch), dtype=np.int16)
+        diffs.append(float(np.abs(exact - draft).mean()))
+    jpeg = [d for d in diffs if d > 0]
+    return (
+        f"`jpeg_draft` pixel cost: mean absolute difference from the exact decode {np.mean(diffs):.2f} levels "
+        f"over all images ({np.mean(jpeg) if jpeg else 0:.2f} over the {len(jpeg)} images it changed), max "
+        f"{max(diffs):.2f}."
+    )
 
 
 def _best(rows: list, prefix: str) -> Optional[dict]:
@@ -339,6 +358,8 @@ def to_markdown(results: dict) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         if floor:
             lines.append(f"\nFFmpeg's own full decode (`ffmpeg -threads 2 -i FILE -f null -`): {floor:.2f} s.")
+        if case.get("note"):
+            lines.append("\n" + case["note"])
         if base is None:
             lines.append("\nqwen-vl-utils 0.0.14 was not available for this run: its columns are empty.")
         lines.append("")

@@ -62,7 +62,7 @@ _KEYS = {
 _IMAGE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
 
 
-def element_from_args(args: argparse.Namespace, kind: str, source: str) -> dict[str, Any]:
+def element_from_args(args: argparse.Namespace, kind: str, source: Any) -> dict[str, Any]:
     """The element dict the library receives for these flags."""
     ele: dict[str, Any] = {kind: source}
     for flag, key in _KEYS.items():
@@ -75,49 +75,34 @@ def element_from_args(args: argparse.Namespace, kind: str, source: str) -> dict[
 # --- inspecting one source -----------------------------------------------------------------------------------
 
 
-def _kind_of(source: str) -> str:
-    """'image' or 'video', from the bytes (never the name)."""
-    from ._policy import get_fetch_policy
-    from ._sources import resolve_source, sniff_media
-
-    if source.startswith(("http://", "https://")):
-        return "video" if _http_looks_like_video(source) else "image"
-    with resolve_source(source, "video", get_fetch_policy()) as src:
-        kind = sniff_media(src.head(256))
-    return kind or "video"  # unknown magic: the video prober decides, with a typed error if it cannot
-
-
-def _http_looks_like_video(url: str) -> bool:
-    import requests
-
-    from ._sources import sniff_media
-
-    try:
-        with requests.get(url, stream=True, timeout=(10, 30), headers={"Range": "bytes=0-255"}) as r:
-            head = r.raw.read(256)
-    except requests.RequestException:
-        return False
-    return sniff_media(head) != "image"
-
-
 def inspect_source(
     source: str, args: argparse.Namespace, on_frame: Optional[Callable[[int, int], None]] = None
 ) -> dict:
     """Everything the model will receive from one source, as a JSON-able dict (decodes it for real)."""
+    from ._policy import get_fetch_policy
+    from ._sources import resolve_source, sniff_media
+
+    start = time.perf_counter()
+    # resolve once (a URL is downloaded once, under the fetch policy), then decide image or video from the bytes
+    with resolve_source(source, "video", get_fetch_policy()) as src:
+        kind = sniff_media(src.head(256)) or "video"  # unknown magic: the video prober decides
+        return _inspect_resolved(source, src.path if src.path is not None else src.data, kind, args, on_frame, start)
+
+
+def _inspect_resolved(
+    source: str, value: Any, kind: str, args: argparse.Namespace, on_frame: Any, start: float
+) -> dict:
+    from ._policy import get_fetch_policy
+    from ._sources import resolve_source
     from .image import fetch_image, image_token_count, open_image
     from .video import decode_video, qwen3_timestamps
 
-    start = time.perf_counter()
-    kind = _kind_of(source)
     patch = args.patch_size
     factor = patch * 2
-    ele = element_from_args(args, kind, source)
+    ele = element_from_args(args, kind, value)
     if kind == "image":
-        from ._policy import get_fetch_policy
-        from ._sources import resolve_source
-
         policy = get_fetch_policy()
-        with resolve_source(source, "image", policy) as src:
+        with resolve_source(value, "image", policy) as src:
             img = open_image(src, policy)
             fmt, mode, (width, height) = img.format, img.mode, img.size
         tokens = image_token_count(ele, patch)[0]
