@@ -18,7 +18,7 @@ import threading
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import numpy as np
@@ -161,7 +161,6 @@ class FramePlan:
     sample_fps: float
     fps: float
     total_num_frames: int
-    positions: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def nframes(self) -> int:
@@ -490,10 +489,6 @@ def _array_frames(value: Any) -> list:
 # --- fetch_video ---------------------------------------------------------------------------------------------
 
 
-def _is_frame_sequence(value: Any) -> bool:
-    return isinstance(value, (list, tuple))
-
-
 def _is_array(value: Any) -> bool:
     return hasattr(value, "__array_interface__") or type(value).__module__.startswith(("torch", "numpy"))
 
@@ -521,7 +516,7 @@ def decode_video(
     factor = _patch_factor(image_patch_size)
     policy = get_fetch_policy(policy)
     value = ele["video"]
-    if _is_frame_sequence(value):
+    if isinstance(value, (list, tuple)):
         return DecodedVideo(*_fetch_frames(ele, value, factor, policy), None)
     if _is_array(value):
         frames_ele = {**ele, "sample_fps": ele.get("sample_fps") or ele.get("fps") or FPS}
