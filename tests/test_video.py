@@ -357,8 +357,15 @@ def test_video_without_torch_is_a_clear_error(h264):
 
 
 def test_linspace_round_matches_torch():
-    for start, end, n in [(0, 299, 20), (12, 36, 4), (0, 1799, 120), (5, 5, 2), (0, 99, 64), (0, 17999, 64)]:
-        assert linspace_round(start, end, n) == torch.linspace(start, end, n).round().long().tolist()
+    cases = [(0, 299, 20), (12, 36, 4), (0, 1799, 120), (5, 5, 2), (0, 99, 64), (0, 17999, 64), (0, 107999, 768)]
+    rng = np.random.default_rng(0)
+    for _ in range(1500):  # long videos: float32 rounding decides some indices, as it does in 0.0.14
+        n = int(rng.choice([2, 4, 8, 16, 64, 128, 256, 768, 1000]))
+        end = int(rng.integers(n, 400_000))
+        start = int(rng.integers(0, end - n + 2)) if rng.random() < 0.3 else 0
+        cases.append((start, end, n))
+    for start, end, n in cases:
+        assert linspace_round(start, end, n) == torch.linspace(start, end, n).round().long().tolist(), (start, end, n)
 
 
 @pytest.fixture(scope="session")

@@ -139,16 +139,21 @@ def _number(ele: dict, key: str, default: Optional[float] = None) -> float:
 
 
 def linspace_round(start: int, end: int, n: int) -> list[int]:
-    """``torch.linspace(start, end, n).round().long()`` exactly (float32 arithmetic, round half to even)."""
+    """``torch.linspace(start, end, n).round().long()`` exactly, without torch.
+
+    torch computes in float32 with a fused multiply-add (one rounding): ``start + step * i`` for the first
+    half, ``end - step * (n - 1 - i)`` for the rest. ``step * i`` is exact in float64 (24-bit by 24-bit
+    mantissas), so adding in float64 and rounding once to float32 reproduces it; then round half to even.
+    """
     if n == 1:
         return [int(start)]
-    f32 = np.float32
-    step = (f32(end) - f32(start)) / f32(n - 1)
-    i = np.arange(n)
+    f32, f64 = np.float32, np.float64
+    step = f64((f32(end) - f32(start)) / f32(n - 1))
+    i = np.arange(n, dtype=f64)
     half = n // 2
-    lo = f32(start) + step * i[:half].astype(f32)
-    hi = f32(end) - step * (n - 1 - i[half:]).astype(f32)
-    return [int(v) for v in np.round(np.concatenate([lo, hi]).astype(f32))]
+    lo = (f64(f32(start)) + step * i[:half]).astype(f32)
+    hi = (f64(f32(end)) - step * (n - 1 - i[half:])).astype(f32)
+    return [int(v) for v in np.round(np.concatenate([lo, hi]))]
 
 
 @dataclass(frozen=True)
