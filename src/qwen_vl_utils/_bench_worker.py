@@ -56,6 +56,7 @@ def main() -> None:
                 e["jpeg_draft"] = True
         images, _ = vp.process_vision_info([{"role": "user", "content": eles}], image_patch_size=spec["patch"])
         result["seconds"] = time.perf_counter() - start
+        result["peak_rss_mb"] = _peak_rss_mb()  # before the summary below allocates anything
         result["shapes"] = [list(im.size) for im in images]
         result["summary"] = [round(sum(im.resize((8, 8)).convert("L").getdata()) / 64, 3) for im in images]
     else:
@@ -65,12 +66,12 @@ def main() -> None:
             kwargs["dtype"] = spec["dtype"]
         video, meta = vp.fetch_video(ele, image_patch_size=spec["patch"], return_video_metadata=True, **kwargs)
         result["seconds"] = time.perf_counter() - start
+        result["peak_rss_mb"] = _peak_rss_mb()  # before the summary below allocates anything
         result["shapes"] = list(video.shape)
         result["dtype"] = str(video.dtype)
         result["indices"] = [int(i) for i in meta["frames_indices"]]
         result["backend"] = meta.get("video_backend")
         result["summary"] = _summary(video)
-    result["peak_rss_mb"] = _peak_rss_mb()
     print(json.dumps(result))
 
 
