@@ -232,3 +232,9 @@ def test_jpeg_draft_is_opt_in(tmp_path):
     draft = fetch_image({**ele, "jpeg_draft": True})
     assert exact.size == draft.size
     assert 0 < _mean_diff(exact, draft) < 3
+
+
+def test_colon_in_a_local_file_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    gradient().save("notes:v2.png")
+    assert fetch_image({"image": "notes:v2.png"}).mode == "RGB"

@@ -250,12 +250,16 @@ def _candidates(case: Case, python_0014: Optional[str], ours_backends: list) -> 
     return cands
 
 
-def run_suite(media: str, quick: bool, reps: int, python_0014: Optional[str], log: Any = print) -> dict:
+def run_suite(
+    media: str, quick: bool, reps: int, python_0014: Optional[str], log: Any = print, only: Optional[list] = None
+) -> dict:
     from .backends import available_backends
 
     ours_backends = [b for b in available_backends() if b in ("pyav", "torchcodec", "decord")]
     results = {"machine": describe_machine(), "quick": quick, "cases": []}
     for case in _cases(media, quick):
+        if only and case.name not in only:
+            continue
         cands = _candidates(case, python_0014, ours_backends)
         log(f"\n## {case.title}")
         first = {c.label: _measure(case, c) for c in cands}  # warm-up, and the agreement check
@@ -407,12 +411,21 @@ def main(argv: Optional[list] = None) -> int:
         help="a python that has qwen-vl-utils 0.0.14 installed (see benchmarks/README.md)",
     )
     p.add_argument("--out", help="write results.md, results.json and results.png into this folder")
+    p.add_argument("--cases", help="comma-separated subset (dense,sparse,images,memory); merged into --out's results")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    only = args.cases.split(",") if args.cases else None
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     if args.python_0014 is None:
         log("qwen-vl-utils 0.0.14 is not configured (--python-0014): its columns are skipped")
-    results = run_suite(args.media, args.quick, 1 if args.quick else args.reps, args.python_0014, log)
+    results = run_suite(args.media, args.quick, 1 if args.quick else args.reps, args.python_0014, log, only)
+    previous = os.path.join(args.out, "results.json") if args.out else ""
+    if only and os.path.exists(previous):  # re-measured cases replace theirs in the last full run
+        with open(previous) as f:
+            merged = json.load(f)
+        fresh = {c["name"]: c for c in results["cases"]}
+        merged["cases"] = [fresh.pop(c["name"], c) for c in merged["cases"]] + list(fresh.values())
+        results = merged
     md = to_markdown(results)
     print(md)
     if args.out:

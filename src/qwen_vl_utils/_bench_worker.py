@@ -40,6 +40,9 @@ def main() -> None:
     # everything a call imports is imported before the clock starts, for both implementations alike
     import av  # noqa: F401
     import torch  # noqa: F401
+    from PIL import Image
+
+    Image.init()  # Pillow registers its format plugins on first use: import work, not decode work
 
     if spec.get("backend") in ("torchcodec", "decord"):
         __import__("torchcodec.decoders" if spec["backend"] == "torchcodec" else "decord")

@@ -184,12 +184,12 @@ def _resolve_string(value: str, media: str, policy: FetchPolicy) -> Source:
         else:
             path = urllib.parse.unquote(parsed.path)
         return _local(path, media, policy, name)
-    if len(scheme) > 1 and scheme.isalpha():
+    if len(scheme) > 1 and scheme.isalpha() and not os.path.exists(value):  # "a:b.png" may be a file name
         raise SourceNotAllowedError(
             f"{media} source {name}: the URL scheme {scheme!r} is not supported; use http(s)://, file://, data: "
             "or a local path"
         )
-    return _local(stripped, media, policy, name)
+    return _local(value, media, policy, name)
 
 
 def _check_scheme(scheme: str, policy: FetchPolicy, name: str) -> None:
