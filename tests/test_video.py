@@ -224,6 +224,32 @@ def test_resize_matches_torchvision_bicubic(media_dir):
     assert (small - ref).abs().mean().item() <= 0.1
 
 
+def _torch_resize(frame: np.ndarray, h: int, w: int) -> np.ndarray:
+    """torchvision's resize of a uint8 frame (what 0.0.14 uses): float bicubic with antialias, rounded."""
+    x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
+    y = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", antialias=True).round().clamp(0, 255)
+    return y[0].permute(1, 2, 0).to(torch.uint8).numpy()
+
+
+@pytest.mark.parametrize("with_torch", [True, False])
+def test_resize_of_textured_frames_matches_torchvision(monkeypatch, with_torch):
+    """Noise-like texture, where rounding between passes shows (Pillow's uint8 resize is 0.16 levels off)."""
+    from qwen_vl_utils import video as v
+
+    rng = np.random.default_rng(0)
+    frame = np.clip(rng.normal(128, 60, (540, 960, 3)), 0, 255).astype(np.uint8)
+    if not with_torch:  # the numpy path (CLI, decode_video), when torch is not loaded
+        monkeypatch.delitem(sys.modules, "torch")
+    for h, w in [(320, 576), (224, 448), (640, 1152)]:
+        got = v._resize(frame, w, h)
+        monkeypatch.setitem(sys.modules, "torch", torch)
+        ref = _torch_resize(frame, h, w)
+        if not with_torch:
+            monkeypatch.delitem(sys.modules, "torch")
+        diff = np.abs(got.astype(np.int16) - ref).mean()
+        assert diff == 0 if with_torch else diff <= 0.01, (h, w, diff)
+
+
 def test_pixel_budgets(h264):
     video = fetch_video({"video": str(h264), "resized_height": 64, "resized_width": 100}, 14)
     assert video.shape[2:] == (56, 112)
@@ -257,7 +283,7 @@ def test_frame_list_resized_once_with_patch_factor(tmp_path):
     # 320x200 inside the default per-frame budget, rounded to multiples of 32 once: 320x192 (0.0.14 gives 56-multiples)
     assert video.shape == (6, 3, 192, 320)
     assert torch.equal(video[5], video[4]), "padded to an even count with the last frame"
-    expected = np.asarray(Image.fromarray(frame_pattern(3, 320, 200)).resize((320, 192), Image.BICUBIC))
+    expected = _torch_resize(frame_pattern(3, 320, 200), 192, 320)
     assert np.array_equal(video[1].permute(1, 2, 0).numpy().astype(np.uint8), expected), "a single resize"
     assert meta["fps"] == 30 and meta["frames_indices"] == [0, 15, 30, 45, 60, 60]
     assert [i / meta["fps"] for i in meta["frames_indices"][:5]] == [0, 0.5, 1.0, 1.5, 2.0]
