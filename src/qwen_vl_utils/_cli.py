@@ -351,44 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--quiet", action="store_true", help="no progress bar")
     common.add_argument("--debug", action="store_true", help="print tracebacks")
 
-    ins = sub.add_parser(
-        "inspect",
-        parents=[common],
-        help="what the model receives from each source",
-        description="What the model receives from each source.",
-    )
+    def command(name: str, text: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, parents=[common], help=text, description=text[0].upper() + text[1:] + ".")
+        cmd.set_defaults(func=func)
+        return cmd
+
+    ins = command("inspect", "what the model receives from each source", cmd_inspect)
     ins.add_argument("sources", nargs="+", metavar="SOURCE", help="path, file://, http(s)://, or data: URI")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     _add_element_flags(ins)
-    ins.set_defaults(func=cmd_inspect)
-
-    pre = sub.add_parser(
-        "preview",
-        parents=[common],
-        help="a contact sheet of the sampled frames",
-        description="A contact sheet of the sampled frames.",
-    )
+    pre = command("preview", "a contact sheet of the sampled frames", cmd_preview)
     pre.add_argument("source", metavar="SOURCE")
     pre.add_argument("-o", "--output", required=True, help="PNG file to write")
     _add_element_flags(pre)
-    pre.set_defaults(func=cmd_preview)
-
-    ben = sub.add_parser(
-        "bench",
-        parents=[common],
-        help="the benchmark suite's quick mode on generated media",
-        description="The benchmark suite's quick mode on generated media.",
-    )
-    ben.set_defaults(func=cmd_bench)
-
-    demo = sub.add_parser(
-        "demo",
-        parents=[common],
-        help="inspect and preview a generated sample",
-        description="Inspect and preview a generated sample.",
-    )
-    _add_element_flags(demo)
-    demo.set_defaults(func=cmd_demo)
+    command("bench", "the benchmark suite's quick mode on generated media", cmd_bench)
+    _add_element_flags(command("demo", "inspect and preview a generated sample", cmd_demo))
     return p
 
 
