@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from ._errors import InvalidOptionError
@@ -50,7 +50,6 @@ class FetchPolicy:
     #: refuse videos longer than this many seconds / frames (None: no limit)
     max_video_seconds: Optional[float] = None
     max_video_frames: Optional[int] = None
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def replace(self, **changes: Any) -> FetchPolicy:
         return dataclasses.replace(self, **changes)

@@ -58,13 +58,6 @@ class Source:
                 return f.read(n)
         return b""
 
-    def size(self) -> Optional[int]:
-        if self.data is not None:
-            return len(self.data)
-        if self.path is not None:
-            return os.path.getsize(self.path)
-        return None
-
     def close(self) -> None:
         if self.is_temporary and self.path is not None:
             with contextlib.suppress(FileNotFoundError):

@@ -9,7 +9,7 @@ import io
 import math
 import os
 import warnings
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
@@ -299,6 +299,3 @@ def image_token_count(
         width, height = oriented_size(img)
     rh, rw = image_target_size(ele, width, height, factor)
     return (rh // factor) * (rw // factor), rh, rw
-
-
-ImageInput = Union[str, bytes, Image.Image, np.ndarray]
