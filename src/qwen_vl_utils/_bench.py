@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 
 
-def _texture(i: int, width: int, height: int, rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
+def _texture(i: int, width: int, height: int, base: np.ndarray) -> np.ndarray:
     """Moving gradients over fixed texture: compresses like camera footage, not like noise or flat colour."""
     shift = (i * 6) % width
     frame = np.roll(base, shift, axis=1)
@@ -63,7 +63,7 @@ def make_long_video(
             "crf": "23",
         }
         for i in range(gop):
-            frame = av.VideoFrame.from_ndarray(_texture(i, width, height, rng, base), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(_texture(i, width, height, base), format="rgb24")
             for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode():

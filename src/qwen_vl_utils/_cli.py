@@ -94,8 +94,8 @@ def _inspect_resolved(
 ) -> dict:
     from ._policy import get_fetch_policy
     from ._sources import resolve_source
-    from .image import fetch_image, image_token_count, open_image
-    from .video import decode_video, qwen3_timestamps
+    from .image import fetch_image, open_image, visual_tokens
+    from .video import FRAME_FACTOR, decode_video, qwen3_timestamps
 
     patch = args.patch_size
     factor = patch * 2
@@ -105,8 +105,8 @@ def _inspect_resolved(
         with resolve_source(value, "image", policy) as src:
             img = open_image(src, policy)
             fmt, mode, (width, height) = img.format, img.mode, img.size
-        tokens = image_token_count(ele, patch)[0]
         out = fetch_image(ele, patch)
+        tokens = visual_tokens(out.height, out.width, factor)
         return {
             "source": source,
             "kind": "image",
@@ -143,7 +143,7 @@ def _inspect_resolved(
         "frames_indices": list(meta["frames_indices"]),
         "frame_times": [round(i / fps, 4) for i in meta["frames_indices"]],
         "qwen3_timestamps": [round(x, 4) for x in qwen3_timestamps(meta["frames_indices"], fps)],
-        "tokens": math.ceil(t / 2) * (h // factor) * (w // factor),
+        "tokens": visual_tokens(h, w, factor, t, FRAME_FACTOR),
         "backend": meta["video_backend"],
         "seconds": round(time.perf_counter() - start, 4),
         "_frames": decoded.frames,

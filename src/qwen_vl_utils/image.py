@@ -288,6 +288,11 @@ def fetch_image(
     return rgb
 
 
+def visual_tokens(height: int, width: int, factor: int, frames: int = 1, temporal_patch: int = 2) -> int:
+    """Tokens for ``frames`` frames of ``height`` x ``width``: ceil(frames / temporal_patch) * (H/f) * (W/f)."""
+    return -(-frames // temporal_patch) * (height // factor) * (width // factor)
+
+
 def image_token_count(
     ele: dict[str, Any], image_patch_size: int = 14, *, policy: Optional[FetchPolicy] = None
 ) -> tuple[int, int, int]:
@@ -298,4 +303,4 @@ def image_token_count(
         img = open_image(source, policy)
         width, height = oriented_size(img)
     rh, rw = image_target_size(ele, width, height, factor)
-    return (rh // factor) * (rw // factor), rh, rw
+    return visual_tokens(rh, rw, factor), rh, rw

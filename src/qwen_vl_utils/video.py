@@ -82,14 +82,19 @@ class BackendFallbackWarning(UserWarning):
     """The chosen backend cannot decode this stream; another seek-capable backend decoded it."""
 
 
-def _model_seq_len() -> int:
-    raw = os.environ.get("MODEL_SEQ_LEN")
+def _env_int(name: str, default: int, parse: Callable[[str], int] = int) -> int:
+    """An integer environment variable, read now; a typed error naming it when it does not parse."""
+    raw = os.environ.get(name)
     if raw is None:
-        return MODEL_SEQ_LEN
+        return default
     try:
-        return int(float(raw))
+        return parse(raw)
     except ValueError as exc:
-        raise InvalidOptionError(f"environment variable MODEL_SEQ_LEN={raw!r} is not a number") from exc
+        raise InvalidOptionError(f"environment variable {name}={raw!r} is not a valid number") from exc
+
+
+def _model_seq_len() -> int:
+    return _env_int("MODEL_SEQ_LEN", MODEL_SEQ_LEN, lambda raw: int(float(raw)))  # "1e5" works, as in 0.0.14
 
 
 # --- the frame plan ---------------------------------------------------------------------------------------
@@ -279,11 +284,7 @@ def _backend_for(name: str, info: VideoInfo, source_name: str) -> Any:
 
 
 def _decoder_threads() -> int:
-    raw = os.environ.get("QWENVL_DECODER_THREADS", "0")
-    try:
-        return max(0, int(raw))
-    except ValueError as exc:
-        raise InvalidOptionError(f"QWENVL_DECODER_THREADS={raw!r} is not an integer") from exc
+    return max(0, _env_int("QWENVL_DECODER_THREADS", 0))
 
 
 # --- decoding and resizing ---------------------------------------------------------------------------------------
@@ -316,13 +317,7 @@ def _resize(frame: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def _resize_threads() -> int:
-    raw = os.environ.get("QWENVL_RESIZE_THREADS")
-    if raw is None:
-        return max(1, min(4, os.cpu_count() or 1))
-    try:
-        return max(1, int(raw))
-    except ValueError as exc:
-        raise InvalidOptionError(f"QWENVL_RESIZE_THREADS={raw!r} is not an integer") from exc
+    return max(1, _env_int("QWENVL_RESIZE_THREADS", min(4, os.cpu_count() or 1)))
 
 
 Allocate = Callable[[int, int, int], np.ndarray]

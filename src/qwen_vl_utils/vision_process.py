@@ -25,6 +25,7 @@ from .image import (
     oriented_size,
     round_by_factor,
     smart_resize,
+    visual_tokens,
 )
 from .video import (
     FPS,
@@ -194,4 +195,4 @@ def count_visual_tokens(
             nframes = plan_frames(info, ele, policy, source.name).nframes
             w, h = info.display_size
     rh, rw = video_frame_size(ele, nframes, h, w, factor)
-    return -(-nframes // FRAME_FACTOR) * (rh // factor) * (rw // factor)
+    return visual_tokens(rh, rw, factor, nframes, FRAME_FACTOR)
