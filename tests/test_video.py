@@ -410,13 +410,13 @@ def test_sparse_targets_are_the_right_frames(long_gop, backend, nframes):
 
 @pytest.mark.parametrize("threads", ["1", "2", "4"])
 def test_pyav_skip_recovery_and_thread_counts(long_gop, monkeypatch, threads):
-    """Force non-reference skipping right up to each target: a skipped target must be decoded again."""
+    """Force non-reference skipping of the targets themselves: a skipped target must be decoded again."""
     from qwen_vl_utils.backends import _pyav
 
     seeks = []
     real_seek = _pyav._seek
-    monkeypatch.setattr(_pyav, "_lag", lambda cc: -1)
-    monkeypatch.setattr(_pyav, "_seek", lambda *a: seeks.append(a[-1]) or real_seek(*a))
+    monkeypatch.setattr(_pyav, "_skippable", lambda ordinal, wanted, careful_until: (ordinal or -1) > careful_until)
+    monkeypatch.setattr(_pyav, "_seek", lambda *a: seeks.append(a[3]) or real_seek(*a))
     monkeypatch.setenv("QWENVL_DECODER_THREADS", threads)
     video, meta = _fetch(long_gop, "pyav", nframes=20, min_pixels=W * H, max_pixels=W * H * 2)
     assert [_identify(f, n=240) for f in video.numpy()] == meta["frames_indices"]

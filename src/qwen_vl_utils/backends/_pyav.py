@@ -172,43 +172,31 @@ def _read_through(frames: Iterator[Any], targets: list[int], start: int) -> Iter
     yield from _repeat_last(frame, ordinal, targets, ti)
 
 
-def _lag(cc: Any) -> int:
-    """Frames between a packet entering the decoder and its frame coming out: threads and reordering."""
-    return (cc.thread_count or os.cpu_count() or 1) + 2 * (cc.has_b_frames or 0) + 4
-
-
 def _read_seeking(container: Any, stream: Any, index: _Index, targets: list[int]) -> Iterator[tuple[int, Any]]:
-    """Seek to the keyframe before a target when that skips frames; otherwise decode on. While the next
-    target is far ahead, skip non-reference frames (nothing depends on them); if a target was skipped
-    after all, seek back and decode that stretch again without skipping."""
-    cc = stream.codec_context
-    lag = _lag(cc)
+    """Seek to the keyframe before a target when that skips frames; otherwise decode on. Every packet that
+    is not a target is sent with ``skip_frame=NONREF``: the decoder drops it if nothing refers to it. If a
+    target does not come out after all, seek back and decode that stretch again without skipping."""
+    wanted = set(targets)
     frames: Optional[Iterator[Any]] = None
     position = 0  # ordinal of the next frame the current decode run will produce
     frame, ordinal = None, -1
-    skipping = skipped = False
     careful_until = -1  # after a recovery, no skipping up to this target
     ti = 0
     while ti < len(targets):
         target = targets[ti]
         key = index.keyframe_before(target)
         if frames is None or key > position:
-            frames, position, skipped = _seek(container, stream, index, key), key, False
+            frames, position = _seek(container, stream, index, key, wanted, careful_until), key
         for frame in frames:
             ordinal = index.ordinal_of(frame.pts)
             if ordinal is None:
                 continue
             position = ordinal + 1
-            want = target - position > lag and target > careful_until
-            if want != skipping:
-                cc.skip_frame = "NONREF" if want else "DEFAULT"
-                skipping = want
-                skipped = skipped or want
             if ordinal < target:
                 continue
-            if ordinal > target and skipped:  # the target was a skipped frame: decode that GOP again
-                cc.skip_frame, skipping, careful_until = "DEFAULT", False, target
-                frames, position, skipped = _seek(container, stream, index, key), key, False
+            if ordinal > target and target > careful_until:  # the target was dropped: decode that GOP again
+                careful_until = target
+                frames, position = _seek(container, stream, index, key, wanted, careful_until), key
                 break
             ti = yield from _emit(frame, ordinal, targets, ti)
             break
@@ -243,6 +231,27 @@ def _repeat_last(frame: Any, ordinal: int, targets: list[int], ti: int) -> Itera
         yield t, rgb
 
 
-def _seek(container: Any, stream: Any, index: _Index, key: int) -> Iterator[Any]:
+#: decoders whose packets each hold exactly one frame and which read ``skip_frame`` packet by packet; AV1 and
+#: VP9 pack hidden reference frames into other frames' packets, so a packet's timestamp does not say which
+#: frame dropping it would lose
+_ONE_FRAME_PER_PACKET = frozenset({"h264", "hevc"})
+
+
+def _skippable(ordinal: Optional[int], wanted: set, careful_until: int) -> bool:
+    """May this packet's frame be dropped if it is a non-reference frame?"""
+    return ordinal is not None and ordinal > careful_until and ordinal not in wanted
+
+
+def _seek(container: Any, stream: Any, index: _Index, key: int, wanted: set, careful_until: int) -> Iterator[Any]:
+    """Decode from the keyframe ``key``, deciding packet by packet whether non-reference frames may be dropped
+    (exact, unlike a decision made on the frames coming out, which lag the packets going in)."""
     container.seek(index.pts[key], stream=stream, backward=True, any_frame=False)
-    return container.decode(stream)
+    cc = stream.codec_context
+    one_frame_per_packet = cc.name in _ONE_FRAME_PER_PACKET
+    skipping = None
+    for packet in container.demux(stream):
+        skip = one_frame_per_packet and _skippable(index.ordinal.get(packet.pts), wanted, careful_until)
+        if skip != skipping:
+            cc.skip_frame = "NONREF" if skip else "DEFAULT"
+            skipping = skip
+        yield from cc.decode(packet)
