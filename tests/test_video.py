@@ -240,14 +240,15 @@ def test_resize_of_textured_frames_matches_torchvision(monkeypatch, with_torch):
     frame = np.clip(rng.normal(128, 60, (540, 960, 3)), 0, 255).astype(np.uint8)
     if not with_torch:  # the numpy path (CLI, decode_video), when torch is not loaded
         monkeypatch.delitem(sys.modules, "torch")
-    for h, w in [(320, 576), (224, 448), (640, 1152)]:
+    for h, w in [(320, 576), (224, 448), (640, 1152), (540, 448), (320, 960), (1080, 1920), (37, 1000)]:
         got = v._resize(frame, w, h)
         monkeypatch.setitem(sys.modules, "torch", torch)
         ref = _torch_resize(frame, h, w)
         if not with_torch:
             monkeypatch.delitem(sys.modules, "torch")
-        diff = np.abs(got.astype(np.int16) - ref).mean()
-        assert diff == 0 if with_torch else diff <= 0.01, (h, w, diff)
+        diff = np.abs(got.astype(np.int16) - ref)
+        # torch's weights, summed in another order: a rounding tie falls the other way once in ~100,000 values
+        assert diff.max() <= 1 and diff.mean() <= (1e-4 if with_torch else 0.01), (h, w, diff.mean())
 
 
 def test_pixel_budgets(h264):
