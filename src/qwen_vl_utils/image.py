@@ -283,22 +283,31 @@ def fetch_image(
     ``max_pixels``, ``resized_height``/``resized_width`` and ``jpeg_draft``. Returns an RGB PIL image whose
     sides are multiples of ``image_patch_size * 2``.
     """
-    if not isinstance(ele, dict):
-        raise InvalidOptionError(f"an image element must be a dict, got {describe(ele)}")
     factor = _patch_factor(image_patch_size)
     policy = get_fetch_policy(policy)
-    value = _image_source(ele)
-    with resolve_source(value, "image", policy) as source:
-        img = open_image(source, policy)
-        width, height = oriented_size(img)
-        try:
-            rh, rw = image_target_size(ele, width, height, factor)
-        except AspectRatioError as exc:
-            raise AspectRatioError(f"image {source.name}: {exc}") from None
-        _draft(img, ele, rh, rw)
-        with _DECODE_SLOTS:
-            rgb = decode_rgb(img, source.name)
-            return rgb if rgb.size == (rw, rh) else rgb.resize((rw, rh), Image.Resampling.BICUBIC)
+    with resolve_image(ele, policy) as source:
+        return load_image(source, ele, factor, policy)
+
+
+def resolve_image(ele: Any, policy: FetchPolicy) -> Source:
+    """The I/O half of ``fetch_image``: check the element and resolve (download, read) its source."""
+    if not isinstance(ele, dict):
+        raise InvalidOptionError(f"an image element must be a dict, got {describe(ele)}")
+    return resolve_source(_image_source(ele), "image", policy)
+
+
+def load_image(source: Source, ele: dict, factor: int, policy: FetchPolicy) -> Image.Image:
+    """The CPU half of ``fetch_image``: size from the header, then decode and resize in a decode slot."""
+    img = open_image(source, policy)
+    width, height = oriented_size(img)
+    try:
+        rh, rw = image_target_size(ele, width, height, factor)
+    except AspectRatioError as exc:
+        raise AspectRatioError(f"image {source.name}: {exc}") from None
+    _draft(img, ele, rh, rw)
+    with _DECODE_SLOTS:
+        rgb = decode_rgb(img, source.name)
+        return rgb if rgb.size == (rw, rh) else rgb.resize((rw, rh), Image.Resampling.BICUBIC)
 
 
 def visual_tokens(height: int, width: int, factor: int, frames: int = 1, temporal_patch: int = 2) -> int:
@@ -312,7 +321,7 @@ def image_token_count(
     """(tokens, resized_height, resized_width) for an image element, from its header only."""
     factor = _patch_factor(image_patch_size)
     policy = get_fetch_policy(policy)
-    with resolve_source(_image_source(ele), "image", policy) as source:
+    with resolve_image(ele, policy) as source:
         img = open_image(source, policy)
         width, height = oriented_size(img)
     rh, rw = image_target_size(ele, width, height, factor)
