@@ -344,7 +344,7 @@ def to_markdown(results: dict) -> str:
         base = _best(rows, "0.0.14")
         floor = case["ffmpeg_floor_s"]
         runs = max((r.get("runs") or 0 for r in rows), default=0)
-        lines += [f"### {case['title']}", "", f"Median of {runs} runs each.", ""]
+        lines += [f"### {case['title']}", "", f"Median of {runs} run{'s' if runs != 1 else ''} each.", ""]
         head = "| run | median s | speed-up vs 0.0.14 | peak RSS MB | RSS vs 0.0.14 | output |"
         if floor:
             head += " vs FFmpeg floor |"
