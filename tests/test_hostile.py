@@ -29,6 +29,7 @@ from qwen_vl_utils import (
     fetch_video,
 )
 
+from concurrency import InFlight, track_decodes
 from media import gradient, image_bytes, make_video
 
 PNG = image_bytes(gradient(64, 48), "PNG")
@@ -515,45 +516,22 @@ def test_image_downloads_overlap_while_decodes_stay_within_the_cores(server, mon
     a failed download among them raises its own typed error."""
     from qwen_vl_utils import image as image_module
 
-    in_flight, peaks, lock = {"get": 0, "decode": 0}, {"get": 0, "decode": 0}, threading.Lock()
-
-    def enter(kind):
-        with lock:
-            in_flight[kind] += 1
-            peaks[kind] = max(peaks[kind], in_flight[kind])
-
-    def leave(kind):
-        with lock:
-            in_flight[kind] -= 1
+    gets, decodes = InFlight(), track_decodes(monkeypatch)
 
     def slow(req):
-        enter("get")
-        try:
+        with gets:
             time.sleep(0.3)
             req.send_response(200)
             req.send_header("Content-Length", str(len(PNG)))
             req.end_headers()
             req.wfile.write(PNG)
-        finally:
-            leave("get")
 
-    real = image_module.decode_rgb
-
-    def tracked(img, name):
-        enter("decode")
-        try:
-            time.sleep(0.02)
-            return real(img, name)
-        finally:
-            leave("decode")
-
-    monkeypatch.setattr(image_module, "decode_rgb", tracked)
     urls = [server.add(f"/slow{i}.png", slow) for i in range(8)]
     content = [{"type": "image", "image": u} for u in urls]
     images, _ = q.process_vision_info([{"role": "user", "content": content}])
     assert [im.size for im in images] == [fetch_image({"image": urls[0]}).size] * 8
-    assert peaks["get"] >= 4, peaks  # sequential downloads would never overlap
-    assert peaks["decode"] <= image_module.usable_cpus(), peaks
+    assert gets.peak >= 4, gets.peak  # sequential downloads would never overlap
+    assert decodes.peak <= image_module.usable_cpus(), decodes.peak
     content.insert(3, {"type": "image", "image": server.url("/missing.png")})
     with pytest.raises(NetworkError, match=r"missing\.png: HTTP 404"):
         q.process_vision_info([{"role": "user", "content": content}])

@@ -2,9 +2,9 @@ import base64
 import io
 import pathlib
 import threading
-import time
 import urllib.parse
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -19,9 +19,9 @@ from qwen_vl_utils import (
     SourceNotFoundError,
     SourceTooLargeError,
     fetch_image,
-    process_vision_info,
 )
 
+from concurrency import track_decodes
 from media import gradient, image_bytes
 from reference_0014 import fetch_image_0014
 
@@ -238,34 +238,20 @@ def test_jpeg_draft_is_opt_in(tmp_path):
 
 
 def test_decodes_in_flight_are_bounded_by_the_cores(tmp_path, monkeypatch):
-    """No more CPU-bound decodes at once than slots (memory, page faults), whatever the thread count."""
+    """No more CPU-bound decodes at once than slots (memory, page faults), whatever the number of callers."""
     from qwen_vl_utils import image as image_module
 
     assert image_module._DECODE_SLOTS._initial_value == image_module.usable_cpus()
     monkeypatch.setattr(image_module, "_DECODE_SLOTS", threading.BoundedSemaphore(2))
-    active, peak, lock = 0, 0, threading.Lock()
-    real = image_module.decode_rgb
-
-    def tracked(img, name):
-        nonlocal active, peak
-        with lock:
-            active += 1
-            peak = max(peak, active)
-        try:
-            time.sleep(0.02)
-            return real(img, name)
-        finally:
-            with lock:
-                active -= 1
-
-    monkeypatch.setattr(image_module, "decode_rgb", tracked)
+    decodes = track_decodes(monkeypatch)
     paths = []
     for i in range(12):
         paths.append(str(tmp_path / f"{i}.png"))
         gradient(64 + 32 * i, 48).save(paths[-1])
-    images, _ = process_vision_info([{"role": "user", "content": [{"type": "image", "image": p} for p in paths]}])
+    with ThreadPoolExecutor(6) as callers:  # concurrent callers: the slots are process-wide
+        images = list(callers.map(lambda p: fetch_image({"image": p}), paths))
     assert [im.width for im in images] == [fetch_image({"image": p}).width for p in paths]
-    assert peak == 2
+    assert decodes.peak == 2
 
 
 def test_colon_in_a_local_file_name(tmp_path, monkeypatch):
