@@ -47,6 +47,7 @@ from .image import (
     open_image,
     round_by_factor,
     smart_resize,
+    usable_cpus,
 )
 
 __all__ = [
@@ -368,7 +369,7 @@ def _resize(frame: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def _resize_threads() -> int:
-    return max(1, _env_int("QWENVL_RESIZE_THREADS", min(4, os.cpu_count() or 1)))
+    return max(1, _env_int("QWENVL_RESIZE_THREADS", min(4, usable_cpus())))
 
 
 Allocate = Callable[[int, int, int], np.ndarray]

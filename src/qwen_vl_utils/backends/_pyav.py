@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import numpy as np
 
 from .._probe import VideoInfo, open_container
 from .._sources import Source
+from ..image import usable_cpus
 
 NAME = "pyav"
 APPLIES_ROTATION = False
@@ -72,7 +72,7 @@ def read(source: Source, info: VideoInfo, indices: list[int], threads: int) -> I
         stream = container.streams.video[0]
         # AVI stores decode-order counters, not presentation times: count frames in output order instead
         index = _Index(container, stream) if container.format.name != "avi" else None
-        workers = threads or os.cpu_count() or 1
+        workers = threads or usable_cpus()
         groups = _split(indices, index, workers) if index is not None and index.usable else [indices]
         if len(groups) > 1:
             container.close()
