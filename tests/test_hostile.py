@@ -28,6 +28,7 @@ from qwen_vl_utils import (
     fetch_image,
     fetch_video,
 )
+from qwen_vl_utils._util import usable_cpus
 
 from concurrency import InFlight, track_decodes
 from media import gradient, image_bytes, make_video
@@ -514,7 +515,6 @@ def test_local_file_errors(tmp_path):
 def test_image_downloads_overlap_while_decodes_stay_within_the_cores(server, monkeypatch):
     """process_vision_info: eight slow downloads in flight at once, but never more decodes than cores, and
     a failed download among them raises its own typed error."""
-    from qwen_vl_utils import image as image_module
 
     gets, decodes = InFlight(), track_decodes(monkeypatch)
 
@@ -531,7 +531,7 @@ def test_image_downloads_overlap_while_decodes_stay_within_the_cores(server, mon
     images, _ = q.process_vision_info([{"role": "user", "content": content}])
     assert [im.size for im in images] == [fetch_image({"image": urls[0]}).size] * 8
     assert gets.peak >= 4, gets.peak  # sequential downloads would never overlap
-    assert decodes.peak <= image_module.usable_cpus(), decodes.peak
+    assert decodes.peak <= usable_cpus(), decodes.peak
     content.insert(3, {"type": "image", "image": server.url("/missing.png")})
     with pytest.raises(NetworkError, match=r"missing\.png: HTTP 404"):
         q.process_vision_info([{"role": "user", "content": content}])

@@ -20,6 +20,7 @@ from qwen_vl_utils import (
     SourceTooLargeError,
     fetch_image,
 )
+from qwen_vl_utils._util import usable_cpus
 
 from concurrency import track_decodes
 from media import gradient, image_bytes
@@ -241,7 +242,7 @@ def test_decodes_in_flight_are_bounded_by_the_cores(tmp_path, monkeypatch):
     """No more CPU-bound decodes at once than slots (memory, page faults), whatever the number of callers."""
     from qwen_vl_utils import image as image_module
 
-    assert image_module._DECODE_SLOTS._initial_value == image_module.usable_cpus()
+    assert image_module._DECODE_SLOTS._initial_value == usable_cpus()
     monkeypatch.setattr(image_module, "_DECODE_SLOTS", threading.BoundedSemaphore(2))
     decodes = track_decodes(monkeypatch)
     paths = []

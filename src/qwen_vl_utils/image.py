@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import threading
 import warnings
 from typing import Any, Optional
@@ -18,6 +17,7 @@ from PIL import Image
 from ._errors import AspectRatioError, DecodeError, InvalidOptionError, SourceTooLargeError, describe
 from ._policy import FetchPolicy, get_fetch_policy
 from ._sources import Source, resolve_source, sniff_media
+from ._util import env_flag, usable_cpus
 
 __all__ = [
     "IMAGE_MAX_TOKEN_NUM",
@@ -35,14 +35,6 @@ MAX_RATIO = 200
 SPATIAL_MERGE_SIZE = 2
 IMAGE_MIN_TOKEN_NUM = 4
 IMAGE_MAX_TOKEN_NUM = 16384
-
-
-def usable_cpus() -> int:
-    """Cores this process may run on (its affinity mask, where the platform has one)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 #: image decodes and resizes in flight at once, process-wide. They are CPU-bound: more than the cores only
@@ -260,15 +252,11 @@ def _patch_factor(image_patch_size: int) -> int:
 
 def _draft(img: Image.Image, ele: dict, rh: int, rw: int) -> None:
     """Opt-in JPEG draft decoding (DCT scaling) to at least the target size: faster, slightly different."""
-    if img.format != "JPEG" or not ele.get("jpeg_draft", _env_flag("QWENVL_JPEG_DRAFT")):
+    if img.format != "JPEG" or not ele.get("jpeg_draft", env_flag("QWENVL_JPEG_DRAFT")):
         return
     if exif_orientation(img) in (5, 6, 7, 8):
         rh, rw = rw, rh
     img.draft("RGB", (rw, rh))
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def fetch_image(

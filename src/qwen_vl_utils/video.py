@@ -38,6 +38,7 @@ from ._errors import (
 from ._policy import FetchPolicy, get_fetch_policy
 from ._probe import VideoInfo, probe_video
 from ._sources import Source, resolve_source
+from ._util import env_int, usable_cpus
 from .image import (
     _patch_factor,
     array_to_pil,
@@ -47,7 +48,6 @@ from .image import (
     open_image,
     round_by_factor,
     smart_resize,
-    usable_cpus,
 )
 
 __all__ = [
@@ -84,19 +84,8 @@ class BackendFallbackWarning(UserWarning):
     """The chosen backend cannot decode this stream; another seek-capable backend decoded it."""
 
 
-def _env_int(name: str, default: int, parse: Callable[[str], int] = int) -> int:
-    """An integer environment variable, read now; a typed error naming it when it does not parse."""
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        return parse(raw)
-    except ValueError as exc:
-        raise InvalidOptionError(f"environment variable {name}={raw!r} is not a valid number") from exc
-
-
 def _model_seq_len() -> int:
-    return _env_int("MODEL_SEQ_LEN", MODEL_SEQ_LEN, lambda raw: int(float(raw)))  # "1e5" works, as in 0.0.14
+    return env_int("MODEL_SEQ_LEN", MODEL_SEQ_LEN, lambda raw: int(float(raw)))  # "1e5" works, as in 0.0.14
 
 
 # --- the frame plan ---------------------------------------------------------------------------------------
@@ -286,7 +275,7 @@ def _backend_for(name: str, info: VideoInfo, source_name: str) -> Any:
 
 
 def _decoder_threads() -> int:
-    return max(0, _env_int("QWENVL_DECODER_THREADS", 0))
+    return max(0, env_int("QWENVL_DECODER_THREADS", 0))
 
 
 # --- decoding and resizing ---------------------------------------------------------------------------------------
@@ -369,7 +358,7 @@ def _resize(frame: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def _resize_threads() -> int:
-    return max(1, _env_int("QWENVL_RESIZE_THREADS", min(4, usable_cpus())))
+    return max(1, env_int("QWENVL_RESIZE_THREADS", min(4, usable_cpus())))
 
 
 Allocate = Callable[[int, int, int], np.ndarray]

@@ -12,6 +12,7 @@ from ._errors import InvalidOptionError, describe
 from ._policy import FetchPolicy, get_fetch_policy
 from ._probe import probe_video
 from ._sources import Source, resolve_source
+from ._util import usable_cpus
 from .image import (
     IMAGE_MAX_TOKEN_NUM,
     IMAGE_MIN_TOKEN_NUM,
@@ -28,7 +29,6 @@ from .image import (
     resolve_image,
     round_by_factor,
     smart_resize,
-    usable_cpus,
     visual_tokens,
 )
 from .video import (

@@ -14,7 +14,7 @@ import numpy as np
 
 from .._probe import VideoInfo, open_container
 from .._sources import Source
-from ..image import usable_cpus
+from .._util import usable_cpus
 
 NAME = "pyav"
 APPLIES_ROTATION = False
