@@ -5,7 +5,6 @@ Every backend is planned from this same probe, so ``frames_indices`` cannot diff
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Optional
@@ -38,9 +37,8 @@ class VideoInfo:
 def open_container(source: Source) -> Any:
     import av
 
-    target = source.path if source.path is not None else io.BytesIO(source.data)
     try:
-        return av.open(target, mode="r", metadata_errors="ignore")
+        return av.open(source.open(), mode="r", metadata_errors="ignore")
     except MemoryError:
         raise
     except Exception as exc:  # FFmpeg errors, and whatever PyAV raises on hostile headers

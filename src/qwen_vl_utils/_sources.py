@@ -11,6 +11,7 @@ import atexit
 import base64
 import binascii
 import contextlib
+import io
 import ipaddress
 import os
 import shutil
@@ -20,7 +21,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, BinaryIO, Callable, Optional, Union
 
 from ._errors import (
     DecodeError,
@@ -42,19 +43,36 @@ _CHUNK = 1 << 16
 
 @dataclass
 class Source:
-    """A resolved source: exactly one of ``path``, ``data`` or ``obj`` is set."""
+    """A resolved source: exactly one of ``path``, ``data``, ``opener`` or ``obj`` is set.
+
+    Decoders never look at the fields: they call :meth:`open`, which gives a path or a new binary file
+    object (``opener`` makes remote files seekable by ranged reads, each call an independent reader)."""
 
     name: str
     path: Optional[str] = None
     data: Optional[bytes] = None
     obj: Any = None
+    opener: Optional[Callable[[], BinaryIO]] = None
     is_temporary: bool = False
+
+    def open(self) -> Union[str, BinaryIO]:
+        """What a decoder opens: a local path, or a new seekable binary file object."""
+        if self.path is not None:
+            return self.path
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        if self.opener is not None:
+            return self.opener()
+        raise InvalidOptionError(f"{self.name} is a decoded object, not an encoded file")
 
     def head(self, n: int = 64) -> bytes:
         if self.data is not None:
             return bytes(self.data[:n])
         if self.path is not None:
             with open(self.path, "rb") as f:
+                return f.read(n)
+        if self.opener is not None:
+            with contextlib.closing(self.opener()) as f:
                 return f.read(n)
         return b""
 

@@ -3,7 +3,6 @@ MPEG-4 part 2, and it corrupts rotated streams: those go to PyAV with a warning 
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from typing import Optional
 
@@ -29,8 +28,7 @@ def unsupported(info: VideoInfo) -> Optional[str]:
 
 
 def read(source: Source, info: VideoInfo, indices: list[int], threads: int) -> Iterator[tuple[int, np.ndarray]]:
-    target = source.path if source.path is not None else io.BytesIO(source.data)
-    reader = decord.VideoReader(target, ctx=decord.cpu(0), num_threads=threads)
+    reader = decord.VideoReader(source.open(), ctx=decord.cpu(0), num_threads=threads)
     try:
         last = len(reader) - 1
         for wanted, clamped in batches(indices, last):

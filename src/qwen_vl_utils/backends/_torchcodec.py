@@ -21,8 +21,7 @@ def unsupported(info: VideoInfo) -> Optional[str]:
 
 
 def read(source: Source, info: VideoInfo, indices: list[int], threads: int) -> Iterator[tuple[int, np.ndarray]]:
-    target = source.path if source.path is not None else source.data
-    decoder = VideoDecoder(target, seek_mode="exact", num_ffmpeg_threads=threads, dimension_order="NHWC")
+    decoder = VideoDecoder(source.open(), seek_mode="exact", num_ffmpeg_threads=threads, dimension_order="NHWC")
     last = decoder.metadata.num_frames - 1
     for wanted, clamped in batches(indices, last):
         data = decoder.get_frames_at(indices=clamped).data.numpy()
