@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from qwen_vl_utils._bench import main
+from suite import main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENV_0014 = os.path.join(HERE, ".venv-0014")

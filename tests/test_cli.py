@@ -154,8 +154,3 @@ def test_inspect_http_sources(files, server):
     assert i["tokens"] == q.count_visual_tokens({"image": str(image)})
     res = run("inspect", server.url("/missing.mp4"))
     assert res.returncode == 1 and "HTTP 404" in res.stderr
-
-
-def test_bench_is_wired():
-    res = run("bench", "--help")
-    assert res.returncode == 0 and "quick mode" in res.stdout

@@ -276,12 +276,6 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return _run_sources(args, [args.source], save)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from . import _bench
-
-    return _bench.main(["--quick", *(["--quiet"] if args.quiet else [])])
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate a sample video and image, then inspect and preview them."""
     folder = tempfile.mkdtemp(prefix="qwen-vl-utils-demo-")
@@ -364,7 +358,6 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("source", metavar="SOURCE")
     pre.add_argument("-o", "--output", required=True, help="PNG file to write")
     _add_element_flags(pre)
-    command("bench", "the benchmark suite's quick mode on generated media", cmd_bench)
     _add_element_flags(command("demo", "inspect and preview a generated sample", cmd_demo))
     return p
 

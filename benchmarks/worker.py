@@ -1,4 +1,4 @@
-"""One benchmark measurement in a fresh process: ``python -P _bench_worker.py '<json spec>'``.
+"""One benchmark measurement in a fresh process: ``python -P worker.py '<json spec>'``.
 
 Standalone on purpose: it imports whichever ``qwen_vl_utils`` its interpreter has (this library, or
 qwen-vl-utils 0.0.14 in a separate virtualenv), so both are timed by the same code. Prints one JSON line.

@@ -1,4 +1,4 @@
-"""Benchmark media and measurement helpers, shared by ``benchmarks/run.py`` and ``qwen-vl-utils bench``.
+"""The benchmark suite behind ``benchmarks/run.py``: generated media, fresh-process measurements, reports.
 
 Long test videos are built by encoding one GOP and muxing its packets again and again with shifted
 timestamps: the same decode cost as a real encode of that length, built in seconds.
@@ -133,7 +133,7 @@ def describe_machine() -> dict[str, Any]:
 
 # --- the suite ------------------------------------------------------------------------------------------------
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bench_worker.py")
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 
 
 @dataclass
@@ -254,7 +254,7 @@ def _candidates(case: Case, python_0014: Optional[str], ours_backends: list) -> 
 def run_suite(
     media: str, quick: bool, reps: int, python_0014: Optional[str], log: Any = print, only: Optional[list] = None
 ) -> dict:
-    from .backends import available_backends
+    from qwen_vl_utils.backends import available_backends
 
     ours_backends = [b for b in available_backends() if b in ("pyav", "torchcodec", "decord")]
     results = {"machine": describe_machine(), "quick": quick, "cases": []}
@@ -310,7 +310,7 @@ def run_suite(
 
 def _draft_difference(case: Case) -> str:
     """The pixel cost of the opt-in JPEG draft mode on this case's images, measured untimed."""
-    from .image import fetch_image
+    from qwen_vl_utils.image import fetch_image
 
     diffs = []
     for path in case.files:
@@ -403,7 +403,7 @@ def to_png(results: dict, path: str) -> bool:
 def main(argv: Optional[list] = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="qwen-vl-utils bench", description="Benchmark against 0.0.14 and FFmpeg.")
+    p = argparse.ArgumentParser(prog="benchmarks/run.py", description="Benchmark against 0.0.14 and FFmpeg.")
     p.add_argument("--quick", action="store_true", help="small generated media, 1 run each, no 1-hour video")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--media", default=os.path.join(tempfile.gettempdir(), "qwen-vl-utils-bench-media"))
