@@ -24,6 +24,7 @@ from qwen_vl_utils import (
     SourceNotAllowedError,
     SourceNotFoundError,
     SourceTooLargeError,
+    _http,
     _sources,
     fetch_image,
     fetch_video,
@@ -72,14 +73,14 @@ def _stall(seconds, after_headers=False):
     return handler
 
 
-def _trickle(total=1000, every=0.05):
+def _trickle(total=1000, every=0.05, data=b"x" * 1000):
     def handler(req):
         req.send_response(200)
         req.send_header("Content-Length", str(total))
         req.end_headers()
         try:
-            for _ in range(total):
-                req.wfile.write(b"x")
+            for i in range(total):
+                req.wfile.write(data[i % len(data) : i % len(data) + 1])
                 req.wfile.flush()
                 time.sleep(every)
         except OSError:
@@ -89,11 +90,13 @@ def _trickle(total=1000, every=0.05):
 
 
 class _Endless:
-    """Streams 64 KiB chunks (at most 256 MiB), with or without a Content-Length; counts what it sent."""
+    """Streams 64 KiB chunks (at most 256 MiB) that start like a PNG (or ``head``), with or without a
+    Content-Length; counts what it sent."""
 
-    def __init__(self, declare=None):
+    def __init__(self, declare=None, head=PNG[:64]):
         self.sent = 0
         self.declare = declare
+        self.head = head
 
     def __call__(self, req):
         req.send_response(200)
@@ -102,8 +105,8 @@ class _Endless:
         req.end_headers()
         chunk = b"\0" * 65536
         try:
-            for _ in range(4096):
-                req.wfile.write(chunk)
+            for i in range(4096):
+                req.wfile.write(self.head + chunk[len(self.head) :] if i == 0 else chunk)
                 self.sent += len(chunk)
         except OSError:
             pass
@@ -139,12 +142,22 @@ def test_stalled_server_times_out(server, after_headers):
     assert time.monotonic() - start < 0.5 + 2.0
 
 
-def test_trickling_server_hits_the_deadline(server):
-    url = server.add("/trickle", _trickle())
+@pytest.mark.parametrize("media", ["image", "video"])
+def test_trickling_server_hits_the_deadline(server, media):
+    """Images have their own, shorter deadline; each kind is held to its own."""
+    url = server.add(f"/trickle-{media}", _trickle(data=PNG))
+    policy = FetchPolicy(read_timeout=5, deadline=60.0, image_deadline=60.0).replace(
+        **{"image_deadline" if media == "image" else "deadline": 1.0}
+    )
     start = time.monotonic()
     with pytest.raises(FetchTimeoutError, match="deadline"):
-        fetch_image({"image": url}, policy=FetchPolicy(read_timeout=5, deadline=1.0))
+        (fetch_image if media == "image" else fetch_video)({media: url}, policy=policy)
     assert time.monotonic() - start < 1.0 + 1.5
+
+
+def test_image_deadline_default_is_shorter():
+    policy = FetchPolicy()
+    assert policy.image_deadline < policy.deadline
 
 
 @pytest.mark.parametrize("declare", [None, 256 * 65536])
@@ -160,6 +173,18 @@ def test_body_over_the_limit_is_aborted_early(server, declare):
         assert endless.sent < limit + (16 << 20), endless.sent
         endless.sent = 0
     assert not os.listdir(_sources.library_tmpdir()), "the partial download was removed"
+
+
+@pytest.mark.parametrize("media", ["image", "video"])
+def test_a_body_that_is_not_media_is_refused_after_its_first_bytes(server, media):
+    """An HTML error page served with 200, or any unknown bytes, is a DecodeError once the first bytes are in,
+    long before the rest of a large body has been sent."""
+    endless = _Endless(head=b"<!DOCTYPE html><html><body>Sorry, not found</body></html>")
+    url = server.add(f"/html-{media}", endless)
+    with pytest.raises(DecodeError, match="does not start like any image or video format"):
+        (fetch_image if media == "image" else fetch_video)({media: url})
+    time.sleep(0.2)
+    assert endless.sent < 16 << 20, endless.sent  # of 256 MiB: the socket buffers at most
 
 
 def test_redirects(server):
@@ -185,8 +210,8 @@ def test_every_hop_is_checked(server, monkeypatch):
     server.add("/h2", _redirect("/f.png"))
     server.add("/h1", _redirect("/h2"))
     seen = []
-    real = _sources._check_url
-    monkeypatch.setattr(_sources, "_check_url", lambda url, *a: seen.append(url) or real(url, *a))
+    real = _http.check_url
+    monkeypatch.setattr(_http, "check_url", lambda url, *a: seen.append(url) or real(url, *a))
     fetch_image({"image": server.url("/h1")})
     assert [u.rsplit("/", 1)[1] for u in seen] == ["h1", "h2", "f.png"]
 

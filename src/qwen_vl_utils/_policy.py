@@ -41,8 +41,13 @@ class FetchPolicy:
     max_redirects: int = 5
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
-    #: total seconds for one download, however fast the bytes trickle in
+    #: total seconds of network time for one video (all its requests, ranged reads included), however slowly
+    #: the bytes trickle in
     deadline: float = 300.0
+    #: the same for one image: a server taking untrusted messages should not hold a worker on a trickling image
+    image_deadline: float = 30.0
+    #: further tries of an idempotent read after a connection reset or an HTTP 502/503/504 (short backoff)
+    retries: int = 2
     max_image_bytes: int = 256 * MiB
     max_video_bytes: int = 4096 * MiB
     #: decompression-bomb limit, checked from the header before any decode (Pillow's own error threshold)
@@ -69,6 +74,8 @@ _ENV = {
     "QWENVL_CONNECT_TIMEOUT": ("connect_timeout", float),
     "QWENVL_READ_TIMEOUT": ("read_timeout", float),
     "QWENVL_DEADLINE": ("deadline", float),
+    "QWENVL_IMAGE_DEADLINE": ("image_deadline", float),
+    "QWENVL_RETRIES": ("retries", int),
     "QWENVL_MAX_IMAGE_BYTES": ("max_image_bytes", lambda v: int(float(v))),
     "QWENVL_MAX_VIDEO_BYTES": ("max_video_bytes", lambda v: int(float(v))),
     "QWENVL_MAX_IMAGE_PIXELS": ("max_image_pixels", lambda v: int(float(v))),

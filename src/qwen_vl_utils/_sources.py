@@ -12,20 +12,16 @@ import base64
 import binascii
 import contextlib
 import io
-import ipaddress
 import os
 import shutil
-import socket
 import tempfile
 import threading
-import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Optional, Union
 
 from ._errors import (
     DecodeError,
-    FetchTimeoutError,
     InvalidOptionError,
     NetworkError,
     SourceError,
@@ -34,7 +30,9 @@ from ._errors import (
     SourceTooLargeError,
     describe,
 )
+from ._http import ConnectionBroken, Transfer, check_scheme, request
 from ._policy import FetchPolicy
+from ._remote import RangedFile
 
 __all__ = ["Source", "resolve_source", "sniff_media"]
 
@@ -54,6 +52,10 @@ class Source:
     obj: Any = None
     opener: Optional[Callable[[], BinaryIO]] = None
     is_temporary: bool = False
+    #: run at close (a remote file's prefetch threads and cache)
+    closers: list = field(default_factory=list)
+    #: the shared state behind ``opener`` when the source is read by range (to prefetch what a plan needs)
+    ranged: Any = None
 
     def open(self) -> Union[str, BinaryIO]:
         """What a decoder opens: a local path, or a new seekable binary file object."""
@@ -81,6 +83,8 @@ class Source:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
             self.is_temporary = False
+        while self.closers:
+            self.closers.pop()()
 
     def __enter__(self) -> Source:
         return self
@@ -125,6 +129,38 @@ def sniff_media(head: bytes) -> Optional[str]:
     if head.startswith(_IMAGE_MAGIC):
         return "image"
     return None
+
+
+#: more video containers FFmpeg reads, beyond those sniff_media names (they say nothing of image vs video)
+_MORE_VIDEO_MAGIC = (
+    b"YUV4MPEG2",  # y4m
+    b"DKIF",  # ivf (VP8/VP9/AV1)
+    b"\x06\x0e\x2b\x34",  # mxf
+    b".RMF",  # realmedia
+    b"nut/multimedia",
+    b"\x00\x00\x00\x01",  # H.264/HEVC Annex B elementary streams
+    b"\x00\x00\x01",
+    b"#EXTM3U",  # an HLS playlist
+)
+
+
+def looks_like_media(head: bytes) -> bool:
+    """Could these first bytes start an image or video the library reads? False only when no format's
+    signature matches: Pillow's own plugin checks for images, known container signatures for video."""
+    if sniff_media(head) is not None or head.startswith(_MORE_VIDEO_MAGIC):
+        return True
+    if len(head) > 192 and head[4] == 0x47 and head[196:197] in (b"G", b""):  # m2ts: 192-byte TS packets
+        return True
+    from PIL import Image
+
+    Image.init()
+    for _fmt, (_factory, accept) in list(Image.OPEN.items()):
+        try:
+            if accept is not None and accept(head):
+                return True
+        except Exception:  # a plugin's check that chokes on short input
+            continue
+    return False
 
 
 # --- the library's own temporary directory -------------------------------------------------------------
@@ -179,15 +215,15 @@ def _resolve_string(value: str, media: str, policy: FetchPolicy) -> Source:
     stripped = value.strip()
     scheme = stripped.split(":", 1)[0].lower() if ":" in stripped[:12] else ""
     if scheme in ("http", "https"):
-        _check_scheme(scheme, policy, name)
+        check_scheme(scheme, policy, name)
         return _fetch_http(stripped, media, policy)
     if scheme == "data":
-        _check_scheme(scheme, policy, name)
+        check_scheme(scheme, policy, name)
         data = _decode_data_uri(stripped, name)
         _check_bytes(len(data), media, policy, name)
         return Source(name=name, data=data)
     if scheme == "file":
-        _check_scheme(scheme, policy, name)
+        check_scheme(scheme, policy, name)
         parsed = urllib.parse.urlparse(stripped)
         if parsed.netloc not in ("", "localhost"):
             # file://relative/path is what 0.0.14 users write: keep it working as a relative path
@@ -201,13 +237,6 @@ def _resolve_string(value: str, media: str, policy: FetchPolicy) -> Source:
             "or a local path"
         )
     return _local(value, media, policy, name)
-
-
-def _check_scheme(scheme: str, policy: FetchPolicy, name: str) -> None:
-    if scheme not in policy.allowed_schemes:
-        raise SourceNotAllowedError(
-            f"{name}: the fetch policy does not allow {scheme}: sources (allowed: {', '.join(policy.allowed_schemes)})"
-        )
 
 
 def _check_bytes(n: int, media: str, policy: FetchPolicy, name: str) -> None:
@@ -268,102 +297,112 @@ def _decode_data_uri(uri: str, name: str) -> bytes:
 
 # --- http(s) ---------------------------------------------------------------------------------------------
 
-
-def _host_matches(host: str, patterns: tuple) -> bool:
-    return any(host == p or (p.startswith(".") and (host.endswith(p) or host == p[1:])) for p in patterns)
-
-
-def _check_url(url: str, policy: FetchPolicy, name: str) -> urllib.parse.SplitResult:
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - validates the port
-    except ValueError as exc:
-        raise InvalidOptionError(f"malformed URL {name}: {exc}") from exc
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https"):
-        raise SourceNotAllowedError(f"{name}: redirect or URL to a {scheme or 'missing'}: scheme is not allowed")
-    _check_scheme(scheme, policy, name)
-    host = (parts.hostname or "").lower()
-    if not host:
-        raise InvalidOptionError(f"malformed URL {name}: no host")
-    if _host_matches(host, policy.denied_hosts):
-        raise SourceNotAllowedError(f"{name}: the host {host} is denied by the fetch policy")
-    if policy.allowed_hosts is not None and not _host_matches(host, policy.allowed_hosts):
-        raise SourceNotAllowedError(f"{name}: the host {host} is not in the fetch policy's allowed hosts")
-    if policy.block_private_networks:
-        try:
-            infos = socket.getaddrinfo(host, parts.port or (443 if scheme == "https" else 80), type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise NetworkError(f"{name}: cannot resolve {host}: {exc}") from exc
-        for info in infos:
-            addr = ipaddress.ip_address(info[4][0].split("%")[0])
-            if not addr.is_global or addr.is_multicast:
-                raise SourceNotAllowedError(
-                    f"{name}: {host} resolves to the non-public address {addr}, refused by the fetch policy "
-                    "(block_private_networks)"
-                )
-    return parts
+#: the first request for a remote video asks for this many bytes: enough to sniff it, and the whole of a
+#: small file, so that only larger files are read by range
+FIRST_BYTES = 1 << 20
+#: bytes that decide whether a body looks like media (an MPEG-TS needs two 188-byte packets)
+_SNIFF_BYTES = 512
 
 
 def _fetch_http(url: str, media: str, policy: FetchPolicy) -> Source:
-    import requests
-
+    """Images are fetched whole into memory. Videos are read by range when the server supports it (a seekable
+    file object; only what the decoder touches is transferred), else streamed whole to a temporary file."""
     name = describe(url)
-    limit = policy.max_image_bytes if media == "image" else policy.max_video_bytes
-    start = time.monotonic()
-    deadline = start + policy.deadline
-
-    def remaining() -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise FetchTimeoutError(
-                f"{media} source {name}: download took longer than the {policy.deadline:g} s deadline"
-            )
-        return left
-
-    session = requests.Session()
-    session.trust_env = True
+    transfer = Transfer(policy, media, name)
+    ranged = media == "video"
+    resp = request(url, transfer, {"Range": f"bytes=0-{FIRST_BYTES - 1}"} if ranged else None)
     try:
-        current = url
-        for _hop in range(policy.max_redirects + 1):
-            _check_url(current, policy, name)
-            timeout = (min(policy.connect_timeout, remaining()), min(policy.read_timeout, remaining()))
-            try:
-                resp = session.get(current, stream=True, allow_redirects=False, timeout=timeout)
-            except requests.exceptions.Timeout as exc:
-                raise FetchTimeoutError(f"{media} source {name}: timed out connecting or waiting ({exc})") from exc
-            except requests.exceptions.RequestException as exc:
-                raise NetworkError(f"{media} source {name}: request failed: {exc}") from exc
-            if resp.is_redirect:
-                location = resp.headers.get("location", "")
-                resp.close()
-                current = urllib.parse.urljoin(current, location)
-                continue
-            break
-        else:
-            raise NetworkError(f"{media} source {name}: more than {policy.max_redirects} redirects")
-        with resp:
-            if resp.status_code >= 400:
-                raise NetworkError(
-                    f"{media} source {name}: HTTP {resp.status_code} {resp.reason or ''}".rstrip()
-                    + (" (check the URL)" if resp.status_code < 500 else " (server error; retry later)")
-                )
-            declared = resp.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > limit:
+        total = _range_total(resp) if ranged else None
+        if total is None:  # the whole body: no range support, or an image
+            declared = resp.content_length
+            if declared is not None and declared > transfer.limit:
                 raise SourceTooLargeError(
-                    f"{media} source {name} declares {declared} bytes, over the limit of {limit} "
+                    f"{media} source {name} declares {declared} bytes, over the limit of {transfer.limit} "
                     f"(raise FetchPolicy.max_{media}_bytes)"
                 )
-            return _stream_body(resp, media, limit, name, remaining, policy)
+            return _stream_body(resp, media, name)
+        first = _read_all(resp, FIRST_BYTES)
     finally:
-        session.close()
+        resp.close()
+    _refuse_unknown(first, media, name)
+    if total <= len(first):
+        return Source(name=name, data=first)
+    shared = RangedFile(name, total, _range_fetcher(resp.url, transfer), first)
+    return Source(name=name, opener=shared.reader, closers=[shared.close], ranged=shared)
 
 
-def _stream_body(resp: Any, media: str, limit: int, name: str, remaining: Any, policy: FetchPolicy) -> Source:
-    """Read the body chunk by chunk, aborting as soon as a limit is crossed. Videos go to a temporary file."""
-    raw = resp.raw
-    raw.decode_content = True
-    sock = _socket_of(raw)
+def _range_total(resp: Any) -> Optional[int]:
+    """The file's size from a 206's Content-Range, or None when the server sent something else."""
+    if resp.status != 206:
+        return None
+    value = resp.header("content-range") or ""
+    unit, _, spec = value.partition(" ")
+    first, _, total = spec.partition("/")
+    if unit.strip().lower() != "bytes" or not total.strip().isdigit() or not first.startswith("0-"):
+        return None
+    return int(total)
+
+
+def _read_all(resp: Any, most: int) -> bytes:
+    chunks, n = [], 0
+    while n < most:
+        chunk = resp.read(min(1 << 16, most - n))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        n += len(chunk)
+    return b"".join(chunks)
+
+
+def _range_fetcher(url: str, transfer: Transfer) -> Callable[[int, int], bytes]:
+    """fetch(start, end) -> bytes [start, end) by range requests; a body that breaks off resumes where it
+    stopped (up to ``FetchPolicy.retries`` times)."""
+
+    def fetch(start: int, end: int) -> bytes:
+        got = bytearray()
+        resumes = 0
+        while len(got) < end - start:
+            lo = start + len(got)
+            try:
+                with request(url, transfer, {"Range": f"bytes={lo}-{end - 1}"}) as resp:
+                    served = (resp.header("content-range") or "").partition(" ")[2].partition("-")[0]
+                    if resp.status != 206 or served.strip() != str(lo):
+                        raise NetworkError(
+                            f"video source {transfer.name}: the server stopped honouring range requests "
+                            f"(HTTP {resp.status} for bytes {lo}-{end - 1}); the file may have changed"
+                        )
+                    while len(got) < end - start:
+                        chunk = resp.read(min(1 << 16, end - start - len(got)))
+                        if not chunk:
+                            break
+                        got += chunk
+            except ConnectionBroken:
+                if resumes >= transfer.policy.retries:
+                    raise
+                resumes += 1
+                continue
+            if len(got) < end - start and resumes >= transfer.policy.retries:
+                raise NetworkError(
+                    f"video source {transfer.name}: the server sent fewer bytes than the range asked for "
+                    f"({lo}-{end - 1}); the file may have changed while it was read"
+                )
+            resumes += len(got) < end - start
+        return bytes(got)
+
+    return fetch
+
+
+def _refuse_unknown(head: bytes, media: str, name: str) -> None:
+    """A body that starts like no image or video format the library reads is refused now, not after the rest."""
+    if head and not looks_like_media(head):
+        raise DecodeError(
+            f"{media} source {name} does not start like any image or video format (first bytes "
+            f"{head[:12]!r}); check the URL (an HTML error page?)"
+        )
+
+
+def _stream_body(resp: Any, media: str, name: str) -> Source:
+    """Read the whole body chunk by chunk, aborting as soon as a limit is crossed. Videos go to a temporary file."""
     out = None
     chunks: list = []
     total = 0
@@ -372,36 +411,23 @@ def _stream_body(resp: Any, media: str, limit: int, name: str, remaining: Any, p
         if media == "video":
             fd, path = tempfile.mkstemp(suffix=".media", dir=library_tmpdir())
             out = os.fdopen(fd, "wb")
+        head = b""
         while True:
-            if sock is not None:
-                try:
-                    sock.settimeout(max(0.01, min(policy.read_timeout, remaining())))
-                except OSError:  # the body is complete and the connection already released
-                    sock = None
-            try:
-                chunk = raw.read1(_CHUNK) if hasattr(raw, "read1") else raw.read(_CHUNK)
-            except MemoryError:
-                raise
-            except Exception as exc:  # urllib3 wraps socket errors in its own exception types
-                if isinstance(exc, (socket.timeout, TimeoutError)) or "Timeout" in type(exc).__name__:
-                    remaining()  # the deadline's message if that is what ran out
-                    raise FetchTimeoutError(f"{media} source {name}: no data for {policy.read_timeout:g} s") from exc
-                raise NetworkError(f"{media} source {name}: the download broke off: {exc}") from exc
+            chunk = resp.read(_CHUNK)
             if not chunk:
                 break
+            if len(head) < _SNIFF_BYTES:
+                head += chunk[: _SNIFF_BYTES - len(head)]
+                if len(head) >= _SNIFF_BYTES or (len(head) >= 32 and 0x47 not in head[:5]):  # not MPEG-TS
+                    _refuse_unknown(head, media, name)
             total += len(chunk)
-            if total > limit:
-                raise SourceTooLargeError(
-                    f"{media} source {name} is over the limit of {limit} bytes; download aborted "
-                    f"(raise FetchPolicy.max_{media}_bytes)"
-                )
             if out is not None:
                 out.write(chunk)
             else:
                 chunks.append(chunk)
-            remaining()
         if total == 0:
             raise DecodeError(f"{media} source {name}: the server sent an empty body")
+        _refuse_unknown(head, media, name)
         if out is not None:
             out.close()
             out = None
@@ -414,15 +440,3 @@ def _stream_body(resp: Any, media: str, limit: int, name: str, remaining: Any, p
             out.close()
         if path is not None:
             os.unlink(path)
-
-
-def _socket_of(raw: Any) -> Optional[socket.socket]:
-    """The socket under a urllib3 response, to bound every recv by the remaining deadline."""
-    for attr in ("_connection", "connection"):
-        conn = getattr(raw, attr, None)
-        sock = getattr(conn, "sock", None)
-        if sock is not None:
-            return sock
-    fp = getattr(raw, "_fp", None)
-    inner = getattr(getattr(fp, "fp", None), "raw", None)
-    return getattr(inner, "_sock", None)

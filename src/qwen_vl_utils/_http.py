@@ -1,0 +1,565 @@
+"""HTTP(S) for every remote source: one pooled client that connects only to addresses the policy checked.
+
+For each hop of a request the URL is checked against the fetch policy (scheme, allowed and denied hosts), its
+host is resolved once, every address is checked (``block_private_networks``), and the connection goes to that
+checked address, with the original host name in the ``Host`` header and as the TLS server name and certificate
+host. A resolver that answers differently on a second lookup (DNS rebinding) therefore cannot steer a
+connection anywhere the policy did not see. Redirects are followed by hand, each hop checked the same way.
+
+One :class:`Transfer` carries a source's budget across all its requests (ranged reads included): the total
+deadline, the bytes actually transferred against the byte limit, and cancellation. Connections are pooled per
+process (safe across threads, and dropped in a child after ``fork``); idempotent reads are retried on
+connection resets and on 502/503/504 with a short, bounded backoff (``FetchPolicy.retries``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+import urllib.request
+from typing import Any, Optional
+
+from ._errors import (
+    FetchTimeoutError,
+    InvalidOptionError,
+    NetworkError,
+    QwenVLError,
+    SourceNotAllowedError,
+    SourceTooLargeError,
+)
+from ._policy import FetchPolicy
+
+__all__ = ["Response", "Transfer", "check_scheme", "request"]
+
+#: statuses worth another try: the server or a gateway in front of it is briefly unavailable
+RETRY_STATUSES = frozenset({502, 503, 504})
+_USER_AGENT = "qwen-vl-utils"
+
+
+class Cancelled(QwenVLError):
+    """The work was cancelled by its caller (an asyncio task, a closed stream)."""
+
+
+class ConnectionBroken(NetworkError):
+    """The body broke off mid-transfer (a reset, a closed connection): a ranged read may resume."""
+
+
+class Transfer:
+    """The network budget of one source, shared by every request made for it.
+
+    ``deadline`` bounds the time spent waiting on the network (connecting, sending, receiving), not the time
+    spent decoding between ranged reads; ``limit`` bounds the bytes actually received."""
+
+    def __init__(self, policy: FetchPolicy, media: str, name: str, cancel: Optional[threading.Event] = None) -> None:
+        self.policy = policy
+        self.media = media
+        self.name = name
+        self.deadline = policy.image_deadline if media == "image" else policy.deadline
+        self.limit = policy.max_image_bytes if media == "image" else policy.max_video_bytes
+        self.received = 0
+        self.requests = 0
+        self.addresses: dict = {}  # host -> the addresses checked for it: one lookup per host and transfer
+        self.cancel_event = cancel if cancel is not None else _current_cancel()
+        self._waited = 0.0
+        self._since: Optional[float] = None
+        self._lock = threading.Lock()
+        self._live: set = set()
+
+    # -- time ---------------------------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Network time starts counting (nested calls are fine)."""
+        with self._lock:
+            if self._since is None:
+                self._since = time.monotonic()
+
+    def end(self) -> None:
+        with self._lock:
+            if self._since is not None:
+                self._waited += time.monotonic() - self._since
+                self._since = None
+
+    def remaining(self) -> float:
+        """Seconds left of the deadline; FetchTimeoutError once it has passed, Cancelled once cancelled."""
+        self.check_cancelled()
+        with self._lock:
+            used = self._waited + (time.monotonic() - self._since if self._since is not None else 0.0)
+        left = self.deadline - used
+        if left <= 0:
+            raise FetchTimeoutError(
+                f"{self.media} source {self.name}: the download took longer than the {self.deadline:g} s deadline "
+                f"(FetchPolicy.{'image_deadline' if self.media == 'image' else 'deadline'})"
+            )
+        return left
+
+    # -- bytes and cancellation -----------------------------------------------------------------------------
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.received += n
+            over = self.received > self.limit
+        if over:
+            raise SourceTooLargeError(
+                f"{self.media} source {self.name}: over the limit of {self.limit} bytes transferred; download aborted "
+                f"(raise FetchPolicy.max_{self.media}_bytes or QWENVL_MAX_{self.media.upper()}_BYTES)"
+            )
+
+    def check_cancelled(self) -> None:
+        if self.cancel_event is not None and self.cancel_event.is_set():
+            raise Cancelled(f"{self.media} source {self.name}: cancelled")
+
+    def track(self, resp: Any) -> None:
+        with self._lock:
+            self._live.add(resp)
+
+    def untrack(self, resp: Any) -> None:
+        with self._lock:
+            self._live.discard(resp)
+
+    def abort(self) -> None:
+        """Unblock every read in flight (from another thread): their sockets are shut down."""
+        with self._lock:
+            live = list(self._live)
+        for resp in live:
+            _shutdown(resp)
+
+
+def _shutdown(resp: Any) -> None:
+    try:
+        resp.shutdown()
+    except Exception:  # already closed, or an urllib3 without shutdown(): close the socket instead
+        sock = _socket_of(resp)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+# --- cancellation scope (set by the asyncio API around the work it runs in a thread) --------------------------
+
+_scope = threading.local()
+
+
+def _current_cancel() -> Optional[threading.Event]:
+    return getattr(_scope, "cancel", None)
+
+
+class cancel_scope:
+    """Make every Transfer created on this thread inside the block observe ``event``."""
+
+    def __init__(self, event: Optional[threading.Event]) -> None:
+        self.event = event
+
+    def __enter__(self) -> None:
+        self.previous = _current_cancel()
+        _scope.cancel = self.event
+
+    def __exit__(self, *exc: object) -> None:
+        _scope.cancel = self.previous
+
+
+# --- the policy on URLs and addresses ---------------------------------------------------------------------------
+
+
+def check_scheme(scheme: str, policy: FetchPolicy, name: str) -> None:
+    if scheme not in policy.allowed_schemes:
+        raise SourceNotAllowedError(
+            f"{name}: the fetch policy does not allow {scheme}: sources (allowed: {', '.join(policy.allowed_schemes)}"
+            f"; add it with FetchPolicy(allowed_schemes=...) or QWENVL_ALLOWED_SCHEMES)"
+        )
+
+
+def host_matches(host: str, patterns: tuple) -> bool:
+    """``host`` equals a pattern, or a pattern ``.example.com`` names its domain (example.com or a subdomain)."""
+    host = host.rstrip(".").lower()
+    for p in patterns:
+        p = p.rstrip(".").lower()
+        if host == p or (p.startswith(".") and (host == p[1:] or host.endswith(p))):
+            return True
+    return False
+
+
+def check_host(host: str, policy: FetchPolicy, name: str) -> None:
+    if host_matches(host, policy.denied_hosts):
+        raise SourceNotAllowedError(f"{name}: the host {host} is denied by the fetch policy")
+    if policy.allowed_hosts is not None and not host_matches(host, policy.allowed_hosts):
+        raise SourceNotAllowedError(f"{name}: the host {host} is not in the fetch policy's allowed hosts")
+
+
+def check_url(url: str, policy: FetchPolicy, name: str) -> urllib.parse.SplitResult:
+    """The URL's parts, once its scheme and host pass the policy (addresses are checked when connecting)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - validates the port
+    except ValueError as exc:
+        raise InvalidOptionError(f"malformed URL {name}: {exc}") from exc
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise SourceNotAllowedError(f"{name}: redirect or URL to a {scheme or 'missing'}: scheme is not allowed")
+    check_scheme(scheme, policy, name)
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise InvalidOptionError(f"malformed URL {name}: no host")
+    check_host(host, policy, name)
+    return parts
+
+
+def _is_public(addr: ipaddress._BaseAddress) -> bool:
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_global and not addr.is_multicast
+
+
+def resolve(host: str, port: int, policy: FetchPolicy, name: str) -> list[str]:
+    """The addresses to connect to for ``host``, resolved once; with ``block_private_networks`` every one of
+    them must be public."""
+    try:
+        literal = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        literal = None
+    if literal is not None:
+        addrs = [str(literal)]
+    else:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise NetworkError(f"{name}: cannot resolve {host}: {exc}") from exc
+        addrs = list(dict.fromkeys(info[4][0].split("%")[0] for info in infos))
+    if policy.block_private_networks:
+        for a in addrs:
+            if not _is_public(ipaddress.ip_address(a)):
+                raise SourceNotAllowedError(
+                    f"{name}: {host} resolves to the non-public address {a}, refused by the fetch policy "
+                    "(block_private_networks)"
+                )
+    if not addrs:
+        raise NetworkError(f"{name}: {host} resolves to no address")
+    return addrs
+
+
+# --- connection pools -------------------------------------------------------------------------------------------
+
+_pools_lock = threading.Lock()
+_pools: dict = {}
+_pools_pid = os.getpid()
+_ssl_context: Optional[ssl.SSLContext] = None
+
+
+def _reset_pools() -> None:
+    """In a forked child the parent's sockets must not be shared: start with no pools."""
+    global _pools, _pools_pid, _pools_lock
+    _pools_lock = threading.Lock()
+    _pools = {}
+    _pools_pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pools)
+
+
+def _tls() -> ssl.SSLContext:
+    """Certificates from SSL_CERT_FILE / REQUESTS_CA_BUNDLE when set, else certifi's bundle (as requests does),
+    else the system's."""
+    global _ssl_context
+    if _ssl_context is None:
+        cafile = os.environ.get("SSL_CERT_FILE") or os.environ.get("REQUESTS_CA_BUNDLE")
+        if not cafile:
+            try:
+                import certifi
+
+                cafile = certifi.where()
+            except ImportError:
+                cafile = None
+        ctx = ssl.create_default_context(cafile=cafile)
+        _ssl_context = ctx
+    return _ssl_context
+
+
+def _pool(scheme: str, address: str, port: int, host: str) -> Any:
+    import urllib3
+
+    key = (scheme, address, port, host)
+    with _pools_lock:
+        if _pools_pid != os.getpid():
+            _reset_pools()
+        pool = _pools.get(key)
+        if pool is None:
+            if scheme == "https":
+                pool = urllib3.HTTPSConnectionPool(
+                    address,
+                    port,
+                    maxsize=8,
+                    block=False,
+                    retries=False,
+                    server_hostname=host,
+                    assert_hostname=host,
+                    ssl_context=_tls(),
+                    cert_reqs="CERT_REQUIRED",
+                )
+            else:
+                pool = urllib3.HTTPConnectionPool(address, port, maxsize=8, block=False, retries=False)
+            if len(_pools) > 64:  # bounded: forget the oldest hosts
+                for old in list(_pools)[:16]:
+                    _pools.pop(old).close()
+            _pools[key] = pool
+        return pool
+
+
+def _proxy_for(parts: urllib.parse.SplitResult, policy: FetchPolicy) -> Optional[str]:
+    """The environment's proxy for this URL. Not used with ``block_private_networks``: the library must connect
+    to the address it checked, which a proxy would resolve on its own."""
+    if policy.block_private_networks:
+        return None
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme.lower())
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return proxy
+
+
+def _proxy_pool(proxy: str) -> Any:
+    import urllib3
+
+    key = ("proxy", proxy)
+    with _pools_lock:
+        if _pools_pid != os.getpid():
+            _reset_pools()
+        if key not in _pools:
+            _pools[key] = urllib3.ProxyManager(proxy, maxsize=8, block=False, retries=False, ssl_context=_tls())
+        return _pools[key]
+
+
+# --- requests ---------------------------------------------------------------------------------------------------
+
+
+class Response:
+    """An open response whose body is read chunk by chunk under the transfer's limits."""
+
+    def __init__(self, raw: Any, url: str, transfer: Transfer) -> None:
+        self.raw = raw
+        self.url = url
+        self.status = raw.status
+        self.reason = raw.reason or ""
+        self.headers = raw.headers
+        self.transfer = transfer
+        transfer.track(raw)
+
+    def header(self, name: str) -> Optional[str]:
+        return self.headers.get(name)
+
+    @property
+    def content_length(self) -> Optional[int]:
+        value = self.headers.get("content-length")
+        return int(value) if value and value.strip().isdigit() else None
+
+    def read(self, n: int = 1 << 16) -> bytes:
+        """Up to ``n`` bytes (b"" at the end), each wait bounded by the read timeout and the deadline."""
+        t = self.transfer
+        sock = _socket_of(self.raw)
+        t.begin()
+        try:
+            wait = max(0.01, min(t.policy.read_timeout, t.remaining()))
+            if sock is not None:
+                with contextlib.suppress(OSError):  # the body is complete and the connection already released
+                    sock.settimeout(wait)
+            try:
+                chunk = self.raw.read1(n) if hasattr(self.raw, "read1") else self.raw.read(n)
+            except MemoryError:
+                raise
+            except Exception as exc:  # urllib3 wraps socket errors in its own exception types
+                t.check_cancelled()
+                if _is_timeout(exc):
+                    t.remaining()  # the deadline's message if that is what ran out
+                    raise FetchTimeoutError(
+                        f"{t.media} source {t.name}: no data for {t.policy.read_timeout:g} s"
+                    ) from exc
+                raise ConnectionBroken(f"{t.media} source {t.name}: the download broke off: {exc}") from exc
+        finally:
+            t.end()
+        t.add(len(chunk))
+        return chunk
+
+    def close(self) -> None:
+        self.transfer.untrack(self.raw)
+        with contextlib.suppress(Exception):
+            self.raw.release_conn() if self.raw.isclosed() else self.raw.close()
+
+    def __enter__(self) -> Response:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, (socket.timeout, TimeoutError)) or "Timeout" in type(exc).__name__
+
+
+def _is_reset(exc: BaseException) -> bool:
+    """A dropped connection worth retrying (not a refusal, a timeout or a policy error)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+            return True
+        name = type(exc).__name__
+        if name in ("ProtocolError", "RemoteDisconnected", "IncompleteRead"):
+            return True
+        exc = exc.__cause__ or exc.__context__ or (exc.args[1] if len(exc.args) > 1 else None)
+        if not isinstance(exc, BaseException):
+            return False
+    return False
+
+
+def _socket_of(raw: Any) -> Optional[socket.socket]:
+    """The socket under an urllib3 response, to bound every recv by the remaining deadline."""
+    conn = getattr(raw, "connection", None) or getattr(raw, "_connection", None)
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        return sock
+    fp = getattr(raw, "_fp", None)
+    inner = getattr(getattr(fp, "fp", None), "raw", None)
+    return getattr(inner, "_sock", None)
+
+
+def _send(parts: urllib.parse.SplitResult, transfer: Transfer, headers: dict) -> Any:
+    """One request to one checked address; the raw urllib3 response."""
+    import urllib3
+
+    policy = transfer.policy
+    scheme = parts.scheme.lower()
+    host = parts.hostname.lower()
+    port = parts.port or (443 if scheme == "https" else 80)
+    path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+    host_header = host if parts.port is None else f"{host}:{parts.port}"
+    if ":" in host and not host.startswith("["):
+        host_header = f"[{host}]" if parts.port is None else f"[{host}]:{parts.port}"
+    send_headers = {
+        "Host": host_header,
+        "User-Agent": _USER_AGENT,
+        "Accept-Encoding": "identity",
+        **headers,
+    }
+    if parts.username or parts.password:
+        send_headers["Authorization"] = urllib3.util.make_headers(
+            basic_auth=f"{urllib.parse.unquote(parts.username or '')}:{urllib.parse.unquote(parts.password or '')}"
+        )["authorization"]
+    left = transfer.remaining()
+    timeout = urllib3.Timeout(connect=min(policy.connect_timeout, left), read=min(policy.read_timeout, left))
+    proxy = _proxy_for(parts, policy)
+    if proxy is not None:
+        full = urllib.parse.urlunsplit((scheme, parts.netloc.rsplit("@", 1)[-1], parts.path or "/", parts.query, ""))
+        return _proxy_pool(proxy).urlopen(
+            "GET", full, headers=send_headers, redirect=False, timeout=timeout, preload_content=False
+        )
+    addresses = transfer.addresses.get((host, port))
+    if addresses is None:
+        addresses = transfer.addresses[(host, port)] = resolve(host, port, policy, transfer.name)
+    error: Optional[BaseException] = None
+    for address in addresses:
+        pool = _pool(scheme, address, port, host)
+        try:
+            return pool.urlopen(
+                "GET",
+                path,
+                headers=send_headers,
+                redirect=False,
+                assert_same_host=False,
+                timeout=timeout,
+                preload_content=False,
+                decode_content=False,
+            )
+        except urllib3.exceptions.NewConnectionError as exc:  # refused: try the host's next address
+            error = exc
+        except urllib3.exceptions.ConnectTimeoutError as exc:
+            error = exc
+    assert error is not None
+    raise error
+
+
+def request(url: str, transfer: Transfer, headers: Optional[dict] = None) -> Response:
+    """GET ``url`` under the policy: every hop checked and connected to its checked address, redirects followed
+    by hand, resets and 502/503/504 retried. Returns the final response, status < 400."""
+    policy = transfer.policy
+    name = transfer.name
+    headers = dict(headers or {})
+    current = url
+    for _hop in range(policy.max_redirects + 1):
+        parts = check_url(current, policy, name)
+        raw = _with_retries(parts, transfer, headers)
+        if raw.status in (301, 302, 303, 307, 308):
+            location = raw.headers.get("location", "")
+            _drain(raw)
+            if not location:
+                raise NetworkError(f"{transfer.media} source {name}: HTTP {raw.status} without a Location header")
+            current = urllib.parse.urljoin(current, location)
+            continue
+        resp = Response(raw, current, transfer)
+        if resp.status >= 400:
+            resp.close()
+            raise NetworkError(
+                f"{transfer.media} source {name}: HTTP {resp.status} {resp.reason}".rstrip()
+                + (" (check the URL)" if resp.status < 500 else " (server error; retry later)")
+            )
+        return resp
+    raise NetworkError(f"{transfer.media} source {name}: more than {policy.max_redirects} redirects")
+
+
+def _with_retries(parts: urllib.parse.SplitResult, transfer: Transfer, headers: dict) -> Any:
+    policy = transfer.policy
+    attempt = 0
+    while True:
+        transfer.begin()
+        try:
+            transfer.requests += 1
+            raw = _send(parts, transfer, headers)
+        except QwenVLError:
+            raise
+        except Exception as exc:
+            transfer.check_cancelled()
+            if attempt < policy.retries and _is_reset(exc):
+                attempt += 1
+                _backoff(attempt, transfer)
+                continue
+            if _is_timeout(exc):
+                transfer.remaining()
+                raise FetchTimeoutError(
+                    f"{transfer.media} source {transfer.name}: timed out connecting or waiting ({exc})"
+                ) from exc
+            raise NetworkError(f"{transfer.media} source {transfer.name}: request failed: {exc}") from exc
+        finally:
+            transfer.end()
+        if raw.status in RETRY_STATUSES and attempt < policy.retries:
+            _drain(raw)
+            attempt += 1
+            _backoff(attempt, transfer)
+            continue
+        return raw
+
+
+def _backoff(attempt: int, transfer: Transfer) -> None:
+    """0.1 s, 0.2 s, 0.4 s, ... at most 1 s, never past the deadline."""
+    pause = min(1.0, 0.1 * 2 ** (attempt - 1))
+    transfer.begin()
+    try:
+        time.sleep(min(pause, max(0.0, transfer.remaining() - 0.05)))
+    finally:
+        transfer.end()
+
+
+def _drain(raw: Any) -> None:
+    """Give a small body back to the pool; drop the connection of a large one."""
+    try:
+        length = raw.headers.get("content-length")
+        if length and length.isdigit() and int(length) <= 65536:
+            raw.drain_conn()
+            raw.release_conn()
+        else:
+            raw.close()
+    except Exception:
+        raw.close()
