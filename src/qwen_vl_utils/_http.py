@@ -400,6 +400,14 @@ def _is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, (socket.timeout, TimeoutError)) or "Timeout" in type(exc).__name__
 
 
+def _is_tls(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, (ssl.SSLError, ssl.CertificateError)) or type(exc).__name__ == "SSLError":
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _is_reset(exc: BaseException) -> bool:
     """A dropped connection worth retrying (not a refusal, a timeout or a policy error)."""
     seen = set()
@@ -526,6 +534,11 @@ def _with_retries(parts: urllib.parse.SplitResult, transfer: Transfer, headers: 
                 attempt += 1
                 _backoff(attempt, transfer)
                 continue
+            if _is_tls(exc):
+                raise NetworkError(
+                    f"{transfer.media} source {transfer.name}: the TLS certificate could not be verified for "
+                    f"{parts.hostname} ({exc}); set SSL_CERT_FILE to a bundle that trusts its issuer if it is yours"
+                ) from exc
             if _is_timeout(exc):
                 transfer.remaining()
                 raise FetchTimeoutError(

@@ -31,14 +31,15 @@ MAX_SPAN_BLOCKS = 32  # 8 MiB: the largest single request of sequential readahea
 CACHE_BYTES = 96 << 20  # per remote file; least recently used blocks are dropped past it
 PREFETCH_AHEAD = 48 << 20  # prefetched bytes not yet read, at most
 PREFETCH_CONNECTIONS = 3
-MERGE_GAP = 1 << 20  # ranges closer than this are fetched as one
+MERGE_GAP = 1 << 18  # ranges closer than this are fetched as one (256 KiB: about a round trip's worth)
 
 #: fetch(start, end) -> the bytes [start, end), exactly; raises a QwenVLError
 Fetch = Callable[[int, int], bytes]
 
 
-def merge_ranges(ranges: list, gap: int = MERGE_GAP) -> list:
-    """Sorted, merged ``(start, end)`` ranges; two ranges closer than ``gap`` become one."""
+def merge_ranges(ranges: list, gap: Optional[int] = None) -> list:
+    """Sorted, merged ``(start, end)`` ranges; two ranges closer than ``gap`` (MERGE_GAP) become one."""
+    gap = MERGE_GAP if gap is None else gap
     out: list = []
     for start, end in sorted(r for r in ranges if r[1] > r[0]):
         if out and start <= out[-1][1] + gap:
@@ -77,6 +78,11 @@ class RangedFile:
         return RemoteReader(self)
 
     # -- blocks -----------------------------------------------------------------------------------------------
+
+    def has(self, k: int) -> bool:
+        """Is block ``k`` cached or on its way?"""
+        with self._cond:
+            return k in self._blocks or k in self._pending
 
     def block(self, k: int, span: int = 1) -> bytes:
         """Block ``k``, fetching it (and up to ``span - 1`` missing blocks after it, in one request) if needed."""
@@ -232,26 +238,29 @@ class RemoteReader(io.RawIOBase):
         return pos
 
     def readinto(self, buffer: Any) -> int:
+        """Fill ``buffer`` as far as the file allows (never short before the end, as some readers expect)."""
         shared = self._shared
         view = memoryview(buffer).cast("B")
-        if self._pos >= shared.size or not len(view):
-            return 0
-        k, offset = divmod(self._pos, BLOCK)
-        if k == self._last + 1 or k == self._last:
-            self._run += k != self._last
-        else:
-            self._run = 0
-        span = min(MAX_SPAN_BLOCKS, 1 << min(self._run, 5))
-        data = shared.block(k, span)
-        self._last = k
-        n = min(len(view), len(data) - offset)
-        if n <= 0:
-            raise DecodeError(f"video source {shared.name}: read past the end of a block")
-        view[:n] = data[offset : offset + n]
-        self._pos += n
-        return n
+        done = 0
+        while done < len(view) and self._pos < shared.size:
+            k, offset = divmod(self._pos, BLOCK)
+            if shared.has(k) or k not in (self._last, self._last + 1):
+                self._run = 0  # readahead grows only over a run of sequential misses
+            elif k != self._last:
+                self._run += 1
+            span = min(MAX_SPAN_BLOCKS, 1 << min(self._run // 2, 5))  # 1, 1, 2, 2, 4, 4, ... blocks
+            data = shared.block(k, span)
+            self._last = k
+            n = min(len(view) - done, len(data) - offset)
+            if n <= 0:
+                raise DecodeError(f"video source {shared.name}: read past the end of a block")
+            view[done : done + n] = data[offset : offset + n]
+            self._pos += n
+            done += n
+        return done
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             size = max(0, self._shared.size - self._pos)
-        return super().read(size) or b""
+        buf = bytearray(min(size, max(0, self._shared.size - self._pos)))
+        return bytes(buf[: self.readinto(buf)])

@@ -67,6 +67,12 @@ class Source:
             return self.opener()
         raise InvalidOptionError(f"{self.name} is a decoded object, not an encoded file")
 
+    def will_need(self, ranges: list) -> None:
+        """Byte ranges ``(start, end)`` a decoder is about to read, in order: a file read by range fetches them
+        ahead, merged and in the background (a local file needs nothing)."""
+        if self.ranged is not None and ranges:
+            self.ranged.prefetch(ranges)
+
     def head(self, n: int = 64) -> bytes:
         if self.data is not None:
             return bytes(self.data[:n])
@@ -115,13 +121,20 @@ _IMAGE_MAGIC = (
 _VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"FLV", b"OggS", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3", b"0&\xb2u")
 
 
+#: ISO base media "ftyp" brands of still images (HEIF/HEIC: iPhone photos; AVIF) and their image sequences
+HEIF_BRANDS = (
+    *(b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"mif2", b"msf1"),
+    *(b"avif", b"avis"),
+)
+
+
 def sniff_media(head: bytes) -> Optional[str]:
     """'image', 'video' or None, from the first bytes (never from a file name)."""
     if head[:4] == b"RIFF" and len(head) >= 12:
         return {b"WEBP": "image", b"AVI ": "video"}.get(head[8:12])
     if head[4:8] == b"ftyp":
         brand = head[8:12]
-        return "image" if brand in (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1") else "video"
+        return "image" if brand in HEIF_BRANDS else "video"
     if head[4:8] in (b"moov", b"mdat", b"free", b"wide", b"skip"):
         return "video"
     if head.startswith(_VIDEO_MAGIC) or (len(head) > 188 and head[0] == 0x47 and head[188] == 0x47):

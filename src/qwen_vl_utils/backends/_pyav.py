@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .._mp4 import sample_table
 from .._probe import VideoInfo, open_container
 from .._sources import Source
 from .._util import usable_cpus
@@ -25,26 +26,56 @@ def unsupported(info: VideoInfo) -> Optional[str]:
 
 
 class _Index:
-    """Presentation order of every packet, from packet headers only (no decoding)."""
+    """Presentation order of the frames a player shows, from the container's sample table where it has one
+    (MP4/MOV: the moov box alone, so a remote file is not read end to end for it), else from packet headers; no
+    decoding. Packets an edit list hides (``discard``: the pre-roll a cut needs from its keyframe) get no
+    ordinal, and FFmpeg's decoder drops their frames; their keyframes are still where decoding starts."""
 
-    def __init__(self, container: Any, stream: Any) -> None:
-        pts, keys = [], []
-        for packet in container.demux(stream):
-            if not packet.size:
-                continue
-            if packet.pts is None:
+    def __init__(self, container: Any, stream: Any, source: Optional[Source] = None) -> None:
+        samples = _samples_from_table(container, stream, source)
+        if samples is None:
+            samples = _samples_from_packets(container, stream)
+        pts, keys, hidden = [], [], []
+        self.decode_pos: list = []  # per packet in decode order: (ordinal-to-be pts, byte position, size)
+        for p, key, pos, size, discard in samples:
+            if p is None:
                 pts = []
                 break
-            pts.append(packet.pts)
-            if packet.is_keyframe:
-                keys.append(packet.pts)
+            (hidden if discard else pts).append(p)
+            if key:
+                keys.append(p)
+            self.decode_pos.append((p, pos, size))
         self.pts = sorted(pts)
         self.ordinal = {p: i for i, p in enumerate(self.pts)}
-        self.keyframes = sorted(self.ordinal[p] for p in keys) or [0]
+        # each keyframe as (ordinal of the first shown frame at or after it, its pts); of two, the later
+        starts = {bisect.bisect_left(self.pts, k): k for k in sorted(keys)}
+        self.keyframes = sorted(starts) or [0]
+        self.key_pts = [starts[o] for o in self.keyframes] if starts else self.pts[:1]
+        # hidden packets between shown ones (an edit list of several edits): decode straight through instead
+        self.hidden_inside = bool(self.pts) and any(self.pts[0] < h < self.pts[-1] for h in hidden)
+
+    def byte_ranges(self, targets: list, slack: int = 4) -> list:
+        """Byte ranges of the packets that decoding ``targets`` reads: from each target's keyframe to the
+        target's own packet, plus ``slack`` packets of decoder delay; [] when positions are unknown."""
+        if not self.decode_pos or any(pos is None or pos < 0 for _, pos, _ in self.decode_pos):
+            return []
+        decode_index = {p: i for i, (p, _, _) in enumerate(self.decode_pos)}
+        ranges = []
+        for t in targets:
+            k = self.keyframe_before(t)
+            first = decode_index.get(self.keyframe_pts(k))
+            last = decode_index.get(self.pts[min(t, len(self.pts) - 1)])
+            if first is None or last is None:
+                return []
+            last = min(len(self.decode_pos) - 1, max(first, last) + slack)
+            _, start, _ = self.decode_pos[first]
+            _, end_pos, end_size = self.decode_pos[last]
+            ranges.append((start, end_pos + end_size))
+        return ranges
 
     @property
     def usable(self) -> bool:
-        return bool(self.pts) and len(self.ordinal) == len(self.pts)
+        return bool(self.pts) and len(self.ordinal) == len(self.pts) and not self.hidden_inside
 
     def ordinal_of(self, pts: Optional[int]) -> Optional[int]:
         if pts is None:
@@ -56,6 +87,29 @@ class _Index:
 
     def keyframe_before(self, target: int) -> int:
         return self.keyframes[max(0, bisect.bisect_right(self.keyframes, target) - 1)]
+
+    def keyframe_pts(self, key: int) -> int:
+        """The pts of the keyframe that decoding from ordinal ``key`` (a ``keyframe_before``) starts at."""
+        return self.key_pts[bisect.bisect_left(self.keyframes, key)]
+
+
+def _samples_from_table(container: Any, stream: Any, source: Optional[Source]) -> Optional[list]:
+    if source is None:
+        return None
+    target = source.open()
+    f = open(target, "rb") if isinstance(target, str) else target  # noqa: SIM115 - closed below
+    try:
+        size = f.seek(0, 2)
+        table = sample_table(container, stream, f, size)
+    finally:
+        f.close()
+    if table is None:
+        return None
+    return list(zip(table.pts, table.key, table.pos, table.size, table.discard))
+
+
+def _samples_from_packets(container: Any, stream: Any) -> list:
+    return [(p.pts, p.is_keyframe, p.pos, p.size, p.is_discard) for p in container.demux(stream) if p.size]
 
 
 def _rgb(frame: Any) -> np.ndarray:
@@ -71,9 +125,11 @@ def read(source: Source, info: VideoInfo, indices: list[int], threads: int) -> I
     try:
         stream = container.streams.video[0]
         # AVI stores decode-order counters, not presentation times: count frames in output order instead
-        index = _Index(container, stream) if container.format.name != "avi" else None
+        index = _Index(container, stream, source) if container.format.name != "avi" else None
         workers = threads or usable_cpus()
         groups = _split(indices, index, workers) if index is not None and index.usable else [indices]
+        if index is not None and index.usable:
+            source.will_need(index.byte_ranges(indices))
         if len(groups) > 1:
             container.close()
             yield from _parallel(source, index, groups)
@@ -245,7 +301,7 @@ def _skippable(ordinal: Optional[int], wanted: set, careful_until: int) -> bool:
 def _seek(container: Any, stream: Any, index: _Index, key: int, wanted: set, careful_until: int) -> Iterator[Any]:
     """Decode from the keyframe ``key``, deciding packet by packet whether non-reference frames may be dropped
     (exact, unlike a decision made on the frames coming out, which lag the packets going in)."""
-    container.seek(index.pts[key], stream=stream, backward=True, any_frame=False)
+    container.seek(index.keyframe_pts(key), stream=stream, backward=True, any_frame=False)
     cc = stream.codec_context
     one_frame_per_packet = cc.name in _ONE_FRAME_PER_PACKET
     skipping = None

@@ -1,0 +1,165 @@
+"""A real HTTP/1.1 file server on 127.0.0.1 for the remote-media tests and the remote benchmark.
+
+Each file is served with or without range support and can misbehave on purpose: a rate limit, a connection
+reset after some bytes, a Content-Length that lies, 503s before it answers, a delay per request. The server
+counts the bytes it sends, the requests and the connections it accepts.
+"""
+
+from __future__ import annotations
+
+import http.server
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class File:
+    data: bytes
+    ranges: bool = True
+    rate: Optional[float] = None  # bytes per second (shared by all connections to this file)
+    reset_after: Optional[int] = None  # drop the connection once this many body bytes went out (once)
+    lie_length: int = 0  # added to the Content-Length (and the Content-Range total) it declares
+    unavailable: int = 0  # this many 503s before it answers
+    delay: float = 0.0  # seconds before each response
+    content_type: str = "application/octet-stream"
+    sent: int = 0
+    requests: list = field(default_factory=list)  # the Range header of each request (None: none)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _budget_t: float = 0.0
+
+
+class FileServer:
+    """``add(path, data, **behaviour) -> url``; ``files[path]`` has the counters."""
+
+    def __init__(self) -> None:
+        self.files: dict = {}
+        self.connections = 0
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def setup(self) -> None:
+                super().setup()
+                with server._lock:
+                    server.connections += 1
+
+            def do_GET(self) -> None:
+                server._serve(self)
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: object, client_address: object) -> None:
+                pass  # a client hanging up (or a reset on purpose) is not worth a traceback
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def add(self, path: str, data: bytes, **behaviour: object) -> str:
+        self.files[path] = File(data, **behaviour)
+        return self.url(path)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    # -- serving ----------------------------------------------------------------------------------------------
+
+    def _serve(self, req: http.server.BaseHTTPRequestHandler) -> None:
+        f = self.files.get(req.path.split("?")[0])
+        if f is None:
+            req.send_response(404)
+            req.send_header("Content-Length", "0")
+            req.end_headers()
+            return
+        rng = req.headers.get("Range")
+        with f._lock:
+            f.requests.append(rng)
+            unavailable = f.unavailable > 0
+            f.unavailable -= unavailable
+        if f.delay:
+            time.sleep(f.delay)
+        if unavailable:
+            req.send_response(503)
+            req.send_header("Content-Length", "0")
+            req.end_headers()
+            return
+        size = len(f.data)
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng or "")
+        if f.ranges and m:
+            start = int(m.group(1))
+            end = min(int(m.group(2)) if m.group(2) else size - 1, size - 1)
+            if start >= size:
+                req.send_response(416)
+                req.send_header("Content-Range", f"bytes */{size}")
+                req.send_header("Content-Length", "0")
+                req.end_headers()
+                return
+            body = f.data[start : end + 1]
+            req.send_response(206)
+            req.send_header("Content-Range", f"bytes {start}-{end}/{size + f.lie_length}")
+        else:
+            body = f.data
+            req.send_response(200)
+        if f.ranges:
+            req.send_header("Accept-Ranges", "bytes")
+        req.send_header("Content-Type", f.content_type)
+        req.send_header("Content-Length", str(len(body) + f.lie_length))
+        req.end_headers()
+        self._send_body(req, f, body)
+
+    def _send_body(self, req: http.server.BaseHTTPRequestHandler, f: File, body: bytes) -> None:
+        chunk = 16384
+        try:
+            for i in range(0, len(body), chunk):
+                piece = body[i : i + chunk]
+                with f._lock:
+                    if f.reset_after is not None and f.sent + len(piece) > f.reset_after:
+                        f.reset_after = None
+                        req.close_connection = True
+                        _reset(req.connection)
+                        return
+                    f.sent += len(piece)
+                if f.rate:
+                    _throttle(f, len(piece))
+                req.wfile.write(piece)
+            req.wfile.flush()
+            if f.lie_length:  # promised more than it had: hang up
+                req.close_connection = True
+        except OSError:
+            req.close_connection = True
+
+
+def _throttle(f: File, n: int) -> None:
+    """A token bucket shared by every connection to this file."""
+    with f._lock:
+        now = time.monotonic()
+        f._budget_t = max(f._budget_t, now) + n / f.rate
+        wait = f._budget_t - now
+    if wait > 0:
+        time.sleep(wait)
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close with a TCP RST (SO_LINGER 0), as a crashing server or a middlebox does."""
+    import struct
+
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
