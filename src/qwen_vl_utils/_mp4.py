@@ -83,11 +83,11 @@ def _find_moov(f: BinaryIO, file_size: int) -> Optional[bytes]:
 
 
 def _track(moov: bytes, track_id: int) -> Optional[tuple]:
-    """(stbl payload range) of the track with this id, and whether the moov has fragments (mvex)."""
-    for kind, a, b in _boxes(moov, 0, len(moov)):
-        if kind == b"mvex":
-            return None
-    for kind, a, b in _boxes(moov, 0, len(moov)):
+    """The stbl payload range of the track with this id; None for a fragmented file (an mvex box)."""
+    top = _boxes(moov, 0, len(moov))
+    if any(kind == b"mvex" for kind, _, _ in top):
+        return None
+    for kind, a, b in top:
         if kind != b"trak":
             continue
         children = {k: (x, y) for k, x, y in _boxes(moov, a, b)}
