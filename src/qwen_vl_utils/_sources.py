@@ -57,8 +57,11 @@ class Source:
     #: the shared state behind ``opener`` when the source is read by range (to prefetch what a plan needs)
     ranged: Any = None
 
-    def open(self) -> Union[str, BinaryIO]:
-        """What a decoder opens: a local path, or a new seekable binary file object."""
+    def open(self, local: bool = False) -> Union[str, BinaryIO]:
+        """What a decoder opens: a local path, or a new seekable binary file object. ``local=True`` is for a
+        decoder that reads its input whole: a file read by range is first copied to a temporary file."""
+        if local and self.path is None and self.opener is not None:
+            self._copy_to_tempfile()
         if self.path is not None:
             return self.path
         if self.data is not None:
@@ -66,6 +69,16 @@ class Source:
         if self.opener is not None:
             return self.opener()
         raise InvalidOptionError(f"{self.name} is a decoded object, not an encoded file")
+
+    def _copy_to_tempfile(self) -> None:
+        fd, path = tempfile.mkstemp(suffix=".media", dir=library_tmpdir())
+        try:
+            with os.fdopen(fd, "wb") as out, contextlib.closing(self.opener()) as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+        except BaseException:
+            os.unlink(path)
+            raise
+        self.path, self.is_temporary = path, True
 
     def will_need(self, ranges: list) -> None:
         """Byte ranges ``(start, end)`` a decoder is about to read, in order: a file read by range fetches them

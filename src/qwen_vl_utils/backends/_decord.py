@@ -1,5 +1,7 @@
 """decord: batched random access. Its bundled FFmpeg has no AV1, its seeks land on wrong frames in HEVC and
-MPEG-4 part 2, and it corrupts rotated streams: those go to PyAV with a warning (``unsupported``)."""
+MPEG-4 part 2, it corrupts rotated streams and cannot open files without a frame count or duration in the
+header (live/piped MKV), and it does not follow edit lists or mid-stream size changes: those go to PyAV with a
+warning (``unsupported``)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import numpy as np
 
 from .._probe import VideoInfo
 from .._sources import Source
-from ._chunks import avi_reordering, batches
+from ._chunks import batches, timeline_gaps
 
 NAME = "decord"
 APPLIES_ROTATION = False
@@ -24,11 +26,17 @@ def unsupported(info: VideoInfo) -> Optional[str]:
         return f"decord 0.6 seeks to the wrong frames in {info.codec.upper()} streams"
     if info.rotation:
         return "decord 0.6 returns corrupt frames for videos with rotation metadata"
-    return avi_reordering(info)
+    if not info.length_in_header:
+        return (
+            "decord 0.6 cannot open a file whose header gives neither a frame count nor a duration "
+            "(as live and piped muxers write MKV/WebM, without cues)"
+        )
+    return timeline_gaps(info, "decord 0.6")
 
 
 def read(source: Source, info: VideoInfo, indices: list[int], threads: int) -> Iterator[tuple[int, np.ndarray]]:
-    reader = decord.VideoReader(source.open(), ctx=decord.cpu(0), num_threads=threads)
+    # decord reads a file object whole into memory: give it a path (a remote file is copied to a temporary one)
+    reader = decord.VideoReader(source.open(local=True), ctx=decord.cpu(0), num_threads=threads)
     try:
         last = len(reader) - 1
         for wanted, clamped in batches(indices, last):
