@@ -13,6 +13,7 @@ import binascii
 import contextlib
 import io
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -33,6 +34,7 @@ from ._errors import (
 from ._http import ConnectionBroken, Transfer, check_scheme, request
 from ._policy import FetchPolicy
 from ._remote import RangedFile
+from ._stores import is_store_protocol, open_object
 
 __all__ = ["Source", "resolve_source", "sniff_media"]
 
@@ -257,12 +259,26 @@ def _resolve_string(value: str, media: str, policy: FetchPolicy) -> Source:
         else:
             path = urllib.parse.unquote(parsed.path)
         return _local(path, media, policy, name)
-    if len(scheme) > 1 and scheme.isalpha() and not os.path.exists(value):  # "a:b.png" may be a file name
+    url = _URL.match(stripped)
+    if url and not os.path.exists(value):  # "a:b.png" may be a file name
+        scheme = url.group(1).lower()
+        if is_store_protocol(scheme):
+            if scheme not in policy.allowed_schemes:
+                raise SourceNotAllowedError(
+                    f"{media} source {name}: the URL scheme {scheme!r} is not allowed by the fetch policy (allowed: "
+                    f"{', '.join(policy.allowed_schemes)}); to read object stores, install the 'remote' extra and "
+                    f"add {scheme!r} to FetchPolicy.allowed_schemes or QWENVL_ALLOWED_SCHEMES"
+                )
+            return _fetch_store(stripped, scheme, media, policy)
         raise SourceNotAllowedError(
-            f"{media} source {name}: the URL scheme {scheme!r} is not supported; use http(s)://, file://, data: "
-            "or a local path"
+            f"{media} source {name}: the URL scheme {scheme!r} is not supported; use http(s)://, file://, data:, "
+            "an object store (s3://, gs://, hf://, ...) or a local path"
         )
     return _local(value, media, policy, name)
+
+
+#: ``scheme://``, as object-store URLs are written
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def _check_bytes(n: int, media: str, policy: FetchPolicy, name: str) -> None:
@@ -350,11 +366,29 @@ def _fetch_http(url: str, media: str, policy: FetchPolicy) -> Source:
         first = _read_all(resp, FIRST_BYTES)
     finally:
         resp.close()
+    return _ranged_source(name, media, total, _range_fetcher(resp.url, transfer), first)
+
+
+def _ranged_source(name: str, media: str, size: int, fetch: Callable[[int, int], bytes], first: bytes) -> Source:
+    """A source over a remote file whose first bytes are in: in memory if that is all of it, else read by range."""
     _refuse_unknown(first, media, name)
-    if total <= len(first):
+    if size <= len(first):
         return Source(name=name, data=first)
-    shared = RangedFile(name, total, _range_fetcher(resp.url, transfer), first)
+    shared = RangedFile(name, size, fetch, first)
     return Source(name=name, opener=shared.reader, closers=[shared.close], ranged=shared)
+
+
+def _fetch_store(url: str, scheme: str, media: str, policy: FetchPolicy) -> Source:
+    """An object store's object: images whole, videos by range (see _stores)."""
+    name = describe(url)
+    transfer = Transfer(policy, media, name)
+    size, fetch = open_object(url, scheme, transfer)
+    if size <= 0:
+        raise DecodeError(f"{media} source {name} is empty")
+    if media == "image":  # read whole: refused before a byte of it moves
+        _check_bytes(size, media, policy, name)
+    first = fetch(0, size if media == "image" else min(size, FIRST_BYTES))
+    return _ranged_source(name, media, size, fetch, first)
 
 
 def _range_total(resp: Any) -> Optional[int]:

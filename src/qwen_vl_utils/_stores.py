@@ -1,0 +1,104 @@
+"""Object stores (``s3://``, ``gs://``, ``hf://`` and every other fsspec protocol) as image and video sources.
+
+Optional: needs the ``remote`` extra (fsspec and its S3, GCS and Hugging Face filesystems). Credentials and
+endpoints come from each filesystem's own standard configuration (environment variables, config files), never
+from the library. A protocol must be in the fetch policy's ``allowed_schemes``: none is by default.
+
+Objects are read exactly like HTTP sources: images whole, videos by range behind a seekable file object
+(:class:`~._remote.RangedFile`), under one :class:`~._http.Transfer` (bytes received against the byte limit,
+network time against the deadline, cancellation between reads).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from ._errors import (
+    FetchTimeoutError,
+    InvalidOptionError,
+    NetworkError,
+    QwenVLError,
+    SourceError,
+    SourceNotAllowedError,
+    SourceNotFoundError,
+)
+from ._http import Transfer
+
+__all__ = ["is_store_protocol", "open_object"]
+
+#: the protocols the remote extra brings; any other protocol fsspec knows works too when its package is there
+_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "hf": "huggingface_hub"}
+_HINT = "pip install 'qwen-vl-utils[remote]'"
+
+
+def is_store_protocol(scheme: str) -> bool:
+    """Could fsspec read this protocol (known to it, whether or not its package is installed)?"""
+    if scheme in _PACKAGES:
+        return True
+    try:
+        from fsspec.registry import known_implementations, registry
+    except ImportError:
+        return False
+    return scheme in known_implementations or scheme in registry
+
+
+def _filesystem(url: str, scheme: str, name: str) -> tuple:
+    try:
+        import fsspec
+    except ImportError as exc:
+        raise InvalidOptionError(f"{name}: {scheme}:// sources need fsspec: {_HINT}") from exc
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        package = _PACKAGES.get(scheme, "the filesystem package for this protocol")
+        raise InvalidOptionError(f"{name}: {scheme}:// sources need {package}: {_HINT}") from exc
+    except (ValueError, TypeError) as exc:
+        raise InvalidOptionError(f"malformed {scheme}:// URL {name}: {exc}") from exc
+
+
+def _call(transfer: Transfer, what: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """One store call under the transfer's clock, its failures as the library's typed errors."""
+    transfer.remaining()
+    transfer.begin()
+    try:
+        return what(*args, **kwargs)
+    except QwenVLError:
+        raise
+    except FileNotFoundError as exc:
+        raise SourceNotFoundError(
+            f"{transfer.media} source {transfer.name}: no such object or bucket ({exc}); check the URL"
+        ) from exc
+    except PermissionError as exc:
+        raise SourceNotAllowedError(
+            f"{transfer.media} source {transfer.name}: the store denied access ({exc}); check the credentials in "
+            "its standard configuration (environment variables, config files)"
+        ) from exc
+    except TimeoutError as exc:
+        raise FetchTimeoutError(f"{transfer.media} source {transfer.name}: the store timed out ({exc})") from exc
+    except Exception as exc:  # whatever the filesystem raises: network, protocol, service errors
+        raise NetworkError(
+            f"{transfer.media} source {transfer.name}: reading from the store failed ({type(exc).__name__}: {exc})"
+        ) from exc
+    finally:
+        transfer.end()
+        transfer.remaining()  # the deadline's error if this call used the rest of it
+
+
+def open_object(url: str, scheme: str, transfer: Transfer) -> tuple:
+    """``(size, fetch)`` for an object: its size, and ``fetch(start, end) -> bytes`` by ranged reads."""
+    package = _PACKAGES.get(scheme)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise InvalidOptionError(f"{transfer.name}: {scheme}:// sources need {package}: {_HINT}")
+    fs, path = _filesystem(url, scheme, transfer.name)
+    info = _call(transfer, fs.info, path)
+    if info.get("type") == "directory":
+        raise SourceError(f"{transfer.media} source {transfer.name} is a directory, not an object")
+    size = int(info.get("size") or 0)
+
+    def fetch(start: int, end: int) -> bytes:
+        data = _call(transfer, fs.cat_file, path, start=start, end=end)
+        transfer.add(len(data))
+        return data
+
+    return size, fetch
