@@ -26,6 +26,8 @@ class File:
     unavailable: int = 0  # this many 503s before it answers
     delay: float = 0.0  # seconds before each response
     content_type: str = "application/octet-stream"
+    etag: Optional[str] = None  # sent, and honoured in If-None-Match (304)
+    last_modified: Optional[str] = None  # sent, and honoured in If-Modified-Since when equal (304)
     sent: int = 0
     requests: list = field(default_factory=list)  # the Range header of each request (None: none)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -101,6 +103,15 @@ class FileServer:
             req.send_header("Content-Length", "0")
             req.end_headers()
             return
+        if (f.etag and req.headers.get("If-None-Match") == f.etag) or (
+            f.last_modified and req.headers.get("If-Modified-Since") == f.last_modified
+        ):
+            with f._lock:
+                f.requests[-1] = "304"
+            req.send_response(304)
+            req.send_header("Content-Length", "0")
+            req.end_headers()
+            return
         size = len(f.data)
         m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng or "")
         if f.ranges and m:
@@ -120,6 +131,10 @@ class FileServer:
             req.send_response(200)
         if f.ranges:
             req.send_header("Accept-Ranges", "bytes")
+        if f.etag:
+            req.send_header("ETag", f.etag)
+        if f.last_modified:
+            req.send_header("Last-Modified", f.last_modified)
         req.send_header("Content-Type", f.content_type)
         req.send_header("Content-Length", str(len(body) + f.lie_length))
         req.end_headers()

@@ -48,6 +48,11 @@ class FetchPolicy:
     image_deadline: float = 30.0
     #: further tries of an idempotent read after a connection reset or an HTTP 502/503/504 (short backoff)
     retries: int = 2
+    #: a directory that keeps remote media fetched whole, revalidated on reuse (None: no cache)
+    media_cache: Optional[str] = None
+    media_cache_max_bytes: int = 10 * 1024 * MiB
+    #: seconds after which a cached entry is dropped, however valid
+    media_cache_max_age: float = 7 * 24 * 3600.0
     max_image_bytes: int = 256 * MiB
     max_video_bytes: int = 4096 * MiB
     #: decompression-bomb limit, checked from the header before any decode (Pillow's own error threshold)
@@ -76,6 +81,9 @@ _ENV = {
     "QWENVL_DEADLINE": ("deadline", float),
     "QWENVL_IMAGE_DEADLINE": ("image_deadline", float),
     "QWENVL_RETRIES": ("retries", int),
+    "QWENVL_MEDIA_CACHE": ("media_cache", lambda v: v or None),
+    "QWENVL_MEDIA_CACHE_MAX_BYTES": ("media_cache_max_bytes", lambda v: int(float(v))),
+    "QWENVL_MEDIA_CACHE_MAX_AGE": ("media_cache_max_age", float),
     "QWENVL_MAX_IMAGE_BYTES": ("max_image_bytes", lambda v: int(float(v))),
     "QWENVL_MAX_VIDEO_BYTES": ("max_video_bytes", lambda v: int(float(v))),
     "QWENVL_MAX_IMAGE_PIXELS": ("max_image_pixels", lambda v: int(float(v))),

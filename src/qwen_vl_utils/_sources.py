@@ -21,6 +21,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Optional, Union
 
+from ._cache import cache_for
 from ._errors import (
     DecodeError,
     InvalidOptionError,
@@ -348,13 +349,23 @@ _SNIFF_BYTES = 512
 
 def _fetch_http(url: str, media: str, policy: FetchPolicy) -> Source:
     """Images are fetched whole into memory. Videos are read by range when the server supports it (a seekable
-    file object; only what the decoder touches is transferred), else streamed whole to a temporary file."""
+    file object; only what the decoder touches is transferred), else streamed whole to a temporary file.
+    With a media cache, what was fetched whole is kept, and reused after a conditional request says so."""
     name = describe(url)
     transfer = Transfer(policy, media, name)
-    ranged = media == "video"
-    resp = request(url, transfer, {"Range": f"bytes=0-{FIRST_BYTES - 1}"} if ranged else None)
+    cache = cache_for(policy)
+    entry = cache.lookup(url) if cache is not None else None
+    headers = {"Range": f"bytes=0-{FIRST_BYTES - 1}"} if media == "video" else {}
+    resp = request(url, transfer, {**headers, **(entry.conditional_headers() if entry else {})})
+    if resp.status == 304:
+        resp.close()
+        hit = _from_cache(cache, entry, media, policy, name) if entry is not None else None
+        if hit is not None:
+            return hit
+        resp = request(url, transfer, headers)  # the entry was damaged: fetch it again, unconditionally
+    validators = (resp.header("etag"), resp.header("last-modified"))
     try:
-        total = _range_total(resp) if ranged else None
+        total = _range_total(resp) if media == "video" else None
         if total is None:  # the whole body: no range support, or an image
             declared = resp.content_length
             if declared is not None and declared > transfer.limit:
@@ -362,11 +373,30 @@ def _fetch_http(url: str, media: str, policy: FetchPolicy) -> Source:
                     f"{media} source {name} declares {declared} bytes, over the limit of {transfer.limit} "
                     f"(raise FetchPolicy.max_{media}_bytes)"
                 )
-            return _stream_body(resp, media, name)
-        first = _read_all(resp, FIRST_BYTES)
+            source = _stream_body(resp, media, name)
+        else:
+            first = _read_all(resp, FIRST_BYTES)
     finally:
         resp.close()
-    return _ranged_source(name, media, total, _range_fetcher(resp.url, transfer), first)
+    if total is not None:
+        source = _ranged_source(name, media, total, _range_fetcher(resp.url, transfer), first)
+    if cache is not None and source.opener is None:  # fetched whole: worth keeping
+        cache.store(url, source.path, source.data, *validators)
+    return source
+
+
+def _from_cache(cache: Any, entry: Any, media: str, policy: FetchPolicy, name: str) -> Optional[Source]:
+    """A source from a cache entry the server confirmed (None if the entry turned out damaged)."""
+    _check_bytes(entry.size, media, policy, name)
+    if media == "image" or entry.size <= FIRST_BYTES:
+        data = cache.read(entry)
+        return None if data is None else Source(name=name, data=data)
+    fd, path = tempfile.mkstemp(suffix=".media", dir=library_tmpdir())
+    os.close(fd)
+    if not cache.copy_to(entry, path):
+        os.unlink(path)
+        return None
+    return Source(name=name, path=path, is_temporary=True)
 
 
 def _ranged_source(name: str, media: str, size: int, fetch: Callable[[int, int], bytes], first: bytes) -> Source:
