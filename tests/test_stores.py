@@ -188,3 +188,24 @@ def test_without_the_remote_extra_the_error_says_what_to_install():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_s3_objects_are_cached_and_validated_by_etag(store, monkeypatch, tmp_path):
+    store.use(monkeypatch)
+    policy = S3.replace(media_cache=str(tmp_path / "cache"))
+    first = q.fetch_image({"image": "s3://media-bucket/img/a.png"}, policy=policy)
+    calls = []
+    real = s3fs.S3FileSystem._cat_file
+
+    async def spy(self, path, *args, **kwargs):
+        calls.append(path)
+        return await real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", spy)
+    s3fs.S3FileSystem.clear_instance_cache()
+    again = q.fetch_image({"image": "s3://media-bucket/img/a.png"}, policy=policy)
+    assert np.array_equal(np.asarray(first), np.asarray(again)) and calls == [], "served from the cache"
+    store.client("s3").put_object(Bucket="media-bucket", Key="img/a.png", Body=image_bytes(gradient(30, 20), "PNG"))
+    changed = q.fetch_image({"image": "s3://media-bucket/img/a.png"}, policy=policy)
+    assert changed.size != first.size and len(calls) == 1, "a new ETag: fetched again"
+    store.client("s3").put_object(Bucket="media-bucket", Key="img/a.png", Body=PNG)

@@ -412,13 +412,22 @@ def _fetch_store(url: str, scheme: str, media: str, policy: FetchPolicy) -> Sour
     """An object store's object: images whole, videos by range (see _stores)."""
     name = describe(url)
     transfer = Transfer(policy, media, name)
-    size, fetch = open_object(url, scheme, transfer)
+    size, fetch, validator = open_object(url, scheme, transfer)
     if size <= 0:
         raise DecodeError(f"{media} source {name} is empty")
     if media == "image":  # read whole: refused before a byte of it moves
         _check_bytes(size, media, policy, name)
+    cache = cache_for(policy)
+    entry = cache.lookup(url) if cache is not None and validator else None
+    if entry is not None and entry.etag == validator:  # the store's current version is the one kept
+        hit = _from_cache(cache, entry, media, policy, name)
+        if hit is not None:
+            return hit
     first = fetch(0, size if media == "image" else min(size, FIRST_BYTES))
-    return _ranged_source(name, media, size, fetch, first)
+    source = _ranged_source(name, media, size, fetch, first)
+    if cache is not None and source.data is not None:
+        cache.store(url, None, source.data, validator, None)
+    return source
 
 
 def _range_total(resp: Any) -> Optional[int]:

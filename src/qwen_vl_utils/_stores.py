@@ -86,7 +86,8 @@ def _call(transfer: Transfer, what: Callable[..., Any], *args: Any, **kwargs: An
 
 
 def open_object(url: str, scheme: str, transfer: Transfer) -> tuple:
-    """``(size, fetch)`` for an object: its size, and ``fetch(start, end) -> bytes`` by ranged reads."""
+    """``(size, fetch, validator)`` for an object: its size, ``fetch(start, end) -> bytes`` by ranged reads, and
+    its ETag (or modification time) to validate a cached copy with, when the store gives one."""
     package = _PACKAGES.get(scheme)
     if package is not None and importlib.util.find_spec(package) is None:
         raise InvalidOptionError(f"{transfer.name}: {scheme}:// sources need {package}: {_HINT}")
@@ -101,4 +102,5 @@ def open_object(url: str, scheme: str, transfer: Transfer) -> tuple:
         transfer.add(len(data))
         return data
 
-    return size, fetch
+    validator = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
+    return size, fetch, None if validator is None else str(validator)
