@@ -163,9 +163,14 @@ class Case:
 def _measure(case: Case, cand: Candidate, timeout: float = 1800) -> dict:
     spec = {"case": case.name if case.name == "images" else "video", "files": case.files, "patch": case.patch}
     spec.update({"ele": case.ele, "max_pixels": case.max_pixels, "backend": cand.backend, **cand.extra})
+    return run_worker(cand.python, spec, timeout)
+
+
+def run_worker(python: str, spec: dict, timeout: float = 1800, script: str = "") -> dict:
+    """One measurement in a fresh process (``worker.py`` unless ``script``): its JSON result, or {"error"}."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FORCE_QWENVL", "PYTHONPATH"))}
     proc = subprocess.run(
-        [cand.python, "-P", WORKER, json.dumps(spec)], capture_output=True, text=True, timeout=timeout, env=env
+        [python, "-P", script or WORKER, json.dumps(spec)], capture_output=True, text=True, timeout=timeout, env=env
     )
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}

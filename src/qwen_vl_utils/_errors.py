@@ -6,7 +6,7 @@ older code would have caught, so ``except OSError`` / ``except ValueError`` keep
     QwenVLError(Exception)
     ├── SourceError(OSError)                    the source cannot be read
     │   ├── SourceNotFoundError(FileNotFoundError)  no such file
-    │   ├── SourceNotAllowedError(PermissionError)  refused by the fetch policy
+    │   ├── SourceNotAllowedError(PermissionError)  refused by the fetch policy or a store's access control
     │   ├── NetworkError(ConnectionError)           HTTP status >= 400, refused connection, bad redirects
     │   ├── FetchTimeoutError(TimeoutError)         connect/read timeout or total deadline passed
     │   └── SourceTooLargeError                     over a byte, pixel, frame or duration limit
@@ -47,7 +47,8 @@ class SourceNotFoundError(SourceError, FileNotFoundError):
 
 
 class SourceNotAllowedError(SourceError, PermissionError):
-    """The fetch policy refuses this source (scheme, host, address or local path)."""
+    """The fetch policy refuses this source (scheme, host, address or local path), or an object store denied
+    access to it."""
 
 
 class NetworkError(SourceError, ConnectionError):
