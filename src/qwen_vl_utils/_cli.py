@@ -359,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("-o", "--output", required=True, help="PNG file to write")
     _add_element_flags(pre)
     _add_element_flags(command("demo", "inspect and preview a generated sample", cmd_demo))
+    from .dataset._cli import add_dataset_parser  # dataset check|count|pack|stats
+
+    add_dataset_parser(sub, common)
     return p
 
 

@@ -1,0 +1,164 @@
+"""``pack``: best-fit-decreasing bin packing of counted samples into groups of at most ``max_len`` tokens.
+
+The whole set is packed at once (not in batches of 256, as qwen-vl-finetune's ``pack_data.py`` does). Only
+``(index, num_tokens, byte offset)`` of each sample is held in memory; the groups are then written by reading
+each sample's line back from the counted file, so the output is the samples exactly as counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from array import array
+from bisect import bisect_left, insort
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .._errors import InvalidOptionError
+from ._output import atomic_writer
+
+__all__ = ["PackSummary", "best_fit_decreasing", "pack"]
+
+
+def best_fit_decreasing(sizes: Sequence[int], capacity: int) -> list:
+    """Groups (lists of positions into ``sizes``) whose sizes sum to at most ``capacity``.
+
+    Items go in decreasing size (ties by position, so the result is deterministic), each into the open group
+    with the least room that still fits it, else a new group. Open groups are kept by remaining room: a
+    sorted list of the distinct room values (at most ``capacity`` of them) and a stack of groups per value,
+    so each item costs one bisection: O(n log n) in all. Every size must be at most ``capacity``.
+    """
+    # decreasing size, ties by position (a stable sort of the negated sizes): deterministic, and 16 bytes a sample
+    order = np.argsort(-np.asarray(sizes, dtype=np.int64), kind="stable").tolist()
+    if order and sizes[order[0]] > capacity:
+        raise InvalidOptionError(f"an item of size {sizes[order[0]]} does not fit a capacity of {capacity}")
+    smallest = sizes[order[-1]] if order else 0
+    rooms: list = []  # sorted distinct remaining room of open groups
+    groups_by_room: dict = {}
+    groups: list = []
+    for i in order:
+        size = sizes[i]
+        k = bisect_left(rooms, size)
+        if k < len(rooms):
+            room = rooms[k]
+            stack = groups_by_room[room]
+            g = stack.pop()
+            if not stack:
+                del groups_by_room[room]
+                del rooms[k]
+        else:
+            room, g = capacity, len(groups)
+            groups.append([])
+        groups[g].append(i)
+        left = room - size
+        if left >= max(smallest, 1):  # room nothing left to place could use is closed for good
+            stack = groups_by_room.get(left)
+            if stack is None:
+                groups_by_room[left] = [g]
+                insort(rooms, left)
+            else:
+                stack.append(g)
+    return groups
+
+
+@dataclass
+class PackSummary:
+    groups: int
+    samples: int  # packed
+    too_long: int
+    malformed: int
+    tokens: int  # packed
+    max_len: int
+    seconds: float
+
+    @property
+    def fill(self) -> float:
+        """Packed tokens over the room of all groups."""
+        return self.tokens / (self.groups * self.max_len) if self.groups else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.too_long or self.malformed else 0
+
+    def describe(self) -> str:
+        text = (
+            f"packed {self.samples} samples into {self.groups} groups of at most {self.max_len} tokens: "
+            f"fill {self.fill:.2%}"
+        )
+        if self.too_long:
+            text += f"; {self.too_long} samples longer than {self.max_len} left out"
+        if self.malformed:
+            text += f"; {self.malformed} records without a valid num_tokens left out"
+        return text + f" [{self.seconds:.1f} s]"
+
+
+def _scan(path: str, max_len: int, problems: list) -> tuple:
+    """(offsets, lengths, tokens) of the packable lines; the others become problem records."""
+    offsets, lengths, tokens = array("q"), array("q"), array("q")
+    offset = 0
+    with open(path, "rb") as f:
+        for n, line in enumerate(f):
+            try:
+                record = json.loads(line)
+                index, size = record.get("index", n), record["num_tokens"]
+                if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                    raise TypeError(f"num_tokens must be a non-negative integer, got {size!r}")
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                if line.strip():
+                    problems.append({"line": n, "problem": "malformed", "message": f"not a counted sample ({exc})"})
+            else:
+                if size > max_len:
+                    problems.append(
+                        {
+                            "index": index,
+                            "problem": "too_long",
+                            "message": f"{size} tokens, over --max-len {max_len}",
+                            "num_tokens": size,
+                        }
+                    )
+                else:
+                    offsets.append(offset)
+                    lengths.append(len(line.rstrip(b"\r\n")))
+                    tokens.append(size)
+            offset += len(line)
+    return offsets, lengths, tokens
+
+
+def pack(counted: str, output: str, max_len: int, problems: Optional[str] = None) -> PackSummary:
+    """Pack the samples of ``counted`` (a :func:`count` output) into ``output``: a JSON list of groups, each a
+    list of samples, as qwen-vl-finetune's packed data. Samples over ``max_len`` go to ``problems`` (default
+    ``<output stem>.problems.jsonl``) with code ``too_long``. Both files are replaced atomically."""
+    started = time.monotonic()
+    if not isinstance(max_len, int) or max_len <= 0:
+        raise InvalidOptionError(f"max_len must be a positive number of tokens, got {max_len!r}")
+    if not os.path.isfile(counted):
+        raise InvalidOptionError(f"counted file {counted} does not exist")
+    problem_records: list = []
+    offsets, lengths, tokens = _scan(counted, max_len, problem_records)
+    groups = best_fit_decreasing(tokens, max_len)
+    with open(counted, "rb") as src, atomic_writer(output) as out:
+        out.write(b"[\n")
+        for g, group in enumerate(groups):
+            out.write(b",\n" if g else b"")
+            out.write(b"[" + b",".join(_line(src, offsets[i], lengths[i]) for i in group) + b"]")
+        out.write(b"\n]\n")
+    stem = output[: -len(".json")] if output.endswith(".json") else output
+    with atomic_writer(problems or f"{stem}.problems.jsonl") as f:
+        f.writelines(json.dumps(p).encode() + b"\n" for p in problem_records)
+    return PackSummary(
+        groups=len(groups),
+        samples=len(tokens),
+        too_long=sum(p["problem"] == "too_long" for p in problem_records),
+        malformed=sum(p["problem"] == "malformed" for p in problem_records),
+        tokens=sum(tokens),
+        max_len=max_len,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _line(f: object, offset: int, length: int) -> bytes:
+    f.seek(offset)
+    return f.read(length)

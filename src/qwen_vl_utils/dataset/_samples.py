@@ -1,0 +1,267 @@
+"""One sample: its format, its media as library elements, its tag checks, and its conversation as messages.
+
+Two formats are read:
+
+- qwen-vl-finetune's: ``{"image": path or [paths], "video": path or [paths], "conversations": [{"from":
+  "human"|"gpt"|"system", "value": "... <image> ..."}]}``. The n-th ``<image>`` tag of the human turns is the
+  n-th image, as qwen-vl-finetune's data processor assigns them.
+- the chat format :func:`~qwen_vl_utils.process_vision_info` reads: ``{"messages": [{"role": ..., "content":
+  str or [elements]}]}``; an element's own keys win over the settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .._policy import FetchPolicy
+
+__all__ = ["Problem", "Sample", "Settings", "parse_sample", "to_messages"]
+
+_TAG = re.compile(r"(<image>|<video>)")
+_USER_ROLES = {"human": "user", "user": "user"}
+_ASSISTANT_ROLES = {"gpt": "assistant", "assistant": "assistant", "model": "assistant"}
+_SYSTEM_ROLES = {"system": "system"}
+_ROLES = {**_USER_ROLES, **_ASSISTANT_ROLES, **_SYSTEM_ROLES}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How samples are read and counted; the element keys are the ones :func:`process_vision_info` reads.
+
+    ``image_keys`` / ``video_keys`` are added to every image / video element (``min_pixels``,
+    ``max_pixels``, ``total_pixels``, ``fps``, ``min_frames``, ``max_frames``, ...); a sample's own element
+    keys win. ``media_root``: the folder relative media paths are resolved against.
+    """
+
+    media_root: str = "."
+    patch_size: int = 14
+    image_keys: dict = field(default_factory=dict)
+    video_keys: dict = field(default_factory=dict)
+    tokenizer: Optional[str] = None
+    deep: bool = False
+    policy: Optional[FetchPolicy] = None
+
+    def fingerprint(self) -> dict:
+        """What decides the output (not how it is computed): stored next to an output to make resuming safe."""
+        out = dataclasses.asdict(self)
+        out.pop("policy")
+        out["media_root"] = os.path.abspath(self.media_root)
+        out["tokenizer"] = os.path.abspath(self.tokenizer) if self.tokenizer else None
+        return json.loads(json.dumps(out, sort_keys=True))
+
+
+class Problem(Exception):
+    """A sample-level problem: ``code`` (``malformed``, ``tag_mismatch``, ...) and a message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Sample:
+    record: dict
+    messages: list  # chat messages; media elements carry resolved sources and the settings' keys
+    media: list  # (kind, element) in conversation order
+    problems: list  # Problems found without touching the media (tags)
+
+
+def parse_sample(raw: bytes, settings: Settings) -> Sample:
+    """Parse one raw record; raises :class:`Problem` ``malformed`` when it is not a valid sample."""
+    try:
+        record = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Problem("malformed", f"not valid JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise Problem("malformed", f"a sample must be a JSON object, got {type(record).__name__}")
+    if "conversations" in record:
+        return _finetune_sample(record, settings)
+    if "messages" in record:
+        return _chat_sample(record, settings)
+    raise Problem("malformed", "a sample needs 'conversations' (qwen-vl-finetune) or 'messages' (chat format)")
+
+
+def to_messages(record: dict, settings: Optional[Settings] = None) -> list:
+    """The chat messages of a sample in either format, ready for :func:`process_vision_info`: relative media
+    paths resolved against ``settings.media_root`` and the settings' element keys added (the element's own
+    keys win). Raises :class:`Problem` for a sample that is not valid."""
+    settings = settings or Settings()
+    sample = parse_sample(json.dumps(record).encode(), settings)
+    if sample.problems:
+        raise sample.problems[0]
+    return sample.messages
+
+
+# --- media sources -------------------------------------------------------------------------------------------
+
+
+def resolve_path(value: Any, root: str) -> Any:
+    """A relative local path joined to ``root``; URLs, ``data:`` URIs and absolute paths as they are."""
+    if not isinstance(value, str) or not value or value.startswith("data:") or "://" in value:
+        return value
+    return value if os.path.isabs(value) else os.path.join(root, value)
+
+
+def _element(kind: str, ele: dict, settings: Settings) -> dict:
+    keys = settings.image_keys if kind == "image" else settings.video_keys
+    out = {**keys, **ele}
+    if kind == "video" and isinstance(out.get("video"), list):
+        out["video"] = [resolve_path(v, settings.media_root) for v in out["video"]]
+    elif kind == "video":
+        out["video"] = resolve_path(out.get("video"), settings.media_root)
+    elif isinstance(out.get("image_url"), dict) and "image" not in out:
+        out["image_url"] = {**out["image_url"], "url": resolve_path(out["image_url"].get("url"), settings.media_root)}
+    else:
+        key = "image" if out.get("image") is not None else "image_url"
+        out[key] = resolve_path(out.get(key), settings.media_root)
+    return out
+
+
+def _media_list(record: dict, key: str) -> list:
+    value = record.get(key)
+    if value is None or value == "":
+        return []
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if not isinstance(v, str) or not v:
+            raise Problem("malformed", f"'{key}' must be a path or a list of paths, got {json.dumps(value)[:80]}")
+    return values
+
+
+# --- qwen-vl-finetune --------------------------------------------------------------------------------------
+
+
+def _finetune_sample(record: dict, settings: Settings) -> Sample:
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise Problem("malformed", "'conversations' must be a non-empty list of {'from', 'value'} turns")
+    images = _media_list(record, "image")
+    videos = _media_list(record, "video")
+    pools = {
+        "<image>": [_element("image", {"type": "image", "image": p}, settings) for p in images],
+        "<video>": [_element("video", {"type": "video", "video": p}, settings) for p in videos],
+    }
+    problems, messages, media = [], [], []
+    tags = {"<image>": 0, "<video>": 0}
+    for n, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in _ROLES:
+            raise Problem(
+                "malformed",
+                f"turn {n} must be {{'from': 'human'|'gpt'|'system', 'value': text}}, got {json.dumps(turn)[:80]}",
+            )
+        role = _ROLES[turn["from"]]
+        text = turn["value"]
+        if role != "user":
+            found = _TAG.findall(text)
+            if found and role == "assistant":
+                problems.append(
+                    Problem("tag_in_response", f"turn {n} ({turn['from']}) has {len(found)} media tag(s) {found[0]}")
+                )
+            messages.append({"role": role, "content": [{"type": "text", "text": text}]})
+            continue
+        content = []
+        for seg in _TAG.split(text):
+            if seg in tags:
+                pool = pools[seg]
+                if tags[seg] < len(pool):
+                    content.append(pool[tags[seg]])
+                    media.append((seg[1:-1], pool[tags[seg]]))
+                tags[seg] += 1
+            elif seg.strip():
+                content.append({"type": "text", "text": seg.strip()})
+        messages.append({"role": role, "content": content})
+    for tag, pool in pools.items():
+        if tags[tag] != len(pool):
+            problems.append(
+                Problem(
+                    "tag_mismatch",
+                    f"{tags[tag]} {tag} tag(s) in the human turns for {len(pool)} {tag[1:-1]}(s) in the sample",
+                )
+            )
+    return Sample(record, messages, media, problems)
+
+
+# --- chat messages -------------------------------------------------------------------------------------------
+
+
+def _chat_kind(ele: Any) -> Optional[str]:
+    if not isinstance(ele, dict):
+        return None
+    if "video" in ele or ele.get("type") == "video":
+        return "video"
+    if "image" in ele or "image_url" in ele or ele.get("type") in ("image", "image_url"):
+        return "image"
+    return None
+
+
+def _chat_sample(record: dict, settings: Settings) -> Sample:
+    raw_messages = record["messages"]
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise Problem("malformed", "'messages' must be a non-empty list of {'role', 'content'} messages")
+    problems, messages, media = [], [], []
+    for n, msg in enumerate(raw_messages):
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+            raise Problem(
+                "malformed", f"message {n} must be {{'role': ..., 'content': ...}}, got {json.dumps(msg)[:80]}"
+            )
+        content = msg.get("content")
+        if isinstance(content, str) or content is None:
+            messages.append(msg)
+            continue
+        if not isinstance(content, list):
+            raise Problem("malformed", f"message {n}: 'content' must be text or a list of elements")
+        new_content = []
+        for ele in content:
+            kind = _chat_kind(ele)
+            if kind is None:
+                if not isinstance(ele, dict):
+                    raise Problem(
+                        "malformed", f"message {n}: an element must be an object, got {json.dumps(ele)[:80]}"
+                    )
+                new_content.append(ele)
+                continue
+            source = ele.get(kind) if kind == "video" else ele.get("image", ele.get("image_url"))
+            if source is None or source == "" or source == []:
+                raise Problem("malformed", f"message {n}: a {kind} element without a source: {json.dumps(ele)[:80]}")
+            element = _element(kind, ele, settings)
+            new_content.append(element)
+            media.append((kind, element))
+            if msg["role"] in _ASSISTANT_ROLES:
+                problems.append(Problem("tag_in_response", f"message {n} ({msg['role']}) holds a {kind} element"))
+        messages.append({**msg, "content": new_content})
+    return Sample(record, messages, media, problems)
+
+
+# --- the conversation as text ------------------------------------------------------------------------------
+
+
+def template_messages(messages: list) -> list:
+    """Messages for a chat template: media elements reduced to ``{"type": "image"|"video"}``, as Qwen's
+    processors pass them to the template (which writes a vision placeholder for each)."""
+    out = []
+    for msg in messages:
+        content = msg.get("content")
+        if isinstance(content, list):
+            content = [{"type": k} if (k := _chat_kind(e)) else e for e in content]
+        out.append({"role": msg["role"], "content": content if content is not None else ""})
+    return out
+
+
+def plain_text(sample: Sample) -> str:
+    """The conversation without a chat template, turns joined by newlines: qwen-vl-finetune's turn values as
+    written (tags included); chat messages' text with ``<image>``/``<video>`` where their media stand."""
+    if "conversations" in sample.record:
+        return "\n".join(turn["value"] for turn in sample.record["conversations"])
+    turns = []
+    for msg in sample.messages:
+        content = msg.get("content")
+        if isinstance(content, list):
+            content = "".join(f"<{k}>" if (k := _chat_kind(e)) else str(e.get("text", "")) for e in content)
+        turns.append(content or "")
+    return "\n".join(turns)

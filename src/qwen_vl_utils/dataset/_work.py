@@ -1,0 +1,328 @@
+"""The per-sample work, the same in every engine: parse, check tags, measure each medium, count text tokens.
+
+Runs in worker processes (the local pool, Ray workers): everything it needs arrives as arguments, and what it
+keeps (a tokenizer, a cache of measured media) lives in this module per process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import OrderedDict
+from typing import Any, Optional
+
+from .. import _errors as errors
+from .._errors import InvalidOptionError
+from .._policy import get_fetch_policy
+from ._samples import Problem, Settings, parse_sample, plain_text, template_messages
+
+__all__ = ["PROBLEM_CODES", "classify", "load_text_counter", "process_batch"]
+
+#: every problem code a check or count can report, and what it means
+PROBLEM_CODES = {
+    "malformed": "not a valid record: bad JSON, neither 'conversations' nor 'messages', wrong types",
+    "tag_mismatch": "the <image>/<video> tags in the human turns differ from the number of images/videos",
+    "tag_in_response": "media tags (or media elements) in an assistant turn",
+    "missing": "a media file that does not exist (or an HTTP 404/410)",
+    "undecodable": "not a readable image or video: truncated, corrupt, no video stream, an aspect ratio over 200",
+    "invalid_option": "an element key or setting that cannot be honoured for this medium (e.g. nframes > frames)",
+    "too_large": "over a fetch-policy limit (bytes, pixels, seconds, frames)",
+    "not_allowed": "refused by the fetch policy (scheme, host, local paths, media_root)",
+    "unreachable": "a network error or timeout",
+    "unreadable": "the file exists but cannot be read (a directory, permissions)",
+    "error": "an unexpected error (please report it): the sample is left out and the run goes on",
+}
+
+_CODES = (  # the first class that matches decides
+    (errors.SourceNotFoundError, "missing"),
+    (errors.AspectRatioError, "undecodable"),
+    (errors.DecodeError, "undecodable"),
+    (errors.SourceNotAllowedError, "not_allowed"),
+    (errors.SourceTooLargeError, "too_large"),
+    (errors.FetchTimeoutError, "unreachable"),
+    (errors.NetworkError, "unreachable"),
+    (errors.InvalidOptionError, "invalid_option"),
+    (errors.SourceError, "unreadable"),
+    (OSError, "unreadable"),
+)
+_GONE = re.compile(r"\bHTTP (404|410)\b")
+
+
+def classify(exc: BaseException) -> Problem:
+    """The problem code of an exception raised while measuring a medium."""
+    code = next((c for cls, c in _CODES if isinstance(exc, cls)), "error")
+    if code == "unreachable" and (getattr(exc, "status", None) in (404, 410) or _GONE.search(str(exc))):
+        code = "missing"
+    return Problem(code, f"{type(exc).__name__}: {exc}")
+
+
+# --- measuring media -----------------------------------------------------------------------------------------
+
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 65536
+
+
+def measure(kind: str, ele: dict, settings: Settings) -> dict:
+    """Tokens and facts of one medium, or raises its :class:`Problem`; cached per process (datasets reuse
+    media: one video, many questions). The cache holds small dicts and problems, never decoded data."""
+    key = (kind, json.dumps(ele, sort_keys=True, default=repr), settings.patch_size, settings.deep)
+    hit = _CACHE.get(key)
+    if hit is None:
+        try:
+            hit = _measure(kind, ele, settings)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            hit = classify(exc)
+        _CACHE[key] = hit
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    if isinstance(hit, Problem):
+        raise hit
+    return hit
+
+
+def _measure(kind: str, ele: dict, settings: Settings) -> dict:
+    from ..vision_process import count_visual_tokens
+
+    policy = get_fetch_policy(settings.policy)
+    facts = _image_facts(ele, policy) if kind == "image" else _video_facts(ele, policy, settings.patch_size)
+    if settings.deep:
+        facts["tokens"] = _decoded_tokens(kind, ele, settings.patch_size, policy)
+    elif "tokens" not in facts:
+        facts["tokens"] = count_visual_tokens(ele, settings.patch_size, policy=policy)
+    return facts
+
+
+def _image_facts(ele: dict, policy: Any) -> dict:
+    from ..image import open_image, oriented_size, resolve_image
+
+    with resolve_image(ele, policy) as source:
+        width, height = oriented_size(open_image(source, policy))
+    return {"kind": "image", "width": width, "height": height}
+
+
+def _video_facts(ele: dict, policy: Any, patch_size: int) -> dict:
+    """Size, duration and the planned frames (their times feed Qwen3-VL's timestamp tokens). For a video file
+    also its tokens, from the same probe and the library's own frame plan and frame size: probing costs more
+    than anything else here (opening the container and decoding one frame), so it is done once."""
+    from .._probe import probe_video
+    from .._sources import resolve_source
+    from ..image import _patch_factor, ceil_by_factor, visual_tokens
+    from ..video import FRAME_FACTOR, _frame_list_metadata, plan_frames, qwen3_timestamps, video_frame_size
+
+    value = ele.get("video")
+    if isinstance(value, list):
+        n_out = max(FRAME_FACTOR, ceil_by_factor(len(value), FRAME_FACTOR))
+        meta, sample_fps = _frame_list_metadata(ele, len(value), n_out) if value else ({}, 0)
+        times = qwen3_timestamps(meta["frames_indices"], meta["fps"]) if value else []
+        duration = len(value) / sample_fps if value else 0.0
+        return {"kind": "video", "duration": round(duration, 3), "frames": n_out, "_times": times}
+    with resolve_source(value, "video", policy) as source:
+        info = probe_video(source)
+        plan = plan_frames(info, ele, policy, source.name)
+    width, height = info.display_size
+    factor = _patch_factor(patch_size)
+    try:
+        rh, rw = video_frame_size(ele, plan.nframes, height, width, factor)
+    except errors.AspectRatioError as exc:
+        raise errors.AspectRatioError(f"video {errors.describe(value)}: {exc}") from None
+    return {
+        "kind": "video",
+        "width": width,
+        "height": height,
+        "duration": round(info.duration, 3),
+        "frames": plan.nframes,
+        "tokens": visual_tokens(rh, rw, factor, plan.nframes, FRAME_FACTOR),
+        "_times": qwen3_timestamps(plan.indices, plan.fps),
+    }
+
+
+def _decoded_tokens(kind: str, ele: dict, patch_size: int, policy: Any) -> int:
+    """--deep: decode the medium fully, as process_vision_info does, and count its actual output."""
+    from ..image import _patch_factor, fetch_image, visual_tokens
+    from ..video import FRAME_FACTOR, decode_video
+
+    factor = _patch_factor(patch_size)
+    if kind == "image":
+        img = fetch_image(ele, patch_size, policy=policy)
+        return visual_tokens(img.height, img.width, factor)
+    frames = decode_video(ele, patch_size, policy=policy).frames
+    t, h, w = frames.shape[:3]
+    return visual_tokens(h, w, factor, t, FRAME_FACTOR)
+
+
+# --- text tokens ---------------------------------------------------------------------------------------------
+
+
+class TextCounter:
+    """Text tokens of a conversation with a local tokenizer folder.
+
+    With a chat template: the messages rendered by it (media as ``{"type": "image"|"video"}``, which Qwen's
+    templates write as ``<|vision_start|><|image_pad|><|vision_end|>``), minus the ``<|image_pad|>`` /
+    ``<|video_pad|>`` placeholders the processor expands into the visual tokens, plus, for Qwen3-VL (patch 16),
+    the ``<t seconds>`` timestamp and the vision start/end pair its processor writes for each temporal group
+    of a video. So ``text_tokens + visual_tokens`` is the length of the processor's ``input_ids``. Without a
+    chat template: the turns' text joined by newlines, media tags as written.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.encode, self.render, vocab = _load(path)
+        self.pads = {vocab[t] for t in ("<|image_pad|>", "<|video_pad|>") if t in vocab}
+        self.video_pad = "<|video_pad|>" in vocab
+        self._stamps: dict = {}
+
+    def count(self, samples: list, facts: list, patch_size: int) -> list:
+        if self.render is None:
+            return [len(ids) for ids in self.encode([plain_text(s) for s in samples])]
+        texts = [self.render(template_messages(s.messages)) for s in samples]
+        counts = [sum(1 for i in ids if i not in self.pads) for ids in self.encode(texts)]
+        if patch_size == 16 and self.video_pad:
+            counts = [n + self._qwen3_video_text(f) for n, f in zip(counts, facts)]
+        return counts
+
+    def _qwen3_video_text(self, facts: list) -> int:
+        extra = 0
+        for fact in facts:
+            for t in fact.get("_times", ()) if fact["kind"] == "video" else ():
+                stamp = f"<{t:.1f} seconds>"
+                if stamp not in self._stamps:
+                    self._stamps[stamp] = len(self.encode([stamp])[0])
+                extra += self._stamps[stamp] + 2  # the timestamp, then vision start ... vision end
+        return extra
+
+
+def _has_template_file(path: str) -> bool:
+    if os.path.exists(os.path.join(path, "chat_template.jinja")) or os.path.exists(
+        os.path.join(path, "chat_template.json")
+    ):
+        return True
+    try:
+        with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
+            return bool(json.load(f).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
+def _load(path: str) -> tuple:
+    if not os.path.isdir(path):
+        raise InvalidOptionError(f"--tokenizer {path}: not a folder (give a local Hugging Face tokenizer folder)")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return _load_tokenizers(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ... for unusable folders
+        raise InvalidOptionError(f"--tokenizer {path}: cannot load a tokenizer from it ({exc})") from exc
+
+    def encode(texts: list) -> list:
+        return tok(texts, add_special_tokens=False)["input_ids"]
+
+    render = None
+    if getattr(tok, "chat_template", None):
+
+        def render(messages: list) -> str:
+            return tok.apply_chat_template(messages, tokenize=False)
+
+    return encode, render, tok.get_vocab()
+
+
+def _load_tokenizers(path: str) -> tuple:
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as exc:
+        raise InvalidOptionError("--tokenizer needs transformers (or tokenizers): pip install transformers") from exc
+    if _has_template_file(path):
+        raise InvalidOptionError(
+            f"--tokenizer {path} has a chat template, which needs transformers to render: pip install transformers"
+        )
+    try:
+        tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    except Exception as exc:
+        raise InvalidOptionError(f"--tokenizer {path}: cannot load tokenizer.json ({exc})") from exc
+
+    def encode(texts: list) -> list:
+        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+    return encode, None, tok.get_vocab()
+
+
+_COUNTERS: dict = {}
+
+
+def load_text_counter(path: Optional[str]) -> Optional[TextCounter]:
+    if path is None:
+        return None
+    if path not in _COUNTERS:
+        _COUNTERS[path] = TextCounter(path)
+    return _COUNTERS[path]
+
+
+# --- one batch ---------------------------------------------------------------------------------------------
+
+
+def _problem_line(index: int, problems: list) -> dict:
+    first = problems[0]
+    return {
+        "index": index,
+        "problem": first.code,
+        "message": first.message,
+        "problems": [{"problem": p.code, "message": p.message} for p in problems],
+    }
+
+
+def _examine(raw: Optional[bytes], error: Optional[str], settings: Settings) -> tuple:
+    """(sample, facts, problems) of one raw record."""
+    if error is not None:
+        return None, [], [Problem("malformed", error)]
+    try:
+        sample = parse_sample(raw, settings)
+    except Problem as p:
+        return None, [], [p]
+    except RecursionError as exc:  # absurdly nested JSON
+        return None, [], [Problem("malformed", f"not a valid record: {exc}")]
+    except Exception as exc:  # a record shaped like nothing foreseen must not stop a 10-million-line run
+        return None, [], [classify(exc)]
+    problems = list(sample.problems)
+    facts = []
+    for kind, ele in sample.media:
+        try:
+            facts.append(measure(kind, ele, settings))
+        except Problem as p:
+            problems.append(p)
+    return sample, facts, problems
+
+
+def process_batch(records: list, settings: Settings, mode: str) -> list:
+    """``[(index, raw bytes, reader error), ...]`` -> ``[(index, "valid"|"problem", JSON line), ...]``, in order.
+
+    ``mode``: ``"check"`` (valid samples as they are, plus ``index``) or ``"count"`` (plus ``visual_tokens``,
+    ``text_tokens`` with a tokenizer, ``num_tokens`` and ``media_info``)."""
+    results: list = []
+    valid: list = []  # (position in results, sample, facts)
+    for index, raw, error in records:
+        sample, facts, problems = _examine(raw, error, settings)
+        if problems:
+            results.append((index, "problem", _problem_line(index, problems)))
+        else:
+            valid.append((len(results), sample, facts))
+            results.append((index, "valid", None))
+    counter = load_text_counter(settings.tokenizer) if mode == "count" else None
+    texts = counter.count([s for _, s, _ in valid], [f for _, _, f in valid], settings.patch_size) if counter else None
+    for k, (pos, sample, facts) in enumerate(valid):
+        out = dict(sample.record)
+        out["index"] = results[pos][0]
+        if mode == "count":
+            visual = sum(f["tokens"] for f in facts)
+            out["visual_tokens"] = visual
+            if texts is not None:
+                out["text_tokens"] = texts[k]
+            out["num_tokens"] = visual + (texts[k] if texts is not None else 0)
+            out["media_info"] = [{k2: v for k2, v in f.items() if not k2.startswith("_")} for f in facts]
+        results[pos] = (results[pos][0], "valid", out)
+    return [(i, kind, json.dumps(obj, ensure_ascii=False)) for i, kind, obj in results]
