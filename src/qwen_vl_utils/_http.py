@@ -15,8 +15,10 @@ connection resets and on 502/503/504 with a short, bounded backoff (``FetchPolic
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
+import select
 import socket
 import ssl
 import threading
@@ -25,6 +27,8 @@ import urllib.parse
 import urllib.request
 from typing import Any, Optional
 
+from . import _cancel
+from ._cancel import Cancelled, Token
 from ._errors import (
     FetchTimeoutError,
     InvalidOptionError,
@@ -42,10 +46,6 @@ RETRY_STATUSES = frozenset({502, 503, 504})
 _USER_AGENT = "qwen-vl-utils"
 
 
-class Cancelled(QwenVLError):
-    """The work was cancelled by its caller (an asyncio task, a closed stream)."""
-
-
 class ConnectionBroken(NetworkError):
     """The body broke off mid-transfer (a reset, a closed connection): a ranged read may resume."""
 
@@ -56,7 +56,7 @@ class Transfer:
     ``deadline`` bounds the time spent waiting on the network (connecting, sending, receiving), not the time
     spent decoding between ranged reads; ``limit`` bounds the bytes actually received."""
 
-    def __init__(self, policy: FetchPolicy, media: str, name: str, cancel: Optional[threading.Event] = None) -> None:
+    def __init__(self, policy: FetchPolicy, media: str, name: str, token: Optional[Token] = None) -> None:
         self.policy = policy
         self.media = media
         self.name = name
@@ -65,7 +65,7 @@ class Transfer:
         self.received = 0
         self.requests = 0
         self.addresses: dict = {}  # host -> the addresses checked for it: one lookup per host and transfer
-        self.cancel_event = cancel if cancel is not None else _current_cancel()
+        self.token = token if token is not None else _cancel.current()
         self._waited = 0.0
         self._since: Optional[float] = None
         self._lock = threading.Lock()
@@ -111,16 +111,22 @@ class Transfer:
             )
 
     def check_cancelled(self) -> None:
-        if self.cancel_event is not None and self.cancel_event.is_set():
+        if self.token is not None and self.token.cancelled:
             raise Cancelled(f"{self.media} source {self.name}: cancelled")
 
     def track(self, resp: Any) -> None:
         with self._lock:
+            first = not self._live
             self._live.add(resp)
+        if first and self.token is not None:
+            self.token.register(self)
 
     def untrack(self, resp: Any) -> None:
         with self._lock:
             self._live.discard(resp)
+            last = not self._live
+        if last and self.token is not None:
+            self.token.unregister(self)
 
     def abort(self) -> None:
         """Unblock every read in flight (from another thread): their sockets are shut down."""
@@ -131,6 +137,11 @@ class Transfer:
 
 
 def _shutdown(resp: Any) -> None:
+    sock = getattr(resp, "sock", None)  # a connection still waiting for its response's headers
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        return
     try:
         resp.shutdown()
     except Exception:  # already closed, or an urllib3 without shutdown(): close the socket instead
@@ -138,29 +149,6 @@ def _shutdown(resp: Any) -> None:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-
-
-# --- cancellation scope (set by the asyncio API around the work it runs in a thread) --------------------------
-
-_scope = threading.local()
-
-
-def _current_cancel() -> Optional[threading.Event]:
-    return getattr(_scope, "cancel", None)
-
-
-class cancel_scope:
-    """Make every Transfer created on this thread inside the block observe ``event``."""
-
-    def __init__(self, event: Optional[threading.Event]) -> None:
-        self.event = event
-
-    def __enter__(self) -> None:
-        self.previous = _current_cancel()
-        _scope.cancel = self.event
-
-    def __exit__(self, *exc: object) -> None:
-        _scope.cancel = self.previous
 
 
 # --- the policy on URLs and addresses ---------------------------------------------------------------------------
@@ -280,6 +268,87 @@ def _tls() -> ssl.SSLContext:
     return _ssl_context
 
 
+# --- connections that a cancelled caller can interrupt ------------------------------------------------------------
+
+_active = threading.local()  # the transfer whose request this thread is sending, and its connection
+
+
+def _connect(address: tuple, timeout: Any, source_address: Any, options: Any) -> socket.socket:
+    """Connect in short slices, so that a cancelled transfer stops waiting at once (a blocking connect to a
+    host that never answers would hold the thread for the whole connect timeout)."""
+    transfer = getattr(_active, "transfer", None)
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        for level, name, value in options or ():
+            sock.setsockopt(level, name, value)
+        if source_address:
+            sock.bind(source_address)
+        limit = time.monotonic() + (timeout if isinstance(timeout, (int, float)) else 30.0)
+        sock.settimeout(0.05)
+        while True:
+            try:
+                sock.connect(address)
+                break
+            except (socket.timeout, BlockingIOError, InterruptedError):
+                if transfer is not None:
+                    transfer.check_cancelled()
+                if time.monotonic() >= limit:
+                    raise socket.timeout(f"connecting to {host}:{port} timed out") from None
+            except OSError as exc:
+                if exc.errno in (errno.EALREADY, errno.EINPROGRESS):
+                    select.select([], [sock], [], 0.05)
+                    if transfer is not None:
+                        transfer.check_cancelled()
+                    if time.monotonic() >= limit:
+                        raise socket.timeout(f"connecting to {host}:{port} timed out") from None
+                    continue
+                if exc.errno == errno.EISCONN:
+                    break
+                raise
+        sock.settimeout(timeout if isinstance(timeout, (int, float)) else None)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _connection_class(https: bool) -> Any:
+    """urllib3's connection class, connecting in cancellable slices and registering itself with the transfer
+    whose request it sends, so that cancelling the transfer also interrupts the wait for response headers."""
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+
+    base = HTTPSConnection if https else HTTPConnection
+
+    class Connection(base):  # type: ignore[misc, valid-type]
+        def _new_conn(self) -> socket.socket:
+            try:
+                return _connect((self._dns_host, self.port), self.timeout, self.source_address, self.socket_options)
+            except socket.timeout as exc:
+                from urllib3.exceptions import ConnectTimeoutError
+
+                raise ConnectTimeoutError(self, f"connection to {self.host} timed out") from exc
+            except Cancelled:
+                raise
+            except OSError as exc:
+                from urllib3.exceptions import NewConnectionError
+
+                raise NewConnectionError(self, f"failed to establish a new connection: {exc}") from exc
+
+        def request(self, *args: Any, **kwargs: Any) -> Any:
+            transfer = getattr(_active, "transfer", None)
+            if transfer is not None:
+                _active.connection = self
+                transfer.track(self)
+            return super().request(*args, **kwargs)
+
+    return Connection
+
+
+_CONNECTIONS: dict = {}
+
+
 def _pool(scheme: str, address: str, port: int, host: str) -> Any:
     import urllib3
 
@@ -303,6 +372,10 @@ def _pool(scheme: str, address: str, port: int, host: str) -> Any:
                 )
             else:
                 pool = urllib3.HTTPConnectionPool(address, port, maxsize=8, block=False, retries=False)
+            https = scheme == "https"
+            if https not in _CONNECTIONS:
+                _CONNECTIONS[https] = _connection_class(https)
+            pool.ConnectionCls = _CONNECTIONS[https]
             if len(_pools) > 64:  # bounded: forget the oldest hosts
                 for old in list(_pools)[:16]:
                     _pools.pop(old).close()
@@ -471,6 +544,7 @@ def _send(parts: urllib.parse.SplitResult, transfer: Transfer, headers: dict) ->
     error: Optional[BaseException] = None
     for address in addresses:
         pool = _pool(scheme, address, port, host)
+        _active.transfer, _active.connection = transfer, None
         try:
             return pool.urlopen(
                 "GET",
@@ -486,6 +560,10 @@ def _send(parts: urllib.parse.SplitResult, transfer: Transfer, headers: dict) ->
             error = exc
         except urllib3.exceptions.ConnectTimeoutError as exc:
             error = exc
+        finally:
+            if _active.connection is not None:
+                transfer.untrack(_active.connection)
+            _active.transfer = _active.connection = None
     assert error is not None
     raise error
 

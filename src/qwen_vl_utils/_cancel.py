@@ -1,0 +1,79 @@
+"""Cancellation of work running in a thread: a token that the caller sets and the work checks.
+
+The asyncio API runs the library's ordinary synchronous code in worker threads. Each piece of work runs inside
+``scope(token)``; the code checks :func:`check` between frames, images and network reads, and every network
+transfer started inside the scope registers itself, so that :meth:`Token.cancel` also shuts down sockets
+blocked in a read. Code outside any scope never sees a token: the synchronous API is unchanged.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional
+
+from ._errors import QwenVLError
+
+__all__ = ["Cancelled", "Token", "check", "current", "scope"]
+
+
+class Cancelled(QwenVLError):
+    """The work was cancelled by its caller (a cancelled asyncio task, an expired timeout)."""
+
+
+class Token:
+    """Set once, from any thread; the work it scopes stops at its next check."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._lock = threading.Lock()
+        self._live: set = set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.event.is_set()
+
+    def cancel(self) -> None:
+        self.event.set()
+        with self._lock:
+            live = list(self._live)
+        for transfer in live:
+            transfer.abort()
+
+    def register(self, transfer: Any) -> None:
+        with self._lock:
+            self._live.add(transfer)
+        if self.event.is_set():
+            transfer.abort()
+
+    def unregister(self, transfer: Any) -> None:
+        with self._lock:
+            self._live.discard(transfer)
+
+
+_local = threading.local()
+
+
+def current() -> Optional[Token]:
+    return getattr(_local, "token", None)
+
+
+class scope:
+    """Run the block (on this thread) under ``token``."""
+
+    def __init__(self, token: Optional[Token]) -> None:
+        self.token = token
+
+    def __enter__(self) -> Optional[Token]:
+        self.previous = current()
+        _local.token = self.token
+        return self.token
+
+    def __exit__(self, *exc: object) -> None:
+        _local.token = self.previous
+
+
+def check(token: Optional[Token] = None) -> None:
+    """Raise :class:`Cancelled` if this thread's work (or ``token``) was cancelled."""
+    token = token if token is not None else current()
+    if token is not None and token.event.is_set():
+        raise Cancelled("cancelled by the caller")
