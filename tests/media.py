@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 from typing import Optional
@@ -31,6 +33,59 @@ def frame_pattern(i: int, width: int, height: int) -> np.ndarray:
     return a
 
 
+#: frame numbers as full-height black/white stripes: STRIPE_BITS bits (most significant first), then STRIPE_CHECK
+#: stripes holding how many of those bits are set, so that a misread frame is an error rather than a wrong number
+STRIPE_BITS, STRIPE_CHECK = 12, 4
+STRIPES = STRIPE_BITS + STRIPE_CHECK
+
+
+def _stripe_bits(n: int) -> list[int]:
+    bits = [(n >> b) & 1 for b in reversed(range(STRIPE_BITS))]
+    return bits + [(sum(bits) >> b) & 1 for b in reversed(range(STRIPE_CHECK))]
+
+
+def numbered_frame(n: int, width: int, height: int) -> np.ndarray:
+    """A frame that carries its own number ``n`` (0 <= n < 4096) as stripes that survive lossy coding and
+    resizing down to 2 pixels a stripe; :func:`frame_number` reads it back exactly."""
+    if not 0 <= n < 2**STRIPE_BITS:
+        raise ValueError(f"frame number {n} does not fit in {STRIPE_BITS} bits")
+    columns = np.array(_stripe_bits(n), np.uint8)[np.arange(width) * STRIPES // width] * 255
+    frame = np.empty((height, width, 3), np.uint8)
+    frame[:] = columns[None, :, None]
+    return frame
+
+
+def frame_number(frame: object) -> int:
+    """The number :func:`numbered_frame` wrote into ``frame`` (HxWx3, 3xHxW or HxW, any size or dtype);
+    ValueError if the frame does not read as one (a stripe neither black nor white, or a failed check)."""
+    a = np.asarray(frame, dtype=np.float32)
+    if a.ndim == 3:
+        a = a.mean(axis=0 if a.shape[0] == 3 and a.shape[-1] != 3 else 2)
+    h, w = a.shape
+    band = a[h // 4 : h - h // 4]
+    bits = []
+    for k in range(STRIPES):  # the middle half of each stripe, away from the blurred edges
+        lo, hi = -(-(4 * k + 1) * w // (4 * STRIPES)), (4 * k + 3) * w // (4 * STRIPES) + 1
+        level = float(band[:, lo:hi].mean())
+        if 64 < level < 192:
+            raise ValueError(f"stripe {k} reads {level:.0f}, neither black nor white: not a numbered frame")
+        bits.append(int(level >= 128))
+    if bits != _stripe_bits(int("".join(map(str, bits[:STRIPE_BITS])), 2)):
+        raise ValueError(f"the stripes {bits} fail their check: not a numbered frame")
+    return int("".join(map(str, bits[:STRIPE_BITS])), 2)
+
+
+def displayed_frame_numbers(path: Path) -> list[int]:
+    """The numbers of the frames FFmpeg's own command-line decoder shows for ``path``, in order: every frame it
+    decodes after applying the container's edit list, none dropped or repeated to fit a rate
+    (``-fps_mode passthrough``), each scaled to one size whatever its own (so resolution changes read too)."""
+    w, h = 8 * STRIPES, 8
+    command = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0", "-fps_mode", "passthrough"]
+    command += ["-vf", f"scale={w}:{h}", "-f", "rawvideo", "-pix_fmt", "gray", "-"]
+    raw = subprocess.run(command, capture_output=True, check=True, timeout=120).stdout
+    return [frame_number(f) for f in np.frombuffer(raw, np.uint8).reshape(-1, h, w)]
+
+
 def make_video(
     path: Path,
     *,
@@ -46,8 +101,11 @@ def make_video(
     pts: Optional[list] = None,
     rate: Optional[Fraction] = None,
     gop: Optional[int] = None,
+    pattern: Callable[[int, int, int], np.ndarray] = frame_pattern,
+    options: Optional[dict] = None,
 ) -> Path:
-    """Encode ``frames`` pattern frames. ``pts`` (in 1/1000 s) makes a variable-frame-rate file."""
+    """Encode ``frames`` frames of ``pattern(i, width, height)``. ``pts`` (in 1/1000 s) makes a variable-frame-rate
+    file; ``options`` are added to the codec's options."""
     options = {"movflags": "+faststart"} if faststart else {}
     with av.open(str(path), "w", format=container, options=options) as out:
         stream = out.add_stream(codec, rate=rate or fps)
@@ -55,6 +113,7 @@ def make_video(
         stream.options = dict(CODEC_OPTIONS.get(codec, {}))
         if gop is not None:
             stream.options["g"] = str(gop)
+        stream.options.update(options or {})
         if pts is not None:
             stream.time_base = Fraction(1, 1000)
             stream.codec_context.time_base = Fraction(1, 1000)
@@ -65,7 +124,7 @@ def make_video(
             astream = out.add_stream("aac", rate=16000)
             astream.layout = "mono"
         for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(frame_pattern(i, width, height), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(pattern(i, width, height), format="rgb24")
             if pts is not None:
                 frame.pts = pts[i]
                 frame.time_base = Fraction(1, 1000)
@@ -120,3 +179,24 @@ def gradient(width: int = 97, height: int = 61, mode: str = "RGB") -> Image.Imag
     elif mode != "RGB":
         img = img.convert(mode)
     return img
+
+
+#: how a camera stores the pixels of an upright HxWx3 picture for each EXIF orientation (TIFF/EXIF tag 0x0112:
+#: where row 0 and column 0 of the stored image are shown), so that applying the orientation shows the picture
+EXIF_STORED: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda d: d[:, ::-1],  # mirrored left-right
+    3: lambda d: d[::-1, ::-1],  # turned 180
+    4: lambda d: d[::-1],  # mirrored top-bottom
+    5: lambda d: d.transpose(1, 0, 2),  # mirrored along the main diagonal
+    6: lambda d: np.rot90(d, 1),  # shown turned 90 clockwise
+    7: lambda d: np.rot90(d, 2).transpose(1, 0, 2),  # mirrored along the anti-diagonal
+    8: lambda d: np.rot90(d, -1),  # shown turned 90 counter-clockwise
+}
+
+
+def exif_stored(upright: np.ndarray, orientation: int) -> tuple[Image.Image, Image.Exif]:
+    """The stored image and the EXIF block a camera writes for ``upright`` shown with ``orientation``."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    pixels = EXIF_STORED[orientation](upright) if orientation != 1 else upright
+    return Image.fromarray(np.ascontiguousarray(pixels)), exif

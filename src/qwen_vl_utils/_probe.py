@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Optional
 
-from ._errors import DecodeError
+from ._errors import DecodeError, QwenVLError
 from ._sources import Source, sniff_media
 
 __all__ = ["VideoInfo", "open_container", "probe_video"]
@@ -27,6 +27,9 @@ class VideoInfo:
     container: str
     has_audio: bool
     has_b_frames: bool = False  # frames are reordered between decoding and display
+    hidden_frames: int = 0  # frames an edit list hides (a cut's pre-roll): decoded as references, never shown
+    size_changes: bool = False  # the coded size changes mid-stream (an adaptive stream switching renditions)
+    length_in_header: bool = True  # the header states a frame count or a duration (live, piped muxers: neither)
 
     @property
     def display_size(self) -> tuple[int, int]:
@@ -39,7 +42,9 @@ def open_container(source: Source) -> Any:
 
     try:
         return av.open(source.open(), mode="r", metadata_errors="ignore")
-    except MemoryError:
+    except av.FFmpegError as exc:  # its ENOMEM too (a MemoryError): a corrupt header asking for absurd sizes
+        raise _undecodable(source, exc) from exc
+    except (MemoryError, QwenVLError):  # a typed error from reading the source (network, limits) stays as it is
         raise
     except Exception as exc:  # FFmpeg errors, and whatever PyAV raises on hostile headers
         raise _undecodable(source, exc) from exc
@@ -61,6 +66,8 @@ def _rate(stream: Any) -> Optional[Fraction]:
 
 def probe_video(source: Source) -> VideoInfo:
     """Read the container header (and, where it has no frame count, its packet headers) and one frame."""
+    import av
+
     head = source.head(16)
     if sniff_media(head) == "image" and not head.startswith(b"GIF8"):  # an animated GIF is a video; a PNG is not
         raise DecodeError(
@@ -83,12 +90,18 @@ def probe_video(source: Source) -> VideoInfo:
         if not duration and container.duration:
             duration = container.duration / 1_000_000
         num_frames = int(stream.frames or 0)
+        length_in_header = num_frames > 0 or bool(container.duration)
+        size_changes = False
         try:
-            if num_frames <= 0:
-                num_frames = sum(1 for p in container.demux(stream) if p.size)
+            if num_frames > 0:
+                num_frames, hidden = _edited_count(container, stream, num_frames)
+            else:
+                num_frames, hidden, size_changes = _count_packets(container, stream)
                 container.seek(0)
             first = next(iter(container.decode(stream)), None)
-        except MemoryError:
+        except av.FFmpegError as exc:  # its ENOMEM too (a MemoryError): corrupt sizes, not this machine's memory
+            raise _undecodable(source, exc, "could not be decoded") from exc
+        except (MemoryError, QwenVLError):
             raise
         except Exception as exc:
             raise _undecodable(source, exc, "could not be decoded") from exc
@@ -115,6 +128,107 @@ def probe_video(source: Source) -> VideoInfo:
             container=container.format.name,
             has_audio=has_audio,
             has_b_frames=bool(stream.codec_context.has_b_frames),
+            hidden_frames=hidden,
+            size_changes=size_changes,
+            length_in_header=length_in_header,
         )
     finally:
         container.close()
+
+
+def _edited_count(container: Any, stream: Any, frames: int) -> tuple[int, int]:
+    """(frames shown, frames hidden) of a track whose header counts ``frames`` samples.
+
+    Of FFmpeg's demuxers only mov applies edit lists: in the index it builds from the header it marks the
+    samples an edit hides (``is_discard``: the pre-roll that a stream-copy cut keeps from the keyframe before
+    the cut), drops the samples no edit shows and repeats those shown twice; its decoder then drops the hidden
+    frames. Whether an edit hides anything is told by the index's two ends, its length and the edited duration,
+    so that an ordinary file costs no visit of every entry."""
+    if "mov" not in container.format.name:
+        return frames, 0
+    entries = stream.index_entries
+    n = len(entries)
+    if n == 0:
+        return frames, 0
+    rate, tb = stream.average_rate, stream.time_base
+    shortened = bool(stream.duration and rate and tb) and float(stream.duration * tb * rate) < frames - 1
+    if not (entries[0].is_discard or entries[n - 1].is_discard or n != frames or shortened):
+        return frames, 0
+    hidden = sum(1 for e in entries if e.is_discard)
+    return n - hidden, hidden
+
+
+def _count_packets(container: Any, stream: Any) -> tuple[int, int, bool]:
+    """(frames shown, frames hidden, whether the coded size changes) from the packet headers, for containers
+    whose header has no frame count (MPEG-TS, Matroska, raw streams)."""
+    watch = _SizeWatch.create(stream)
+    shown = hidden = 0
+    for packet in container.demux(stream):
+        if not packet.size:
+            continue
+        if packet.is_discard:
+            hidden += 1
+            continue
+        shown += 1
+        if watch is not None and packet.is_keyframe:
+            watch.check(packet)
+    return shown, hidden, watch is not None and watch.changed
+
+
+#: codecs that repeat their parameter sets on keyframes in-band, where FFmpeg's extract_extradata filter finds
+#: them: a new coded size comes with new parameter sets
+_IN_BAND_HEADERS = frozenset({"h264", "hevc", "vvc", "av1", "mpeg1video", "mpeg2video", "mpeg4", "vc1"})
+
+
+class _SizeWatch:
+    """Notices a mid-stream change of the coded size (an adaptive live stream switching renditions) from the
+    parameter sets on the keyframes, without decoding: only a keyframe whose parameter sets differ from every
+    set seen so far is decoded, alone, to read its size."""
+
+    def __init__(self, stream: Any) -> None:
+        import av.bitstream
+
+        self.codec = stream.codec_context.name
+        self.size = (stream.codec_context.width, stream.codec_context.height)
+        self.filter: Any = av.bitstream.BitStreamFilterContext("extract_extradata", stream)
+        self.same_size: set = set()  # parameter sets known to keep the size (the first ones by definition)
+        self.changed = False
+
+    @classmethod
+    def create(cls, stream: Any) -> Optional[_SizeWatch]:
+        if stream.codec_context.name not in _IN_BAND_HEADERS:
+            return None
+        try:
+            return cls(stream)
+        except Exception:  # a filter that cannot take this stream's parameters: no cheap way to tell
+            return None
+
+    def check(self, packet: Any) -> None:
+        """Look at a keyframe packet (which the filter consumes: count it first)."""
+        if self.changed or self.filter is None:
+            return
+        try:
+            filtered = self.filter.filter(packet)
+        except Exception:  # not in-band parameter sets (length-prefixed, as MP4 and Matroska store H.264)
+            self.filter = None
+            return
+        for out in filtered:
+            if not out.has_sidedata("new_extradata"):
+                continue
+            headers = bytes(out.get_sidedata("new_extradata"))
+            if headers in self.same_size:
+                continue
+            if self.same_size and self._size_of(out) != self.size:
+                self.changed = True
+                return
+            self.same_size.add(headers)
+
+    def _size_of(self, packet: Any) -> Optional[tuple[int, int]]:
+        import av
+
+        decoder = av.CodecContext.create(self.codec, "r")
+        try:
+            frames = [*decoder.decode(packet), *decoder.decode(None)]
+        except Exception:  # undecodable alone: say it changed, and let the backend that copes decode it
+            return None
+        return (frames[0].width, frames[0].height) if frames else None

@@ -15,6 +15,7 @@ Backends never choose frames: ``video.plan_frames`` does, from the one probe in 
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
 from dataclasses import dataclass
 from types import ModuleType
@@ -43,7 +44,7 @@ BACKENDS: dict[str, BackendSpec] = {
     ),
     "decord": BackendSpec("decord", "qwen_vl_utils.backends._decord", "decord", "pip install 'qwen-vl-utils[decord]'"),
     "torchvision": BackendSpec(
-        "torchvision", "qwen_vl_utils.backends._torchvision", "av", "pip install av (torchvision is optional)"
+        "torchvision", "qwen_vl_utils.backends._torchvision", "av", "pip install av (PyAV decodes)"
     ),
 }
 
@@ -76,6 +77,8 @@ def load_backend(name: str) -> ModuleType:
                 f"video reader backend {name!r} cannot be loaded ({type(exc).__name__}: {exc}); "
                 f"install it with: {spec.install_hint}, or choose another of: {', '.join(BACKENDS)}"
             )
+            if not (isinstance(exc, ModuleNotFoundError) and exc.name == spec.requires):  # installed, but broken
+                logging.getLogger("qwen_vl_utils").warning("%s; the automatic choice skips it", _failures[name])
             raise InvalidOptionError(_failures[name]) from exc
         _loaded[name] = module
         return module

@@ -18,6 +18,20 @@ def avi_reordering(info: VideoInfo) -> Optional[str]:
     return None
 
 
+def timeline_gaps(info: VideoInfo, name: str) -> Optional[str]:
+    """Streams on which the index-based decoders (torchcodec 0.13, decord 0.6) return frames other than the ones
+    a player shows, measured: an edit list that hides frames, a frame size that changes mid-stream, AVI with
+    B-frames."""
+    if info.hidden_frames:
+        return (
+            f"{name} does not follow the edit list that hides {info.hidden_frames} frames of this file "
+            "(the pre-roll of a cut): its frames are not the ones a player shows"
+        )
+    if info.size_changes:
+        return f"{name} returns wrong or repeated frames when the frame size changes mid-stream"
+    return avi_reordering(info)
+
+
 def batches(indices: list[int], last: int) -> Iterator[tuple[list[int], list[int]]]:
     """(requested, clamped) index batches; indices past the decoder's last frame repeat that frame."""
     for i in range(0, len(indices), BATCH):

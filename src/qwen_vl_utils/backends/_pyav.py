@@ -4,7 +4,6 @@ decodes straight through; converts to RGB only the frames it returns."""
 from __future__ import annotations
 
 import bisect
-import functools
 import queue
 import threading
 from collections.abc import Iterator
@@ -112,8 +111,22 @@ def _samples_from_packets(container: Any, stream: Any) -> list:
     return [(p.pts, p.is_keyframe, p.pos, p.size, p.is_discard) for p in container.demux(stream) if p.size]
 
 
-def _rgb(frame: Any) -> np.ndarray:
-    return frame.to_ndarray(format="rgb24")
+class _Rgb:
+    """A frame's RGB conversion, deferred to the caller's worker threads and done once however many targets
+    share the frame (a gap, or the end of a stream repeated): converting one PyAV frame from two threads at
+    once hangs or crashes."""
+
+    def __init__(self, frame: Any) -> None:
+        self.frame: Any = frame
+        self.lock = threading.Lock()
+        self.rgb: Optional[np.ndarray] = None
+
+    def __call__(self) -> np.ndarray:
+        with self.lock:
+            if self.rgb is None:
+                self.rgb = self.frame.to_ndarray(format="rgb24")
+                self.frame = None
+            return self.rgb
 
 
 def read(source: Source, info: VideoInfo, indices: list[int], threads: int) -> Iterator[tuple[int, Any]]:
@@ -263,14 +276,14 @@ def _read_seeking(container: Any, stream: Any, index: _Index, targets: list[int]
 
 def _emit(frame: Any, ordinal: int, targets: list[int], ti: Any) -> Any:
     """Yield this frame for every target up to its ordinal; return the next target's position."""
-    rgb = functools.partial(_rgb, frame)  # converted by the caller's worker threads
+    rgb = _Rgb(frame)
     while ti < len(targets) and targets[ti] <= ordinal:
         yield targets[ti], rgb
         ti += 1
     return ti
 
 
-#: frames a stream may end short of its header's count (edit lists, a dropped trailing frame) before it is
+#: frames a stream may end short of its header's count (a dropped trailing frame) before it is
 #: treated as truncated
 END_TOLERANCE = 2
 
@@ -282,7 +295,7 @@ def _repeat_last(frame: Any, ordinal: int, targets: list[int], ti: int) -> Itera
         raise EOFError(
             f"the stream ends after frame {ordinal}, before frame {targets[-1]}: the file is truncated or corrupt"
         )
-    rgb = functools.partial(_rgb, frame)
+    rgb = _Rgb(frame)
     for t in targets[ti:]:
         yield t, rgb
 

@@ -1,4 +1,5 @@
-"""torchcodec: FFmpeg through C++, exact frame index from a scan of the file."""
+"""torchcodec: FFmpeg through C++, exact frame index from a scan of the file. Files whose edit list hides frames,
+whose frame size changes mid-stream, or AVI with B-frames, go to PyAV with a warning (``unsupported``)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ from torchcodec.decoders import VideoDecoder
 
 from .._probe import VideoInfo
 from .._sources import Source
-from ._chunks import avi_reordering, batches
+from ._chunks import batches, timeline_gaps
 
 NAME = "torchcodec"
 APPLIES_ROTATION = True  # torchcodec >= 0.8 turns frames upright from the display matrix
 
 
 def unsupported(info: VideoInfo) -> Optional[str]:
-    return avi_reordering(info)
+    return timeline_gaps(info, "torchcodec 0.13")
 
 
 def read(source: Source, info: VideoInfo, indices: list[int], threads: int) -> Iterator[tuple[int, np.ndarray]]:
