@@ -18,7 +18,6 @@ Writes results-remote.{md,json} next to this file.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -29,7 +28,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from httpfiles import FileServer  # noqa: E402
 
-from suite import describe_machine, make_long_video, run_worker  # noqa: E402
+from suite import describe_machine, make_long_video, run_worker, save_results  # noqa: E402
 
 RATE = 400e6 / 8  # 400 Mbit/s
 VENV_0014 = os.path.join(HERE, ".venv-0014", "bin", "python")
@@ -116,12 +115,7 @@ def main(argv: list | None = None) -> int:
                 "output": row["error"] or ("same" if same and diff is not None and diff <= 1.0 else "differs"),
             }
         )
-    md = to_markdown(results)
-    print(md)
-    with open(os.path.join(HERE, "results-remote.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(HERE, "results-remote.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    save_results("results-remote", results, to_markdown(results))
     return 0
 
 

@@ -166,6 +166,16 @@ def _measure(case: Case, cand: Candidate, timeout: float = 1800) -> dict:
     return run_worker(cand.python, spec, timeout)
 
 
+def save_results(stem: str, results: dict, markdown: str) -> None:
+    """Print a case's table and write ``<stem>.md`` and ``<stem>.json`` into benchmarks/."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    print(markdown)
+    with open(os.path.join(here, f"{stem}.md"), "w") as f:
+        f.write(markdown)
+    with open(os.path.join(here, f"{stem}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
 def run_worker(python: str, spec: dict, timeout: float = 1800, script: str = "") -> dict:
     """One measurement in a fresh process (``worker.py`` unless ``script``): its JSON result, or {"error"}."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FORCE_QWENVL", "PYTHONPATH"))}

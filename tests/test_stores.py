@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import qwen_vl_utils as q
-from qwen_vl_utils import FetchPolicy, SourceNotAllowedError, SourceNotFoundError, _remote, _sources
-from test_remote import textured_video
+from qwen_vl_utils import FetchPolicy, SourceNotAllowedError, SourceNotFoundError
+from test_remote import small_blocks, textured_video  # noqa: F401 - small_blocks: an autouse fixture
 
 from media import gradient, image_bytes
 
@@ -99,13 +99,6 @@ def store(video_file):
     s3.put_object(Bucket="media-bucket", Key="vid/v.mp4", Body=video_file.read_bytes())
     yield moto
     moto.close()
-
-
-@pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    monkeypatch.setattr(_sources, "FIRST_BYTES", 32 << 10)
-    monkeypatch.setattr(_remote, "BLOCK", 16 << 10)
-    monkeypatch.setattr(_remote, "MERGE_GAP", 16 << 10)
 
 
 def test_s3_images_and_videos_equal_local_files(store, video_file, monkeypatch):

@@ -1,0 +1,138 @@
+"""examples/server.py, started with uvicorn on 127.0.0.1 and sent real HTTP requests."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import qwen_vl_utils as q
+from httpfiles import FileServer
+from test_remote import textured_video
+
+from media import gradient, image_bytes, make_video
+
+pytest.importorskip("starlette", reason="the example server needs starlette")
+pytest.importorskip("uvicorn", reason="the example server needs uvicorn")
+torch = pytest.importorskip("torch")
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "server.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app():
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLE), "--port", str(port), "--trusted"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    limit = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(base + "/stats", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > limit:
+                raise RuntimeError(f"the example server did not start: {proc.stderr.read().decode()}") from None
+            time.sleep(0.1)
+    yield base
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def files():
+    s = FileServer()
+    yield s
+    s.close()
+
+
+def _post(base: str, payload: dict) -> tuple:
+    req = urllib.request.Request(
+        base + "/v1/vision", json.dumps(payload).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def _stats(base: str) -> dict:
+    with urllib.request.urlopen(base + "/stats", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def test_the_server_returns_what_the_library_computes(app, files, tmp_path):
+    image = tmp_path / "a.png"
+    gradient(300, 200).save(image)
+    video = make_video(tmp_path / "v.mp4", frames=48)
+    url = files.add("/b.png", image_bytes(gradient(120, 90), "PNG"))
+    content = [
+        {"type": "image", "image": str(image)},
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "video", "video": str(video), "nframes": 4},
+        {"type": "text", "text": "What happens?"},
+    ]
+    for patch in (14, 16):
+        status, body = _post(app, {"messages": [{"role": "user", "content": content}], "image_patch_size": patch})
+        assert status == 200, body
+        images, videos = q.process_vision_info([{"role": "user", "content": content}], image_patch_size=patch)[:2]
+        assert [i["size"] for i in body["images"]] == [list(im.size) for im in images]
+        assert [i["tokens"] for i in body["images"]] == [q.count_visual_tokens(c, patch) for c in content[:2]]
+        v = body["videos"][0]
+        assert v["shape"] == list(videos[0].shape)
+        assert v["tokens"] == q.count_visual_tokens(content[2], patch)
+        _, meta = q.fetch_video(content[2], patch, return_video_metadata=True)
+        assert v["metadata"]["frames_indices"] == meta["frames_indices"]
+
+
+def test_errors_come_back_typed(app, tmp_path):
+    status, body = _post(app, {"messages": [{"role": "user", "content": [{"image": str(tmp_path / "no.png")}]}]})
+    assert status == 404 and body["error"] == "SourceNotFoundError"
+    image = tmp_path / "a.png"
+    gradient(64, 48).save(image)
+    status, body = _post(app, {"messages": [{"role": "user", "content": [{"image": str(image), "max_pixels": -1}]}]})
+    assert status == 400 and body["error"] == "InvalidOptionError" and "max_pixels" in body["message"]
+
+
+def test_a_client_that_disconnects_stops_its_work(app, files, tmp_path):
+    video = textured_video(tmp_path / "slow.mp4")
+    url = files.add("/slow.mp4", video.read_bytes(), ranges=False, rate=30000)
+    f = files.files["/slow.mp4"]
+    payload = json.dumps({"messages": [{"role": "user", "content": [{"video": url}]}]}).encode()
+    port = int(app.rsplit(":", 1)[1])
+    client = socket.create_connection(("127.0.0.1", port))
+    client.sendall(
+        b"POST /v1/vision HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    limit = time.monotonic() + 20
+    while f.sent < 20000:
+        assert time.monotonic() < limit, "the download never started"
+        time.sleep(0.05)
+    assert _stats(app)["downloads"] == 1
+    client.close()  # the client goes away mid-request
+    limit = time.monotonic() + 2.0
+    while _stats(app) != {"downloads": 0, "decodes": 0, "waiting": 0}:
+        assert time.monotonic() < limit, _stats(app)
+        time.sleep(0.05)
+    sent = f.sent
+    time.sleep(0.5)
+    assert f.sent - sent < 64 << 10, "the server stopped downloading for the client that left"
