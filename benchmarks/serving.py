@@ -11,7 +11,6 @@ time, throughput, p50/p95 latency and peak RSS. Writes results-serving.{md,json}
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -21,7 +20,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from httpfiles import FileServer  # noqa: E402
 
-from suite import describe_machine, run_worker  # noqa: E402
+from suite import describe_machine, run_worker, save_results  # noqa: E402
 
 VENV_0014 = os.path.join(HERE, ".venv-0014", "bin", "python")
 WORKER = os.path.join(HERE, "serving_worker.py")
@@ -120,12 +119,7 @@ def main(argv: list | None = None) -> int:
             }
         )
     results = {"machine": describe_machine(), "requests": args.requests, "latency_s": args.latency, "rows": rows}
-    md = to_markdown(results)
-    print(md)
-    with open(os.path.join(HERE, "results-serving.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(HERE, "results-serving.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    save_results("results-serving", results, to_markdown(results))
     return 0
 
 
