@@ -5,11 +5,15 @@ Set ``QWENVL_REQUIRE_BACKENDS=1`` (CI does) to turn a missing optional backend f
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import http.server
 import importlib
 import os
+import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -45,11 +49,58 @@ DECORD = _loads("decord") is None
 TORCHCODEC = _loads("torchcodec.decoders") is None
 
 
+#: what the other optional tests need; their tests skip without it, except under QWENVL_REQUIRE_BACKENDS
+OPTIONAL_MODULES = {
+    "torch (video tensors)": "torch",
+    "transformers (the real-client tests)": "transformers.models.qwen3_vl.video_processing_qwen3_vl",
+    "pillow-heif (HEIC images)": "pillow_heif",
+}
+
+
+def missing_requirements() -> list:
+    """Every backend and optional test dependency that does not import here, with the reason."""
+    wanted = {**BACKEND_MODULES, **OPTIONAL_MODULES}
+    return [f"{name} ({why})" for name, module in wanted.items() if (why := _loads(module)) is not None]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     if REQUIRE:
-        missing = [name for name, module in BACKEND_MODULES.items() if _loads(module) is not None]
+        missing = missing_requirements()
         if missing:
-            raise pytest.UsageError(f"QWENVL_REQUIRE_BACKENDS is set and these backends do not load: {missing}")
+            raise pytest.UsageError(
+                f"QWENVL_REQUIRE_BACKENDS is set and these do not load (their tests would skip): {missing}"
+            )
+
+
+class ExampleTimeout(BaseException):
+    """An example ran past its time bound. Not an Exception: no ``except Exception`` in the library swallows it."""
+
+
+@contextlib.contextmanager
+def time_bound(seconds: float):
+    """Fail the block if it takes longer than ``seconds`` (a hang or a pathological slowdown): a timer signal
+    interrupts it where Python runs or waits, the elapsed time is checked when it returns, and a hang inside C
+    code that never returns ends the whole run with every thread's traceback at 3x the bound plus 10 s."""
+    start = time.monotonic()
+    timer = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+    def expire(signum: int, frame: object) -> None:
+        raise ExampleTimeout(f"still running after the {seconds:g} s bound")
+
+    if timer:
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    faulthandler.dump_traceback_later(seconds * 3 + 10, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        if timer:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    elapsed = time.monotonic() - start
+    if elapsed > seconds:
+        raise ExampleTimeout(f"took {elapsed:.2f} s, over the {seconds:g} s bound")
 
 
 @pytest.fixture(scope="session")

@@ -50,14 +50,62 @@ def test_inspect_json_matches_the_library(files):
     assert i["tokens"] == q.count_visual_tokens({"image": str(image), "max_pixels": 200 * 32 * 32}, 16)
 
 
+def _row(stdout: str, label: str) -> str:
+    rows = [line for line in stdout.splitlines() if line.startswith(label + "  ")]
+    assert len(rows) == 1, stdout
+    return rows[0][len(label) :].strip()
+
+
 def test_inspect_table_and_other_source_kinds(files):
     video, image = files
     data_uri = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
-    res = run("inspect", video.as_uri(), data_uri, "--fps", "1", "--start", "0.5", "--end", "2.0")
+    res = run("inspect", video.as_uri(), data_uri, "--fps", "4", "--start", "0.5", "--end", "2.0")
     assert res.returncode == 0, res.stderr
     assert "Qwen3-VL timestamps" in res.stdout and "visual tokens" in res.stdout
-    meta = decode_video({"video": str(video), "fps": 1, "video_start": 0.5, "video_end": 2.0})[1]
-    assert " ".join(f"{i}@" for i in meta["frames_indices"]).split()[0] in res.stdout
+    meta = decode_video({"video": str(video), "fps": 4, "video_start": 0.5, "video_end": 2.0})[1]
+    assert len(meta["frames_indices"]) == 6  # 1.5 s at 4 fps
+    # the whole row: every sampled index with its time (index / 24 fps), in order
+    shown = [cell.split("@") for cell in _row(res.stdout, "sampled frames").split()]
+    assert [int(i) for i, _ in shown] == meta["frames_indices"]
+    assert [float(t.rstrip("s")) for _, t in shown] == pytest.approx(
+        [i / 24 for i in meta["frames_indices"]], abs=1e-4
+    )
+    groups = _row(res.stdout, "Qwen3-VL timestamps").split("> <")
+    assert len(groups) == 3, "one timestamp per pair of frames"
+
+
+@pytest.fixture(scope="module")
+def ten_seconds(tmp_path_factory):
+    return make_video(tmp_path_factory.mktemp("cli10") / "ten.mp4", frames=120, fps=12, width=64, height=48)
+
+
+@pytest.mark.parametrize(
+    ("flags", "frames"),
+    [
+        ((), 20),  # the default, 2 fps over 10 s
+        (("--fps", "1"), 10),  # fps decides
+        (("--fps", "1", "--min-frames", "16"), 16),  # min_frames decides
+        (("--fps", "0.2"), 4),  # the default min_frames floor decides
+        (("--max-frames", "6"), 6),  # max_frames decides
+        (("--fps", "1.5", "--max-frames", "13"), 12),  # 15 frames, capped at 13, even: 12
+    ],
+)
+def test_inspect_sampling_flags_decide_the_count(ten_seconds, flags, frames):
+    res = run("inspect", ten_seconds, "--json", *flags)
+    assert res.returncode == 0, res.stderr
+    (v,) = json.loads(res.stdout)
+    assert v["frames"] == frames and len(v["frames_indices"]) == frames
+    ele = {"video": str(ten_seconds)}
+    for flag, key in (("--fps", "fps"), ("--min-frames", "min_frames"), ("--max-frames", "max_frames")):
+        if flag in flags:
+            ele[key] = float(flags[flags.index(flag) + 1])
+    assert v["frames_indices"] == decode_video(ele)[1]["frames_indices"]
+
+
+def test_inspect_bad_option_values_are_reported(files):
+    video, image = files
+    res = run("inspect", video, "--fps", "0")
+    assert res.returncode == 1 and "fps=0" in res.stderr and "must be" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_failing_and_succeeding_sources_mixed(files, tmp_path):

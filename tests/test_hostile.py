@@ -1,8 +1,10 @@
 """Hostile input, network faults and the fetch policy, against servers these tests start on 127.0.0.1."""
 
 import base64
+import dataclasses
 import io
 import os
+import pathlib
 import socket
 import threading
 import time
@@ -25,6 +27,7 @@ from qwen_vl_utils import (
     SourceNotFoundError,
     SourceTooLargeError,
     _http,
+    _policy,
     _sources,
     fetch_image,
     fetch_video,
@@ -32,6 +35,7 @@ from qwen_vl_utils import (
 from qwen_vl_utils._util import usable_cpus
 
 from concurrency import InFlight, track_decodes
+from conftest import time_bound
 from media import gradient, image_bytes, make_video
 
 PNG = image_bytes(gradient(64, 48), "PNG")
@@ -124,6 +128,16 @@ def test_http_errors_name_the_url(server):
         fetch_video({"video": server.url("/500")})
 
 
+@pytest.mark.parametrize("media", ["image", "video"])
+def test_http_500_names_the_url_and_says_what_to_do(server, media):
+    url = server.add(f"/broken-{media}", _status(500))
+    with pytest.raises(NetworkError) as info:
+        (fetch_image if media == "image" else fetch_video)({media: url})
+    message = str(info.value)
+    assert url in message and "HTTP 500" in message, message
+    assert "server error" in message and "retry" in message, message
+
+
 def test_connection_refused():
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -173,6 +187,22 @@ def test_body_over_the_limit_is_aborted_early(server, declare):
         assert endless.sent < limit + (16 << 20), endless.sent
         endless.sent = 0
     assert not os.listdir(_sources.library_tmpdir()), "the partial download was removed"
+
+
+@pytest.mark.parametrize("media", ["image", "video"])
+def test_declared_length_over_the_limit_is_refused_before_the_body(server, media):
+    """A Content-Length over the limit is refused from the headers: the server gets no further than what the
+    socket buffers take (under 16 MiB), far below the 64 MiB that reading up to the limit would pull."""
+    endless = _Endless(declare=4096 * 65536)  # 256 MiB
+    url = server.add(f"/declared-{media}", endless)
+    limit = 64 << 20
+    policy = FetchPolicy(max_image_bytes=limit, max_video_bytes=limit)
+    with pytest.raises(SourceTooLargeError, match=f"declares {4096 * 65536} bytes") as info:
+        (fetch_image if media == "image" else fetch_video)({media: url}, policy=policy)
+    assert url in str(info.value)
+    time.sleep(0.3)
+    assert endless.sent < 16 << 20, endless.sent
+    assert not os.listdir(_sources.library_tmpdir()), "nothing was written"
 
 
 @pytest.mark.parametrize("media", ["image", "video"])
@@ -296,6 +326,140 @@ def test_schemes_hosts_and_sizes(server, tmp_path):
         fetch_image({"image": "ftp://example.com/a.png"})
 
 
+@pytest.fixture
+def stub_dns(monkeypatch):
+    """A resolver that answers 127.0.0.1 for the test's own names and refuses every other name, so that a host
+    the policy wrongly admits still reaches only the test server; no proxy from the environment."""
+    names = set()
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        host = (host.decode() if isinstance(host, bytes) else host).rstrip(".").lower()
+        if host in names or host in ("127.0.0.1", "localhost"):
+            return real("127.0.0.1", port, *args, **kwargs)
+        raise socket.gaierror(socket.EAI_NONAME, f"stub resolver: {host} is not a test name")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    return names
+
+
+HOST_CASES = [  # (pattern, host, matches)
+    (".example.com", "example.com", True),
+    (".example.com", "a.example.com", True),
+    (".example.com", "a.b.example.com", True),
+    (".example.com", "A.Example.COM", True),
+    (".example.com", "a.example.com.", True),  # the fully qualified form
+    (".example.com", "evilexample.com", False),
+    (".example.com", "example.com.evil.net", False),
+    (".example.com", "example.co", False),
+    (".example.com", "xample.com", False),
+    ("example.com", "example.com", True),
+    ("example.com", "a.example.com", False),  # without the dot: that host only
+    ("example.com", "evilexample.com", False),
+]
+
+
+@pytest.mark.parametrize(("pattern", "host", "matches"), HOST_CASES, ids=[f"{p}~{h}" for p, h, _ in HOST_CASES])
+def test_host_patterns_positive_and_negative(server, stub_dns, pattern, host, matches):
+    server.add_bytes("/hosts.png", PNG, "image/png")
+    stub_dns.add(host.lower().rstrip("."))
+    url = f"http://{host}:{server.httpd.server_address[1]}/hosts.png"
+    allowed = FetchPolicy(allowed_hosts=(pattern,))
+    denied = FetchPolicy(denied_hosts=(pattern,))
+    if matches:
+        assert fetch_image({"image": url}, policy=allowed).size
+        with pytest.raises(SourceNotAllowedError, match="denied by the fetch policy"):
+            fetch_image({"image": url}, policy=denied)
+    else:
+        with pytest.raises(SourceNotAllowedError, match="not in the fetch policy's allowed hosts"):
+            fetch_image({"image": url}, policy=allowed)
+        assert fetch_image({"image": url}, policy=denied).size
+
+
+# every QWENVL_* variable: (field, the text set, the value the field must get); each differs from the default
+ENV_CASES = {
+    "QWENVL_ALLOWED_SCHEMES": ("allowed_schemes", " HTTPS, file ", ("https", "file")),
+    "QWENVL_ALLOW_LOCAL": ("allow_local", "0", False),
+    "QWENVL_MEDIA_ROOT": ("media_root", "/srv/media", "/srv/media"),
+    "QWENVL_ALLOWED_HOSTS": ("allowed_hosts", ".Example.com,cdn.net", (".example.com", "cdn.net")),
+    "QWENVL_DENIED_HOSTS": ("denied_hosts", "evil.com", ("evil.com",)),
+    "QWENVL_BLOCK_PRIVATE_NETWORKS": ("block_private_networks", "yes", True),
+    "QWENVL_MAX_REDIRECTS": ("max_redirects", "2", 2),
+    "QWENVL_CONNECT_TIMEOUT": ("connect_timeout", "1.5", 1.5),
+    "QWENVL_READ_TIMEOUT": ("read_timeout", "2.5", 2.5),
+    "QWENVL_DEADLINE": ("deadline", "61", 61.0),
+    "QWENVL_IMAGE_DEADLINE": ("image_deadline", "7", 7.0),
+    "QWENVL_RETRIES": ("retries", "0", 0),
+    "QWENVL_MEDIA_CACHE": ("media_cache", "/var/cache/qwen-media", "/var/cache/qwen-media"),
+    "QWENVL_MEDIA_CACHE_MAX_BYTES": ("media_cache_max_bytes", "5e8", 500_000_000),
+    "QWENVL_MEDIA_CACHE_MAX_AGE": ("media_cache_max_age", "3600", 3600.0),
+    "QWENVL_MAX_CONCURRENT_DOWNLOADS": ("max_concurrent_downloads", "3", 3),
+    "QWENVL_MAX_CONCURRENT_DECODES": ("max_concurrent_decodes", "2", 2),
+    "QWENVL_MAX_IMAGE_BYTES": ("max_image_bytes", "1e6", 1_000_000),
+    "QWENVL_MAX_VIDEO_BYTES": ("max_video_bytes", "2048", 2048),
+    "QWENVL_MAX_IMAGE_PIXELS": ("max_image_pixels", "1e7", 10_000_000),
+    "QWENVL_MAX_VIDEO_SECONDS": ("max_video_seconds", "90.5", 90.5),
+    "QWENVL_MAX_VIDEO_FRAMES": ("max_video_frames", "1000", 1000),
+}
+
+
+@pytest.mark.parametrize("var", sorted(_policy._ENV))
+def test_every_environment_variable_sets_its_field(monkeypatch, var):
+    assert var in ENV_CASES, f"add a case for {var} to ENV_CASES"
+    field, raw, expected = ENV_CASES[var]
+    default = FetchPolicy()
+    assert getattr(default, field) != expected, "the case must be visible against the default"
+    for other in _policy._ENV:
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(var, raw)
+    policy = q.get_fetch_policy()
+    assert getattr(policy, field) == expected
+    changed = {f.name for f in dataclasses.fields(policy) if getattr(policy, f.name) != getattr(default, f.name)}
+    assert changed == {field}, "one variable, one field"
+
+
+def test_every_environment_variable_is_tested_and_documented():
+    assert set(ENV_CASES) == set(_policy._ENV)
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    assert [var for var in _policy._ENV if f"`{var}`" not in readme] == [], "missing from the README"
+
+
+def test_policy_precedence_call_process_environment_defaults(monkeypatch):
+    """Defaults, then QWENVL_* (read at each call), then set_fetch_policy, then a call's policy=."""
+    for var in _policy._ENV:
+        monkeypatch.delenv(var, raising=False)
+
+    png = image_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), np.uint8)), "PNG")
+
+    def limit_of(**call):
+        try:
+            fetch_image({"image": png}, **call)
+        except SourceTooLargeError as exc:
+            return int(str(exc).split("limit of ")[1].split()[0])
+        return None  # fetched: the limit in force is above the PNG's size
+
+    assert len(png) > 3000
+    assert limit_of() is None and q.get_fetch_policy().max_image_bytes == FetchPolicy().max_image_bytes
+    monkeypatch.setenv("QWENVL_MAX_IMAGE_BYTES", "1000")  # environment over defaults
+    assert limit_of() == 1000
+    try:
+        q.set_fetch_policy(max_image_bytes=2000)  # the process policy over the environment
+        assert limit_of() == 2000
+        monkeypatch.setenv("QWENVL_MAX_IMAGE_BYTES", "1500")  # the environment no longer counts
+        assert limit_of() == 2000
+        assert limit_of(policy=FetchPolicy(max_image_bytes=3000)) == 3000  # a call's policy over the process's
+        assert limit_of(policy=FetchPolicy()) is None  # ... even when that is the defaults
+        q.set_fetch_policy(FetchPolicy(max_image_bytes=2500))
+        assert limit_of() == 2500
+    finally:
+        q.set_fetch_policy(None)
+    assert limit_of() == 1500, "back to the environment"
+    monkeypatch.delenv("QWENVL_MAX_IMAGE_BYTES")
+    assert limit_of() is None, "back to the defaults"
+
+
 def test_video_duration_and_frame_limits(tmp_path):
     path = make_video(tmp_path / "v.mp4", frames=48, fps=24)
     with pytest.raises(SourceTooLargeError, match="over the limit of 1 s"):
@@ -333,16 +497,45 @@ def test_truncated_and_corrupt_images(fmt):
 # --- fuzzing ---------------------------------------------------------------------------------------------------
 
 NO_NET = FetchPolicy(allowed_schemes=("file", "data"))
+# hypothesis' own deadline is checked only once an example returns, and re-runs slow ones (flaky on a loaded
+# machine): each example runs under conftest.time_bound instead, which also stops a hang
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+#: seconds one example may take, far above what they take (measured on 2 cores: resolver 0.1 ms, images 0.3 ms
+#: and at most 5 ms, videos 0.6 ms and at most 1.8 s, the first one importing torch), so a loaded CI machine passes
+IMAGE_BOUND, VIDEO_BOUND = 3.0, 10.0
+
+
+def test_fuzz_time_bound_fails_a_hang(monkeypatch):
+    """The bound really stops an example that hangs (here: every image decode sleeps for a minute)."""
+    from qwen_vl_utils import image
+
+    from conftest import ExampleTimeout
+
+    monkeypatch.setattr(image, "_pil_open", lambda source: time.sleep(60))
+
+    @settings(max_examples=3, deadline=None, database=None)
+    @given(st.binary(min_size=1, max_size=10))
+    def fuzz(value):
+        with time_bound(0.3):
+            try:
+                fetch_image({"image": value})
+            except QwenVLError:
+                pass
+
+    start = time.monotonic()
+    with pytest.raises(ExampleTimeout):
+        fuzz()
+    assert time.monotonic() - start < 10
 
 
 @FUZZ
 @given(st.one_of(st.text(max_size=80), st.binary(max_size=200), st.from_regex(r"(data|file|http)s?:[ -~]{0,40}")))
 def test_fuzz_resolver_and_image_opener(value):
-    try:
-        fetch_image({"image": value}, policy=NO_NET)
-    except QwenVLError:
-        pass
+    with time_bound(IMAGE_BOUND):
+        try:
+            fetch_image({"image": value}, policy=NO_NET)
+        except QwenVLError:
+            pass
 
 
 @pytest.fixture(scope="module")
@@ -371,10 +564,11 @@ MUTATIONS = st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_
 @given(which=st.integers(0, 5), mutations=MUTATIONS, cut=st.integers(8, 10**6))
 def test_fuzz_mutated_images(seeds, which, mutations, cut):
     data = _mutate(seeds[0][which], mutations)[:cut]
-    try:
-        assert fetch_image({"image": data}).mode == "RGB"
-    except QwenVLError:
-        pass
+    with time_bound(IMAGE_BOUND):
+        try:
+            assert fetch_image({"image": data}).mode == "RGB"
+        except QwenVLError:
+            pass
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
@@ -382,15 +576,16 @@ def test_fuzz_mutated_images(seeds, which, mutations, cut):
 def test_fuzz_mutated_videos(seeds, which, mutations, cut):
     pytest.importorskip("torch")
     data = _mutate(seeds[1][which], mutations)[:cut]
-    try:
-        video = fetch_video({"video": data, "nframes": 2}, backend="pyav")
-        assert video.shape[0] == 2
-    except QwenVLError:
-        pass
-    try:
-        assert q.count_visual_tokens({"video": data}) > 0
-    except QwenVLError:
-        pass
+    with time_bound(VIDEO_BOUND):
+        try:
+            video = fetch_video({"video": data, "nframes": 2}, backend="pyav")
+            assert video.shape[0] == 2
+        except QwenVLError:
+            pass
+        try:
+            assert q.count_visual_tokens({"video": data}) > 0
+        except QwenVLError:
+            pass
 
 
 # --- concurrency -----------------------------------------------------------------------------------------------

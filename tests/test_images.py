@@ -23,7 +23,7 @@ from qwen_vl_utils import (
 from qwen_vl_utils._util import usable_cpus
 
 from concurrency import track_decodes
-from media import gradient, image_bytes
+from media import EXIF_STORED, exif_stored, gradient, image_bytes
 from reference_0014 import fetch_image_0014
 
 
@@ -79,6 +79,37 @@ def test_exif_orientation_applied(tmp_path):
     expected = img.transpose(Image.Transpose.ROTATE_270).resize(out.size, Image.Resampling.BICUBIC)
     assert _mean_diff(out, expected) < 4  # JPEG noise only
     assert q.count_visual_tokens({"image": str(path)}) == (out.height // 28) * (out.width // 28)
+
+
+def _upright() -> np.ndarray:
+    """112x56 (multiples of 28: no resize), asymmetric in both directions, so every flip and turn shows."""
+    d = np.full((56, 112, 3), 90, np.uint8)
+    d[:20, :30] = (250, 10, 10)
+    d[36:, 80:] = (10, 10, 250)
+    d[:, 50:54] = (10, 250, 10)
+    return d
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "TIFF"])
+@pytest.mark.parametrize("orientation", sorted(EXIF_STORED))
+def test_every_exif_orientation_comes_out_upright(tmp_path, orientation, fmt):
+    from PIL import ImageOps
+
+    stored, exif = exif_stored(_upright(), orientation)
+    path = tmp_path / f"o{orientation}.{fmt.lower()}"
+    stored.save(path, format=fmt, exif=exif, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+    # the table above, against Pillow's own reading of the EXIF rules
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+    lossy = fmt in ("JPEG", "WEBP")
+    assert shown.shape == _upright().shape and (lossy or np.array_equal(shown, _upright()))
+    ele = {"image": str(path), "min_pixels": 4 * 28 * 28, "max_pixels": 16384 * 28 * 28}
+    out = fetch_image(ele)
+    assert out.size == (112, 56), "upright size, no resize"
+    if lossy:
+        assert _mean_diff(out, _upright()) < 4
+    else:
+        assert np.array_equal(np.asarray(out), _upright())
+    assert q.count_visual_tokens(ele) == (56 // 28) * (112 // 28)
 
 
 @pytest.mark.parametrize(

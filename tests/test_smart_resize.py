@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 import qwen_vl_utils as q
 from qwen_vl_utils import AspectRatioError, InvalidOptionError, smart_resize
 
-from reference_0014 import smart_resize_0014
+from reference_0014 import nframes_0014, smart_resize_0014
 
 # (height, width, factor, min_pixels, max_pixels) -> expected, worked out by hand from 0.0.14's rules
 TABLE = [
@@ -97,3 +97,39 @@ def test_factor_helpers():
     assert q.round_by_factor(41, 28) == 28 and q.round_by_factor(43, 28) == 56
     assert q.ceil_by_factor(29, 28) == 56 and q.floor_by_factor(55, 28) == 28
     assert math.isclose(q.FPS, 2.0) and q.FRAME_FACTOR == 2
+
+
+# --- smart_nframes against 0.0.14's rule -------------------------------------------------------------------------
+
+
+@settings(max_examples=800, deadline=None)
+@given(
+    total=st.integers(0, 20000),
+    video_fps=st.floats(0.5, 240, allow_nan=False),
+    fps=st.none() | st.floats(0.01, 60, allow_nan=False),
+    min_frames=st.none() | st.integers(0, 64) | st.floats(0, 64, allow_nan=False),
+    max_frames=st.none() | st.integers(2, 1000) | st.floats(2, 1000, allow_nan=False),
+)
+def test_smart_nframes_matches_0014(total, video_fps, fps, min_frames, max_frames):
+    ele = {"fps": fps, "min_frames": min_frames, "max_frames": max_frames}
+    given_keys = {k: v for k, v in ele.items() if v is not None}  # None: the key is absent
+    expected = nframes_0014(total, video_fps, **given_keys) if total else 0
+    if total < q.FRAME_FACTOR:  # 0.0.14 raises; here 2 frames, the last one repeated
+        assert q.smart_nframes(given_keys, total, video_fps) == q.FRAME_FACTOR
+    elif q.FRAME_FACTOR <= expected <= total:
+        assert q.smart_nframes(given_keys, total, video_fps) == expected
+        assert q.smart_nframes(ele, total, video_fps) == expected  # explicit None is the same as absent
+    else:  # where 0.0.14 raises ValueError, a typed error that says what to change
+        with pytest.raises(InvalidOptionError, match="fps, min_frames and max_frames"):
+            q.smart_nframes(given_keys, total, video_fps)
+
+
+@settings(max_examples=300, deadline=None)
+@given(total=st.integers(2, 20000), nframes=st.integers(1, 20000), video_fps=st.floats(1, 120))
+def test_smart_nframes_exact_count(total, nframes, video_fps):
+    expected = max(q.FRAME_FACTOR, round(nframes / 2) * 2)  # 0.0.14 rounds to even (and 1 -> 0 raises there)
+    if expected > total:
+        with pytest.raises(InvalidOptionError, match="more than the"):
+            q.smart_nframes({"nframes": nframes}, total, video_fps)
+    else:
+        assert q.smart_nframes({"nframes": nframes}, total, video_fps) == expected

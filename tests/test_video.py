@@ -14,8 +14,9 @@ import qwen_vl_utils as q
 from qwen_vl_utils import BackendFallbackWarning, DecodeError, InvalidOptionError, fetch_video
 from qwen_vl_utils.video import linspace_round
 
-from conftest import BACKENDS, DECORD, TORCHCODEC
+from conftest import BACKEND_MODULES, BACKENDS, DECORD, REQUIRE, TORCHCODEC, _loads
 from media import frame_pattern, make_audio_only, make_video
+from reference_0014 import nframes_0014, smart_resize_0014
 
 torch = pytest.importorskip("torch")
 
@@ -150,16 +151,71 @@ def test_variable_frame_rate(media_dir, backend):
     assert [_identify(f, n=40) for f in video.numpy()] == meta["frames_indices"]
 
 
-def test_noisy_frame_rate_same_plan_everywhere(media_dir):
-    path = make_video(media_dir / "noisy.mkv", frames=48, rate=Fraction(24002, 1000), container="matroska")
+def _installed_backends() -> list:
+    """The backends whose decoder imports here (all of them in CI, where a missing one fails the run)."""
+    return [name for name, module in BACKEND_MODULES.items() if REQUIRE or _loads(module) is None]
+
+
+@pytest.mark.parametrize("container", ["matroska", "mp4"])
+def test_noisy_frame_rate_same_plan_everywhere(media_dir, container):
+    """24.002 fps, sampled at 3 fps: 48 frames give 5.9995 -> 4 frames, where a rate rounded to 24 gives 6. The
+    plan is the one the probed rate implies, on every backend, and each frame is the planned one."""
+    path = make_video(media_dir / f"noisy.{container}", frames=48, rate=Fraction(24002, 1000), container=container)
+    assert nframes_0014(48, 24.0, fps=3) == 6, "the case is one where the rate decides the count"
     plans = {}
-    for backend in ("pyav", "torchcodec", "decord"):
-        try:
-            _, meta = _fetch(path, backend)
-        except InvalidOptionError:
-            continue  # not installed: covered by the parametrized tests' skips
+    for backend in _installed_backends():  # no try/except: an error from a backend that loads fails the test
+        video, meta = _fetch(path, backend, fps=3)
+        assert meta["fps"] == pytest.approx(24.002, abs=1e-6), backend
+        n = nframes_0014(48, meta["fps"], fps=3)
+        assert n == 4 and meta["frames_indices"] == linspace_round(0, 47, n), (backend, meta)
+        assert [_identify(f) for f in video.numpy()] == meta["frames_indices"], backend
         plans[backend] = meta["frames_indices"]
-    assert len(set(map(tuple, plans.values()))) == 1, plans
+    assert len(plans) >= 1 and len(set(map(tuple, plans.values()))) == 1, plans
+
+
+@pytest.fixture(scope="session")
+def ten_seconds(media_dir):
+    """10 s at 12 fps (120 frames, 64x48): long enough for fps, min_frames and max_frames to each decide."""
+    return make_video(media_dir / "ten_seconds.mp4", frames=120, fps=12, width=64, height=48)
+
+
+# (element keys, the same keys with only the deciding one changed): each pair samples different frame counts
+DECIDING = {
+    "fps": ({"fps": 1}, {"fps": 1.5}),  # 10 s * 1 fps = 10, between min_frames 4 and max_frames 120; 15 -> 14
+    "default-fps": ({}, {"fps": 1}),  # the default fps, 2: 20
+    "min_frames": ({"fps": 1, "min_frames": 16}, {"fps": 1}),  # 16, not 10
+    "default-min_frames": ({"fps": 0.2}, {"fps": 0.2, "min_frames": 0}),  # the default floor 4, not 2
+    "max_frames": ({"fps": 2, "max_frames": 6}, {"fps": 2}),  # 6, not 20
+    "odd-max_frames": ({"max_frames": 9}, {"max_frames": 13}),  # 9 -> even: 8, against 12
+}
+
+
+@pytest.mark.parametrize("case", list(DECIDING))
+def test_fps_min_and_max_frames_each_decide_the_count(ten_seconds, case):
+    counts = []
+    for keys in DECIDING[case]:
+        video, meta = _fetch(ten_seconds, "pyav", **keys)
+        frames = nframes_0014(120, 12.0, **keys)  # 0.0.14's rule, from the test's own reference
+        assert video.shape[0] == frames, keys
+        assert meta["frames_indices"] == linspace_round(0, 119, frames)
+        assert meta["fps"] == pytest.approx(12.0)
+        tokens = -(-frames // 2) * (video.shape[2] // 32) * (video.shape[3] // 32)
+        assert q.count_visual_tokens({"video": str(ten_seconds), **keys}, 16) == tokens
+        counts.append(frames)
+    assert counts[0] != counts[1], "the deciding key changes the count"
+
+
+def test_total_pixels_decides_the_frame_size(media_dir):
+    """A 640x360 clip at 8 frames: total_pixels / 8 * 2 lies between the per-frame floor and the video's own
+    size, so it alone sets the size (smaller than without it, and exactly 0.0.14's arithmetic)."""
+    path = make_video(media_dir / "hd_total.mp4", frames=8, width=640, height=360)
+    f = 28
+    total = 150_000 * 8 // 2  # per-frame budget 150,000 pixels: over 128*28*28*1.05 (105,369), under 640x360
+    video = fetch_video({"video": str(path), "nframes": 8, "total_pixels": total}, 14)
+    expected = smart_resize_0014(360, 640, f, 128 * f * f, 150_000)
+    assert tuple(video.shape[2:]) == expected
+    unbounded = fetch_video({"video": str(path), "nframes": 8}, 14)
+    assert unbounded.shape[2] * unbounded.shape[3] > expected[0] * expected[1] >= 105_369 * 0.9
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -339,14 +395,11 @@ def test_backend_selection(h264, monkeypatch):
 def test_torchvision_backend_says_it_uses_pyav(h264, caplog, monkeypatch):
     from qwen_vl_utils.backends import _torchvision
 
-    monkeypatch.setattr(_torchvision, "_checked", False)
-    monkeypatch.setattr(_torchvision, "_read_video", None)
+    monkeypatch.setattr(_torchvision, "_said", False)
     with caplog.at_level(logging.INFO, logger="qwen_vl_utils"):
         for _ in range(2):
             _, meta = fetch_video({"video": str(h264)}, return_video_metadata=True, backend="torchvision")
     assert meta["video_backend"] == "torchvision"
-    if _torchvision._read_video is not None:
-        pytest.skip("this torchvision still has read_video: the PyAV route is not taken")
     assert caplog.text.count("decodes through PyAV") == 1, "said once, not on every call"
 
 
@@ -422,3 +475,73 @@ def test_pyav_skip_recovery_and_thread_counts(long_gop, monkeypatch, threads):
     video, meta = _fetch(long_gop, "pyav", nframes=20, min_pixels=W * H, max_pixels=W * H * 2)
     assert [_identify(f, n=240) for f in video.numpy()] == meta["frames_indices"]
     assert len(seeks) > len(set(seeks)), "some skipped target was decoded again from its keyframe"
+
+
+# --- backend choice: precedence, and broken installs -----------------------------------------------------------
+
+
+def test_backend_argument_beats_video_reader_beats_environment(h264, monkeypatch):
+    """pyav and torchvision always load (torchvision decodes through PyAV), so each level is checked against a
+    different backend at the level below it."""
+    cases = [
+        ({"backend": "pyav"}, {"video_reader": "torchvision"}, "torchvision", "pyav"),
+        ({"backend": "torchvision"}, {"video_reader": "pyav"}, "pyav", "torchvision"),
+        ({}, {"video_reader": "pyav"}, "torchvision", "pyav"),
+        ({}, {"video_reader": "torchvision"}, "pyav", "torchvision"),
+        ({}, {}, "torchvision", "torchvision"),
+        ({"backend": "pyav"}, {}, "torchvision", "pyav"),
+    ]
+    for call, element, environment, expected in cases:
+        monkeypatch.setenv("FORCE_QWENVL_VIDEO_READER", environment)
+        _, meta = fetch_video({"video": str(h264), "nframes": 2, **element}, return_video_metadata=True, **call)
+        assert meta["video_backend"] == expected, (call, element, environment)
+
+
+@pytest.fixture
+def broken_backend(tmp_path, monkeypatch):
+    """A backend whose decoder is installed but raises on import (a missing shared library), tried first."""
+    from qwen_vl_utils import backends
+
+    (tmp_path / "qwenvl_broken_decoder.py").write_text(
+        "raise OSError('libbrokendecoder.so.1: cannot open shared object file: No such file or directory')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = backends.BackendSpec(
+        "broken", "qwen_vl_utils.backends._pyav", "qwenvl_broken_decoder", "pip install broken-decoder==2.0"
+    )
+    monkeypatch.setitem(backends.BACKENDS, "broken", spec)
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("broken", *backends.AUTO_ORDER))
+    monkeypatch.setattr(backends, "_failures", {})
+    monkeypatch.setattr(backends, "_loaded", dict(backends._loaded))
+    monkeypatch.delenv("FORCE_QWENVL_VIDEO_READER", raising=False)
+    return "broken"
+
+
+def test_broken_backend_is_not_available_and_is_skipped_with_a_hint(h264, broken_backend, caplog):
+    from qwen_vl_utils import backends
+
+    with caplog.at_level(logging.WARNING, logger="qwen_vl_utils"):
+        assert q.get_video_reader_backend() == "pyav", "the automatic choice skips the broken install"
+        assert broken_backend not in backends.available_backends()
+        _, meta = fetch_video({"video": str(h264), "nframes": 2}, return_video_metadata=True)
+    assert meta["video_backend"] == "pyav"
+    assert "'broken' cannot be loaded (OSError: libbrokendecoder.so.1" in caplog.text
+    assert "pip install broken-decoder==2.0" in caplog.text and caplog.text.count("libbrokendecoder") == 1
+    for call, element in (({"backend": "broken"}, {}), ({}, {"video_reader": "broken"})):  # by name: an error
+        with pytest.raises(InvalidOptionError, match=r"cannot be loaded \(OSError.*pip install broken-decoder==2.0"):
+            fetch_video({"video": str(h264), **element}, **call)
+
+
+def test_missing_backend_is_skipped_quietly(h264, monkeypatch, caplog):
+    """Not installed at all (the usual case for decord): skipped without a warning."""
+    from qwen_vl_utils import backends
+
+    spec = backends.BackendSpec("absent", "qwen_vl_utils.backends._pyav", "qwenvl_no_such_decoder", "pip install x")
+    monkeypatch.setitem(backends.BACKENDS, "absent", spec)
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("absent", *backends.AUTO_ORDER))
+    monkeypatch.setattr(backends, "_failures", {})
+    with caplog.at_level(logging.WARNING, logger="qwen_vl_utils"):
+        assert q.get_video_reader_backend() == "pyav"
+    assert "absent" not in caplog.text
+    with pytest.raises(InvalidOptionError, match="'absent' cannot be loaded.*pip install x"):
+        q.get_video_reader_backend("absent")

@@ -5,6 +5,7 @@ Inside the library images are PIL images and numpy arrays; torch is never import
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import threading
@@ -14,9 +15,11 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
-from ._errors import AspectRatioError, DecodeError, InvalidOptionError, SourceTooLargeError, describe
+from . import _cancel
+from ._errors import AspectRatioError, DecodeError, InvalidOptionError, QwenVLError, SourceTooLargeError
+from ._options import SPATIAL_MERGE_SIZE, image_options, patch_factor
 from ._policy import FetchPolicy, get_fetch_policy
-from ._sources import Source, resolve_source, sniff_media
+from ._sources import HEIF_BRANDS, Source, resolve_source, sniff_media
 from ._util import env_flag, usable_cpus
 
 __all__ = [
@@ -32,7 +35,6 @@ __all__ = [
 ]
 
 MAX_RATIO = 200
-SPATIAL_MERGE_SIZE = 2
 IMAGE_MIN_TOKEN_NUM = 4
 IMAGE_MAX_TOKEN_NUM = 16384
 
@@ -157,27 +159,86 @@ def array_to_pil(value: Any, name: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
+def _pil_open(source: Source) -> Image.Image:
+    stream = io.BytesIO(source.data) if source.data is not None else source.path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(stream)
+
+
 def open_image(source: Source, policy: FetchPolicy) -> Image.Image:
     """Open (lazily: header only) the image behind a resolved source, checking the pixel budget."""
     if source.obj is not None:
         img = source.obj if isinstance(source.obj, Image.Image) else array_to_pil(source.obj, source.name)
         _check_pixels(img.size, source.name, policy)
         return img
-    stream = io.BytesIO(source.data) if source.data is not None else source.path
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(stream)
+        try:
+            img = _pil_open(source)
+        except Image.UnidentifiedImageError:
+            if not _add_heif_opener(source):
+                raise
+            img = _pil_open(source)  # a HEIC/HEIF file, and pillow-heif's opener was just registered
     except Image.DecompressionBombError as exc:
         raise SourceTooLargeError(f"image {source.name} is a decompression bomb: {exc}") from exc
-    except MemoryError:
+    except (MemoryError, QwenVLError):
         raise
     except Exception as exc:  # Pillow's plugins raise anything from SyntaxError to struct.error on bad bytes
-        kind = sniff_media(source.head())
-        hint = " It looks like a video: use {'type': 'video', 'video': ...}." if kind == "video" else ""
-        raise DecodeError(f"{source.name} is not a decodable image ({exc}).{hint}") from exc
+        raise DecodeError(f"{source.name} is not a decodable image ({exc}).{_undecodable_hint(source)}") from exc
     _check_pixels(img.size, source.name, policy)
     return img
+
+
+def _undecodable_hint(source: Source) -> str:
+    head = source.head()
+    if sniff_media(head) == "video":
+        return " It looks like a video: use {'type': 'video', 'video': ...}."
+    if _heif_family(head) == "avif":
+        from PIL import features
+
+        if not features.check("avif"):
+            return " It is an AVIF image, and this Pillow build cannot read AVIF: upgrade it (pip install -U pillow)."
+    return ""
+
+
+# --- HEIC/HEIF (iPhone photos): pillow-heif's Pillow plugin, registered on the first such file ----------------
+
+_HEVC_BRANDS = frozenset((b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs"))
+_heif_lock = threading.Lock()
+_heif_registered = False
+
+
+def _heif_family(head: bytes) -> Optional[str]:
+    """'heif' (HEVC-coded, what pillow-heif reads) or 'avif' (what Pillow reads), from the ftyp box's major and
+    compatible brands; None for anything else."""
+    if head[4:8] != b"ftyp":
+        return None
+    end = min(int.from_bytes(head[:4], "big"), len(head))
+    brands = {head[8:12]} | {head[i : i + 4] for i in range(16, end - 3, 4)}
+    if brands & {b"avif", b"avis"} and not brands & _HEVC_BRANDS:
+        return "avif"
+    return "heif" if brands & set(HEIF_BRANDS) else None
+
+
+def _add_heif_opener(source: Source) -> bool:
+    """True if ``source`` is HEIF, once pillow-heif's opener is registered (on the first such file: never at
+    import); a DecodeError with the install hint if pillow-heif is missing."""
+    global _heif_registered
+    if _heif_family(source.head()) != "heif":
+        return False
+    with _heif_lock:
+        if not _heif_registered:
+            try:
+                import pillow_heif
+
+                pillow_heif.register_heif_opener()
+            except Exception as exc:  # not installed (ImportError), or an installed but broken libheif
+                raise DecodeError(
+                    f"{source.name} is a HEIC/HEIF image (the iPhone photo format); decoding it needs the optional "
+                    f"pillow-heif package ({type(exc).__name__}: {exc}): pip install 'qwen-vl-utils[heif]'"
+                ) from exc
+            _heif_registered = True
+    return True
 
 
 def _check_pixels(size: tuple, name: str, policy: FetchPolicy) -> None:
@@ -189,11 +250,45 @@ def _check_pixels(size: tuple, name: str, policy: FetchPolicy) -> None:
         )
 
 
+@functools.lru_cache(maxsize=1)
+def _pillow_orients_tiff() -> bool:
+    """Whether this Pillow turns TIFFs upright itself (recent ones: the size at open, the pixels at load)."""
+    exif = Image.Exif()
+    exif[_ORIENTATION] = 6
+    buf = io.BytesIO()
+    Image.new("L", (2, 1)).save(buf, format="TIFF", exif=exif)
+    return Image.open(buf).size == (1, 2)
+
+
 def exif_orientation(img: Image.Image) -> int:
+    if img.format == "TIFF" and _pillow_orients_tiff():
+        return 1  # already applied by Pillow: applying it again would turn the image twice
     try:
-        return int(img.getexif().get(_ORIENTATION, 1))
+        if img.format == "PNG" and "exif" not in img.info and getattr(img, "fp", None) is not None:
+            exif = Image.Exif()  # Pillow's PNG getexif() decodes all pixels to reach an eXIf after the data
+            exif.load(_png_exif_chunk(img.fp) or b"")
+        else:
+            exif = img.getexif()
+        return int(exif.get(_ORIENTATION, 1))
     except Exception:  # malformed EXIF must not make a readable image unreadable
         return 1
+
+
+def _png_exif_chunk(fp: Any) -> Optional[bytes]:
+    """A PNG's eXIf chunk, found by walking the chunk headers (the image data is skipped, not decompressed)."""
+    pos = fp.tell()
+    try:
+        fp.seek(8)
+        while True:
+            head = fp.read(8)
+            if len(head) < 8 or head[4:] == b"IEND":
+                return None
+            length = int.from_bytes(head[:4], "big")
+            if head[4:] == b"eXIf":
+                return fp.read(length)
+            fp.seek(length + 4, io.SEEK_CUR)  # data and CRC
+    finally:
+        fp.seek(pos)
 
 
 def oriented_size(img: Image.Image) -> tuple[int, int]:
@@ -237,22 +332,21 @@ def decode_rgb(img: Image.Image, name: str) -> Image.Image:
 
 def image_target_size(ele: dict, width: int, height: int, factor: int) -> tuple[int, int]:
     """(resized_height, resized_width) for an image element, as 0.0.14 computes it."""
-    if "resized_height" in ele and "resized_width" in ele:
-        return smart_resize(int(ele["resized_height"]), int(ele["resized_width"]), factor=factor)
-    min_pixels = ele.get("min_pixels", IMAGE_MIN_TOKEN_NUM * factor**2)
-    max_pixels = ele.get("max_pixels", IMAGE_MAX_TOKEN_NUM * factor**2)
+    options = image_options(ele)
+    if options.resized is not None:
+        return smart_resize(*options.resized, factor=factor)
+    min_pixels = IMAGE_MIN_TOKEN_NUM * factor**2 if options.min_pixels is None else options.min_pixels
+    max_pixels = IMAGE_MAX_TOKEN_NUM * factor**2 if options.max_pixels is None else options.max_pixels
     return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
-def _patch_factor(image_patch_size: int) -> int:
-    if image_patch_size not in (14, 16) and not (isinstance(image_patch_size, int) and image_patch_size > 0):
-        raise InvalidOptionError(f"image_patch_size must be a positive integer (14 or 16), got {image_patch_size!r}")
-    return int(image_patch_size) * SPATIAL_MERGE_SIZE
+_patch_factor = patch_factor  # the name the rest of the package imports
 
 
 def _draft(img: Image.Image, ele: dict, rh: int, rw: int) -> None:
     """Opt-in JPEG draft decoding (DCT scaling) to at least the target size: faster, slightly different."""
-    if img.format != "JPEG" or not ele.get("jpeg_draft", env_flag("QWENVL_JPEG_DRAFT")):
+    draft = image_options(ele).jpeg_draft
+    if img.format != "JPEG" or not (env_flag("QWENVL_JPEG_DRAFT") if draft is None else draft):
         return
     if exif_orientation(img) in (5, 6, 7, 8):
         rh, rw = rw, rh
@@ -279,8 +373,7 @@ def fetch_image(
 
 def resolve_image(ele: Any, policy: FetchPolicy) -> Source:
     """The I/O half of ``fetch_image``: check the element and resolve (download, read) its source."""
-    if not isinstance(ele, dict):
-        raise InvalidOptionError(f"an image element must be a dict, got {describe(ele)}")
+    image_options(ele)  # a bad option fails here, before any download
     return resolve_source(_image_source(ele), "image", policy)
 
 
@@ -294,6 +387,7 @@ def load_image(source: Source, ele: dict, factor: int, policy: FetchPolicy) -> I
         raise AspectRatioError(f"image {source.name}: {exc}") from None
     _draft(img, ele, rh, rw)
     with _DECODE_SLOTS:
+        _cancel.check()  # a cancelled caller's images are not decoded
         rgb = decode_rgb(img, source.name)
         return rgb if rgb.size == (rw, rh) else rgb.resize((rw, rh), Image.Resampling.BICUBIC)
 

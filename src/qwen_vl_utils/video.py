@@ -26,6 +26,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import numpy as np
 from PIL import Image
 
+from . import _cancel
 from . import backends as _backends
 from ._errors import (
     AspectRatioError,
@@ -35,19 +36,21 @@ from ._errors import (
     SourceTooLargeError,
     describe,
 )
+from ._options import VideoOptions, check_backend, check_dtype, patch_factor, video_options
 from ._policy import FetchPolicy, get_fetch_policy
 from ._probe import VideoInfo, probe_video
 from ._sources import Source, resolve_source
 from ._util import env_int, usable_cpus
 from .image import (
-    _patch_factor,
     array_to_pil,
     ceil_by_factor,
     decode_rgb,
     floor_by_factor,
     open_image,
+    oriented_size,
     round_by_factor,
     smart_resize,
+    visual_tokens,
 )
 
 __all__ = [
@@ -98,23 +101,25 @@ def smart_nframes(ele: dict[str, Any], total_frames: int, video_fps: Union[int, 
     Unlike 0.0.14, a clip of fewer than ``FRAME_FACTOR`` frames gives ``FRAME_FACTOR`` (the last frame is
     repeated) instead of raising.
     """
-    if ele.get("fps") is not None and ele.get("nframes") is not None:
+    options = video_options(ele)
+    if options.fps is not None and options.nframes is not None:
         raise InvalidOptionError("give either 'fps' or 'nframes' in a video element, not both")
     if total_frames < FRAME_FACTOR:
         return FRAME_FACTOR
-    if ele.get("nframes") is not None:
-        nframes = max(FRAME_FACTOR, round_by_factor(_number(ele, "nframes"), FRAME_FACTOR))
+    if options.nframes is not None:
+        nframes = max(FRAME_FACTOR, round_by_factor(options.nframes, FRAME_FACTOR))
         if nframes > total_frames:
             raise InvalidOptionError(
-                f"nframes={ele['nframes']} is more than the {total_frames} frames in the video (or window); "
+                f"nframes={options.nframes} is more than the {total_frames} frames in the video (or window); "
                 f"ask for at most {floor_by_factor(total_frames, FRAME_FACTOR)}, or use 'fps'"
             )
         return int(nframes)
-    fps = _number(ele, "fps", FPS)
+    fps = FPS if options.fps is None else options.fps
     if not video_fps or video_fps <= 0:
         raise InvalidOptionError(f"the video's frame rate must be positive, got {video_fps}")
-    min_frames = ceil_by_factor(_number(ele, "min_frames", FPS_MIN_FRAMES), FRAME_FACTOR)
-    max_frames = floor_by_factor(_number(ele, "max_frames", min(FPS_MAX_FRAMES, total_frames)), FRAME_FACTOR)
+    min_frames = ceil_by_factor(FPS_MIN_FRAMES if options.min_frames is None else options.min_frames, FRAME_FACTOR)
+    max_frames = options.max_frames if options.max_frames is not None else min(FPS_MAX_FRAMES, total_frames)
+    max_frames = floor_by_factor(max_frames, FRAME_FACTOR)
     nframes = total_frames / video_fps * fps
     nframes = min(min(max(nframes, min_frames), max_frames), total_frames)
     nframes = floor_by_factor(nframes, FRAME_FACTOR)
@@ -124,15 +129,6 @@ def smart_nframes(ele: dict[str, Any], total_frames: int, video_fps: Union[int, 
             "check fps, min_frames and max_frames"
         )
     return int(nframes)
-
-
-def _number(ele: dict, key: str, default: Optional[float] = None) -> float:
-    value = ele.get(key, default)
-    if value is None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise InvalidOptionError(f"video element key {key!r} must be a non-negative number, got {value!r}")
-    return value
 
 
 def linspace_round(start: int, end: int, n: int) -> list[int]:
@@ -180,14 +176,10 @@ def plan_frames(
     ``video_start``/``video_end``) from a probe. Indices are absolute source frame indices."""
     fps, total = info.fps, info.num_frames
     start_frame, end_frame = 0, total - 1
-    start = ele.get("video_start")
-    end = ele.get("video_end")
+    options = video_options(ele)
+    start, end = options.video_start, options.video_end
     if start is not None or end is not None:
         max_duration = total / fps
-        if start is not None:
-            start = _number(ele, "video_start")
-        if end is not None:
-            end = _number(ele, "video_end")
         if start is not None and end is not None and start >= end:
             raise InvalidOptionError(f"video_start ({start}) must be before video_end ({end}) for {name}")
         if start is not None and start >= max_duration:
@@ -226,14 +218,17 @@ def plan_frames(
 
 def video_frame_size(ele: dict[str, Any], nframes: int, height: int, width: int, factor: int) -> tuple[int, int]:
     """(resized_height, resized_width) for every frame, under 0.0.14's per-frame and total pixel budgets."""
-    if "resized_height" in ele and "resized_width" in ele:
-        return smart_resize(int(ele["resized_height"]), int(ele["resized_width"]), factor=factor)
-    min_pixels = ele.get("min_pixels", VIDEO_MIN_TOKEN_NUM * factor * factor)
-    total_pixels = ele.get("total_pixels", _model_seq_len() * factor * factor * 0.9)
+    options = video_options(ele)
+    if options.resized is not None:
+        return smart_resize(*options.resized, factor=factor)
+    min_pixels = VIDEO_MIN_TOKEN_NUM * factor * factor if options.min_pixels is None else options.min_pixels
+    total_pixels = options.total_pixels
+    if total_pixels is None:
+        total_pixels = _model_seq_len() * factor * factor * 0.9
     max_pixels = max(
         min(VIDEO_MAX_TOKEN_NUM * factor * factor, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05)
     )
-    wanted = ele.get("max_pixels", max_pixels)
+    wanted = max_pixels if options.max_pixels is None else options.max_pixels
     if wanted > max_pixels:
         logger.warning("The given max_pixels[%s] exceeds limit[%s].", wanted, max_pixels)
     return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=min(wanted, max_pixels))
@@ -245,9 +240,10 @@ def video_frame_size(ele: dict[str, Any], nframes: int, height: int, width: int,
 def get_video_reader_backend(backend: Optional[str] = None) -> str:
     """The backend that decodes videos: ``backend``, else ``FORCE_QWENVL_VIDEO_READER`` (read now, not at
     import), else the fastest one that really loads here."""
-    name = backend or os.environ.get("FORCE_QWENVL_VIDEO_READER") or None
+    name = check_backend(backend, "backend") or check_backend(
+        os.environ.get("FORCE_QWENVL_VIDEO_READER") or None, "FORCE_QWENVL_VIDEO_READER"
+    )
     if name is not None:
-        name = name.strip().lower()
         _backends.load_backend(name)
         return name
     auto = _backends.auto_backend()
@@ -398,7 +394,8 @@ def _read_frames(
             frame = frame()
         if frame.ndim != 3 or frame.shape[2] != 3:
             raise DecodeError(f"{module.NAME} returned a frame of shape {frame.shape} for {source.name}")
-        small = _resize(frame, coded_w, coded_h) if with_resize else frame
+        # without resizing too, a frame after a mid-stream size change is brought to the first frame's size
+        small = _resize(frame, coded_w, coded_h) if with_resize or frame.shape[:2] != (coded_h, coded_w) else frame
         if k:
             small = np.rot90(small, k)
         if channels_first:
@@ -414,6 +411,7 @@ def _read_frames(
             frames = contextlib.closing(module.read(source, info, expected, _decoder_threads()))
             with frames as decoded:  # closed at once on error: a backend's decoder threads stop with it
                 for idx, frame in decoded:
+                    _cancel.check()  # a cancelled caller stops the decode at the next frame
                     pending.append(pool.submit(store, idx, frame))
                     while len(pending) > 2 * workers or (pending and pending[0].done()):
                         pending.popleft().result()
@@ -425,16 +423,22 @@ def _read_frames(
                 seen += 1
     except QwenVLError:
         raise
-    except MemoryError:
-        raise
+    except MemoryError as exc:
+        if not type(exc).__module__.startswith("av."):  # PyAV's is FFmpeg's ENOMEM: corrupt sizes, not memory
+            raise
+        raise _undecodable(module, source, exc) from exc
     except Exception as exc:
-        raise DecodeError(
-            f"the {module.NAME} backend could not decode {source.name} ({type(exc).__name__}: {exc}); "
-            "the file may be truncated or corrupt"
-        ) from exc
+        raise _undecodable(module, source, exc) from exc
     if seen != len(expected):
         raise DecodeError(f"the {module.NAME} backend returned {seen} of {len(expected)} frames for {source.name}")
     return out
+
+
+def _undecodable(module: Any, source: Source, exc: BaseException) -> DecodeError:
+    return DecodeError(
+        f"the {module.NAME} backend could not decode {source.name} ({type(exc).__name__}: {exc}); "
+        "the file may be truncated or corrupt"
+    )
 
 
 def _require_torch() -> Any:
@@ -457,18 +461,9 @@ def _to_tensor(frames: np.ndarray, dtype: Any = None) -> Any:
 
 
 def _torch_dtype(torch: Any, dtype: Any) -> Any:
-    if dtype is None:
-        dtype = os.environ.get("QWENVL_VIDEO_DTYPE", "float32")
-    table = {"float32": torch.float32, "float": torch.float32, "uint8": torch.uint8}
-    if isinstance(dtype, str):
-        if dtype.lower().replace("torch.", "") not in table:
-            raise InvalidOptionError(f"dtype must be 'float32' or 'uint8', got {dtype!r}")
-        return table[dtype.lower().replace("torch.", "")]
-    if dtype in (torch.float32, torch.uint8):
-        return dtype
-    if dtype in (np.uint8, np.float32):
-        return table[np.dtype(dtype).name]
-    raise InvalidOptionError(f"dtype must be float32 or uint8, got {dtype!r}")
+    """The torch dtype for a ``dtype`` argument or key (checked), else ``QWENVL_VIDEO_DTYPE``, else float32."""
+    name = check_dtype(dtype) or check_dtype(os.environ.get("QWENVL_VIDEO_DTYPE") or None, "QWENVL_VIDEO_DTYPE")
+    return torch.uint8 if name == "uint8" else torch.float32
 
 
 # --- frame lists and decoded arrays --------------------------------------------------------------------------
@@ -477,23 +472,23 @@ def _torch_dtype(torch: Any, dtype: Any) -> Any:
 def _frame_list_metadata(ele: dict, n_given: int, n_out: int) -> tuple[dict, float]:
     """0.0.14's fps/raw_fps convention, with frame indices on the source's timeline so that the Qwen3-VL
     processor's timestamps (index / fps) are right; explicit per-frame ``timestamps`` win."""
-    timestamps = ele.get("timestamps")
-    sample_fps = ele.get("sample_fps") or ele.get("fps") or FPS
-    if timestamps is not None:
-        ts = [float(t) for t in timestamps]
-        if len(ts) != n_given or any(b < a for a, b in zip(ts, ts[1:])) or (ts and ts[0] < 0):
+    options = video_options(ele)
+    sample_fps = options.sample_fps or options.fps or FPS
+    if options.timestamps is not None:
+        ts = list(options.timestamps)
+        if len(ts) != n_given:
             raise InvalidOptionError(
                 f"'timestamps' must be {n_given} non-decreasing, non-negative seconds (one per frame), got {len(ts)}"
             )
         ts += [ts[-1]] * (n_out - n_given)
         # a millisecond time base keeps frames_indices integral while the processor's index/fps is exact
-        fps = float(ele.get("raw_fps") or 1000.0)
+        fps = float(options.raw_fps or 1000.0)
         indices = [round(t * fps) for t in ts]
-        if "sample_fps" not in ele and n_given > 1 and ts[n_given - 1] > ts[0]:
+        if options.sample_fps is None and n_given > 1 and ts[n_given - 1] > ts[0]:
             sample_fps = (n_given - 1) / (ts[n_given - 1] - ts[0])
         total = indices[-1] + 1
     else:
-        fps = float(ele.get("raw_fps") or sample_fps)
+        fps = float(options.raw_fps or sample_fps)
         indices = [round(i * fps / sample_fps) for i in range(n_given)]
         indices += [indices[-1]] * (n_out - n_given)  # padding repeats the last frame, and its time
         total = round(n_given / sample_fps * fps)
@@ -508,9 +503,7 @@ def _load_frame(value: Any, policy: FetchPolicy, size: Optional[tuple[int, int]]
 
 
 def _fetch_frames(ele: dict, frames: Any, factor: int, policy: FetchPolicy) -> tuple[np.ndarray, dict, float]:
-    if len(frames) == 0:
-        raise InvalidOptionError("a video given as a list of frames needs at least one frame")
-    n_out = max(FRAME_FACTOR, ceil_by_factor(len(frames), FRAME_FACTOR))
+    n_out = _padded_count(len(frames))
     first = _load_frame(frames[0], policy, None)
     try:
         size = video_frame_size(ele, n_out, first.shape[0], first.shape[1], factor)
@@ -529,22 +522,60 @@ def _fetch_frames(ele: dict, frames: Any, factor: int, policy: FetchPolicy) -> t
     return out, metadata, sample_fps
 
 
+def _padded_count(n: int) -> int:
+    """Frames out for ``n`` frames given (a list or a decoded array): padded to whole temporal patches."""
+    if n == 0:
+        raise InvalidOptionError("a video given as a list of frames (or a decoded array) needs at least one frame")
+    return max(FRAME_FACTOR, ceil_by_factor(n, FRAME_FACTOR))
+
+
+def _array_shape(value: Any) -> tuple[int, int, int]:
+    """(T, H, W) of a decoded video (TxCxHxW or TxHxWxC numpy array or torch tensor, 1 or 3 channels, uint8),
+    checked from its shape and dtype alone: nothing is copied or converted."""
+    if not type(value).__module__.startswith("torch"):
+        value = np.asarray(value)
+    shape = tuple(int(n) for n in value.shape)
+    if len(shape) == 4 and shape[1] in (1, 3) and shape[-1] not in (1, 3):  # channels first
+        shape = (shape[0], shape[2], shape[3], shape[1])
+    if len(shape) != 4 or shape[-1] not in (1, 3):
+        raise InvalidOptionError(f"a decoded video must be TxCxHxW or TxHxWxC with 1 or 3 channels, got {shape}")
+    dtype = str(value.dtype).replace("torch.", "")
+    if dtype != "uint8":
+        raise InvalidOptionError(
+            f"a decoded video has dtype {dtype}; convert it to uint8 0..255 first, "
+            "e.g. (x * 255).round().clip(0, 255).astype(np.uint8)"
+        )
+    return shape[0], shape[1], shape[2]
+
+
 def _array_frames(value: Any) -> list:
     """A decoded video (T,C,H,W or T,H,W,C numpy array or torch tensor) as a list of HWC frames."""
+    _array_shape(value)
     if type(value).__module__.startswith("torch"):
         value = value.detach().cpu()
         if value.ndim == 4 and value.shape[1] in (1, 3) and value.shape[-1] not in (1, 3):
             value = value.permute(0, 2, 3, 1)
         value = value.numpy()
     arr = np.asarray(value)
-    if arr.ndim == 4 and arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
+    if arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
         arr = arr.transpose(0, 2, 3, 1)
-    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-        raise InvalidOptionError(f"a decoded video must be TxCxHxW or TxHxWxC with 1 or 3 channels, got {arr.shape}")
     return [array_to_pil(frame, "decoded video frame") for frame in arr]
 
 
 # --- fetch_video ---------------------------------------------------------------------------------------------
+
+
+def _checked_element(ele: Any) -> VideoOptions:
+    """The checked options of a video element, which must hold a source."""
+    options = video_options(ele)
+    if "video" not in ele:
+        raise InvalidOptionError(f"a video element needs a 'video' key holding the source; got keys {sorted(ele)}")
+    return options
+
+
+def _check_encoded(source: Source) -> None:
+    if source.obj is not None:
+        raise InvalidOptionError(f"cannot decode {source.name} as a video; give a file, URL, bytes or frames")
 
 
 def _is_array(value: Any) -> bool:
@@ -569,20 +600,18 @@ def decode_video(
     allocate: Allocate = _numpy_frames,
 ) -> DecodedVideo:
     """The numpy core of :func:`fetch_video`, used by it and by the command line."""
-    if not isinstance(ele, dict) or "video" not in ele:
-        raise InvalidOptionError(f"a video element must be a dict with a 'video' key, got {describe(ele)}")
-    factor = _patch_factor(image_patch_size)
+    options = _checked_element(ele)  # a bad option fails here, before any download or decode
+    factor = patch_factor(image_patch_size)
     policy = get_fetch_policy(policy)
     value = ele["video"]
     if isinstance(value, (list, tuple)):
         return DecodedVideo(*_fetch_frames(ele, value, factor, policy), None)
     if _is_array(value):
-        frames_ele = {**ele, "sample_fps": ele.get("sample_fps") or ele.get("fps") or FPS}
+        frames_ele = {**ele, "sample_fps": options.sample_fps or options.fps or FPS}
         return DecodedVideo(*_fetch_frames(frames_ele, _array_frames(value), factor, policy), None)
-    name = get_video_reader_backend(backend or ele.get("video_reader"))
+    name = get_video_reader_backend(check_backend(backend, "backend") or options.video_reader)
     with resolve_source(value, "video", policy) as source:
-        if source.obj is not None:
-            raise InvalidOptionError(f"cannot decode {source.name} as a video; give a file, URL, bytes or frames")
+        _check_encoded(source)
         info = probe_video(source)
         plan = plan_frames(info, ele, policy, source.name)
         display_w, display_h = info.display_size
@@ -601,6 +630,33 @@ def decode_video(
         "video_backend": module.NAME,
     }
     return DecodedVideo(frames, metadata, plan.sample_fps, info)
+
+
+def video_token_count(
+    ele: dict[str, Any], image_patch_size: int = 14, *, policy: Optional[FetchPolicy] = None
+) -> tuple[int, int, int, int]:
+    """(tokens, frames, resized_height, resized_width) of what :func:`fetch_video` returns for ``ele``, from
+    the first frame's header (frame lists), the shape (decoded arrays) or the container probe (files): no
+    sampled frame is decoded or resized, and no array is converted."""
+    _checked_element(ele)
+    factor = patch_factor(image_patch_size)
+    policy = get_fetch_policy(policy)
+    value = ele["video"]
+    if isinstance(value, (list, tuple)):
+        nframes = _padded_count(len(value))
+        with resolve_source(value[0], "image", policy) as source:
+            width, height = oriented_size(open_image(source, policy))
+    elif _is_array(value):
+        t, height, width = _array_shape(value)
+        nframes = _padded_count(t)
+    else:
+        with resolve_source(value, "video", policy) as source:
+            _check_encoded(source)
+            info = probe_video(source)
+            nframes = plan_frames(info, ele, policy, source.name).nframes
+            width, height = info.display_size
+    rh, rw = video_frame_size(ele, nframes, height, width, factor)
+    return visual_tokens(rh, rw, factor, nframes, FRAME_FACTOR), nframes, rh, rw
 
 
 def qwen3_timestamps(frames_indices: list, fps: float, temporal_patch_size: int = 2) -> list[float]:
@@ -628,8 +684,10 @@ def fetch_video(
     ``dtype`` key for 4x less memory), optionally with the metadata dict (``fps``, ``frames_indices``,
     ``total_num_frames``, ``video_backend``) and the sample fps, in 0.0.14's nesting.
     """
+    options = video_options(ele)
+    dtype = check_dtype(dtype) or options.dtype
     torch = _require_torch()
-    torch_dtype = _torch_dtype(torch, dtype if dtype is not None else ele.get("dtype"))
+    torch_dtype = _torch_dtype(torch, dtype)
     tensors: list = []
 
     def allocate(t: int, h: int, w: int) -> np.ndarray:  # decode straight into the returned tensor

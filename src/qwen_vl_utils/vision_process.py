@@ -9,27 +9,23 @@ from typing import Any, Optional, Union
 from PIL import Image
 
 from ._errors import InvalidOptionError, describe
+from ._options import patch_factor
 from ._policy import FetchPolicy, get_fetch_policy
-from ._probe import probe_video
-from ._sources import Source, resolve_source
+from ._sources import Source
 from ._util import usable_cpus
 from .image import (
     IMAGE_MAX_TOKEN_NUM,
     IMAGE_MIN_TOKEN_NUM,
     MAX_RATIO,
     SPATIAL_MERGE_SIZE,
-    _patch_factor,
     ceil_by_factor,
     fetch_image,
     floor_by_factor,
     image_token_count,
     load_image,
-    open_image,
-    oriented_size,
     resolve_image,
     round_by_factor,
     smart_resize,
-    visual_tokens,
 )
 from .video import (
     FPS,
@@ -43,9 +39,8 @@ from .video import (
     VIDEO_READER_BACKENDS,
     fetch_video,
     get_video_reader_backend,
-    plan_frames,
     smart_nframes,
-    video_frame_size,
+    video_token_count,
 )
 
 __all__ = [
@@ -143,28 +138,39 @@ def process_vision_info(
     Images are downloaded concurrently and decoded one per core; videos one after another (each decoder is
     already multi-threaded).
     """
+    image_eles, video_eles = split_elements(conversations)
+    policy = get_fetch_policy(policy)
+    images = _fetch_images(image_eles, image_patch_size, policy)
+    videos = [
+        fetch_video(
+            ele,
+            image_patch_size=image_patch_size,
+            return_video_sample_fps=True,
+            return_video_metadata=return_video_metadata,
+            backend=backend,
+            policy=policy,
+        )
+        for ele in video_eles
+    ]
+    return assemble(images, videos, return_video_kwargs, return_video_metadata)
+
+
+def split_elements(conversations: Any) -> tuple[list[dict], list[dict]]:
+    """The image elements and the video elements of one conversation or a batch, each in order."""
     infos = extract_vision_info(conversations)
     kinds = [_kind(ele) for ele in infos]
-    policy = get_fetch_policy(policy)
-    image_eles = [ele for ele, kind in zip(infos, kinds) if kind == "image"]
-    images = _fetch_images(image_eles, image_patch_size, policy)
-    videos, sample_fps = [], []
-    for ele, kind in zip(infos, kinds):
-        if kind == "video":
-            video, fps = fetch_video(
-                ele,
-                image_patch_size=image_patch_size,
-                return_video_sample_fps=True,
-                return_video_metadata=return_video_metadata,
-                backend=backend,
-                policy=policy,
-            )
-            videos.append(video)
-            sample_fps.append(fps)
+    return (
+        [ele for ele, kind in zip(infos, kinds) if kind == "image"],
+        [ele for ele, kind in zip(infos, kinds) if kind == "video"],
+    )
+
+
+def assemble(images: list, videos: list, return_video_kwargs: bool, return_video_metadata: bool) -> tuple:
+    """process_vision_info's result from the fetched images and the ``(video, sample_fps)`` pairs."""
     video_kwargs: dict[str, Any] = {"do_sample_frames": False}
     if not return_video_metadata:
-        video_kwargs["fps"] = sample_fps
-    result = (images or None, videos or None)
+        video_kwargs["fps"] = [fps for _, fps in videos]
+    result = (images or None, [video for video, _ in videos] or None)
     return (*result, video_kwargs) if return_video_kwargs else result
 
 
@@ -175,7 +181,7 @@ def _fetch_images(eles: list[dict], image_patch_size: int, policy: FetchPolicy) 
     arenas, about twice the page faults and 15% slower on 2 cores, while downloads need the concurrency."""
     if len(eles) <= 1:
         return [fetch_image(ele, image_patch_size, policy=policy) for ele in eles]
-    factor = _patch_factor(image_patch_size)
+    factor = patch_factor(image_patch_size)
     decodes: list[Optional[Future]] = [None] * len(eles)
 
     def load(source: Source, ele: dict) -> Image.Image:
@@ -202,23 +208,13 @@ def count_visual_tokens(
     """The number of visual tokens an element becomes, without decoding its pixels.
 
     Images: (H/f)*(W/f); videos: ceil(T/2)*(H/f)*(W/f), with f = image_patch_size * 2 and H, W, T the
-    resized size and frame count that :func:`fetch_image` / :func:`fetch_video` would produce.
+    resized size and frame count that :func:`fetch_image` / :func:`fetch_video` would produce, for every
+    source form they accept (decoded video arrays and tensors too). Read from image headers, the shape of an
+    array, or the video's container probe (which decodes one frame to learn the rotation); no sampled frame
+    is decoded and nothing is resized.
     """
+    if not isinstance(ele, dict):
+        raise InvalidOptionError(f"an element must be a dict, got {describe(ele)}")
     if _kind(ele) == "image":
         return image_token_count(ele, image_patch_size, policy=policy)[0]
-    factor = _patch_factor(image_patch_size)
-    policy = get_fetch_policy(policy)
-    value = ele["video"]
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise InvalidOptionError("a video given as a list of frames needs at least one frame")
-        with resolve_source(value[0], "image", policy) as source:
-            w, h = oriented_size(open_image(source, policy))
-        nframes = max(FRAME_FACTOR, ceil_by_factor(len(value), FRAME_FACTOR))
-    else:
-        with resolve_source(value, "video", policy) as source:
-            info = probe_video(source)
-            nframes = plan_frames(info, ele, policy, source.name).nframes
-            w, h = info.display_size
-    rh, rw = video_frame_size(ele, nframes, h, w, factor)
-    return visual_tokens(rh, rw, factor, nframes, FRAME_FACTOR)
+    return video_token_count(ele, image_patch_size, policy=policy)[0]
