@@ -25,6 +25,7 @@ class File:
     lie_length: int = 0  # added to the Content-Length (and the Content-Range total) it declares
     unavailable: int = 0  # this many 503s before it answers
     delay: float = 0.0  # seconds before each response
+    slow_after: int = 0  # the first this many requests are answered without the delay
     content_type: str = "application/octet-stream"
     etag: Optional[str] = None  # sent, and honoured in If-None-Match (304)
     last_modified: Optional[str] = None  # sent, and honoured in If-Modified-Since when equal (304)
@@ -96,7 +97,7 @@ class FileServer:
             f.requests.append(rng)
             unavailable = f.unavailable > 0
             f.unavailable -= unavailable
-        if f.delay:
+        if f.delay and len(f.requests) > f.slow_after:
             time.sleep(f.delay)
         if unavailable:
             req.send_response(503)

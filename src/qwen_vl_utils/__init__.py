@@ -45,6 +45,28 @@ from .vision_process import (
     smart_resize,
 )
 
+#: public names whose modules load on first use (asyncio, streaming): ``import qwen_vl_utils`` stays light
+_LAZY = {
+    "acount_visual_tokens": "aio",
+    "afetch_image": "aio",
+    "afetch_video": "aio",
+    "aprocess_vision_info": "aio",
+    "VideoChunk": "stream",
+    "stream_video": "stream",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qwen_vl_utils' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
     "FPS",
     "FPS_MAX_FRAMES",
@@ -70,7 +92,12 @@ __all__ = [
     "SourceNotAllowedError",
     "SourceNotFoundError",
     "SourceTooLargeError",
+    "VideoChunk",
     "__version__",
+    "acount_visual_tokens",
+    "afetch_image",
+    "afetch_video",
+    "aprocess_vision_info",
     "ceil_by_factor",
     "count_visual_tokens",
     "extract_vision_info",
@@ -84,4 +111,5 @@ __all__ = [
     "set_fetch_policy",
     "smart_nframes",
     "smart_resize",
+    "stream_video",
 ]

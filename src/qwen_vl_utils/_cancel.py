@@ -40,6 +40,7 @@ class Token:
             transfer.abort()
 
     def register(self, transfer: Any) -> None:
+        """A transfer working for this token (kept for the token's life: a token lives as long as its call)."""
         with self._lock:
             self._live.add(transfer)
         if self.event.is_set():

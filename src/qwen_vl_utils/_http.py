@@ -28,7 +28,7 @@ import urllib.request
 from typing import Any, Optional
 
 from . import _cancel
-from ._cancel import Cancelled, Token
+from ._cancel import Cancelled
 from ._errors import (
     FetchTimeoutError,
     InvalidOptionError,
@@ -56,7 +56,7 @@ class Transfer:
     ``deadline`` bounds the time spent waiting on the network (connecting, sending, receiving), not the time
     spent decoding between ranged reads; ``limit`` bounds the bytes actually received."""
 
-    def __init__(self, policy: FetchPolicy, media: str, name: str, token: Optional[Token] = None) -> None:
+    def __init__(self, policy: FetchPolicy, media: str, name: str) -> None:
         self.policy = policy
         self.media = media
         self.name = name
@@ -65,7 +65,6 @@ class Transfer:
         self.received = 0
         self.requests = 0
         self.addresses: dict = {}  # host -> the addresses checked for it: one lookup per host and transfer
-        self.token = token if token is not None else _cancel.current()
         self._waited = 0.0
         self._since: Optional[float] = None
         self._lock = threading.Lock()
@@ -111,22 +110,22 @@ class Transfer:
             )
 
     def check_cancelled(self) -> None:
-        if self.token is not None and self.token.cancelled:
+        """Cancelled if the work on this thread was (the token is the thread's: a remote file's reads belong to
+        whichever call is decoding it)."""
+        token = _cancel.current()
+        if token is not None and token.cancelled:
             raise Cancelled(f"{self.media} source {self.name}: cancelled")
 
     def track(self, resp: Any) -> None:
         with self._lock:
-            first = not self._live
             self._live.add(resp)
-        if first and self.token is not None:
-            self.token.register(self)
+        token = _cancel.current()
+        if token is not None:
+            token.register(self)
 
     def untrack(self, resp: Any) -> None:
         with self._lock:
             self._live.discard(resp)
-            last = not self._live
-        if last and self.token is not None:
-            self.token.unregister(self)
 
     def abort(self) -> None:
         """Unblock every read in flight (from another thread): their sockets are shut down."""

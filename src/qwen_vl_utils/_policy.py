@@ -48,6 +48,10 @@ class FetchPolicy:
     image_deadline: float = 30.0
     #: further tries of an idempotent read after a connection reset or an HTTP 502/503/504 (short backoff)
     retries: int = 2
+    #: the asyncio API's process-wide limits on downloads and on decodes in flight (None: 8 per usable core,
+    #: at least 16; one per usable core). Read from the process policy, shared by every call.
+    max_concurrent_downloads: Optional[int] = None
+    max_concurrent_decodes: Optional[int] = None
     #: a directory that keeps remote media fetched whole, revalidated on reuse (None: no cache)
     media_cache: Optional[str] = None
     media_cache_max_bytes: int = 10 * 1024 * MiB
@@ -81,6 +85,8 @@ _ENV = {
     "QWENVL_DEADLINE": ("deadline", float),
     "QWENVL_IMAGE_DEADLINE": ("image_deadline", float),
     "QWENVL_RETRIES": ("retries", int),
+    "QWENVL_MAX_CONCURRENT_DOWNLOADS": ("max_concurrent_downloads", int),
+    "QWENVL_MAX_CONCURRENT_DECODES": ("max_concurrent_decodes", int),
     "QWENVL_MEDIA_CACHE": ("media_cache", lambda v: v or None),
     "QWENVL_MEDIA_CACHE_MAX_BYTES": ("media_cache_max_bytes", lambda v: int(float(v))),
     "QWENVL_MEDIA_CACHE_MAX_AGE": ("media_cache_max_age", float),

@@ -20,8 +20,10 @@ import io
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Optional
 
+from . import _cancel
 from ._errors import DecodeError, NetworkError, QwenVLError
 
 __all__ = ["BLOCK", "RangedFile", "merge_ranges"]
@@ -99,7 +101,7 @@ class RangedFile:
                 if waiting is None:
                     first, last = self._claim(k, span)
             if waiting is not None:
-                waiting.result()  # its fetcher's error, if it failed
+                _wait(waiting)  # its fetcher's error, if it failed
                 continue
             self._load(first, last)
 
@@ -197,6 +199,7 @@ class RangedFile:
     # -- lifetime ---------------------------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Stop prefetching (requests in flight are aborted) and drop the cache."""
         with self._cond:
             if self._closed:
                 return
@@ -204,10 +207,20 @@ class RangedFile:
             pool, self._pool = self._pool, None
             self._blocks.clear()
             self._cond.notify_all()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
         if self._on_close is not None:
             self._on_close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _wait(future: Future) -> None:
+    """Wait for another thread's fetch, in slices, so that a cancelled caller stops waiting at once."""
+    while True:
+        try:
+            future.result(timeout=0.05)
+            return
+        except FutureTimeout:
+            _cancel.check()
 
 
 class RemoteReader(io.RawIOBase):

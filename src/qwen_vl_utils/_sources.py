@@ -11,6 +11,7 @@ import atexit
 import base64
 import binascii
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -217,7 +218,10 @@ def _is_decoded_object(value: Any) -> bool:
 
 
 def resolve_source(value: Any, media: str, policy: FetchPolicy) -> Source:
-    """Resolve one element value. ``media`` is 'image' or 'video' and selects the byte limit."""
+    """Resolve one element value. ``media`` is 'image' or 'video' and selects the byte limit. An already
+    resolved :class:`Source` passes through as a borrowed view: closing it leaves the original open."""
+    if isinstance(value, Source):
+        return dataclasses.replace(value, is_temporary=False, closers=[])
     name = describe(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
@@ -379,7 +383,7 @@ def _fetch_http(url: str, media: str, policy: FetchPolicy) -> Source:
     finally:
         resp.close()
     if total is not None:
-        source = _ranged_source(name, media, total, _range_fetcher(resp.url, transfer), first)
+        source = _ranged_source(name, media, total, _range_fetcher(resp.url, transfer), first, transfer.abort)
     if cache is not None and source.opener is None:  # fetched whole: worth keeping
         cache.store(url, source.path, source.data, *validators)
     return source
@@ -399,12 +403,15 @@ def _from_cache(cache: Any, entry: Any, media: str, policy: FetchPolicy, name: s
     return Source(name=name, path=path, is_temporary=True)
 
 
-def _ranged_source(name: str, media: str, size: int, fetch: Callable[[int, int], bytes], first: bytes) -> Source:
-    """A source over a remote file whose first bytes are in: in memory if that is all of it, else read by range."""
+def _ranged_source(
+    name: str, media: str, size: int, fetch: Callable[[int, int], bytes], first: bytes, abort: Any = None
+) -> Source:
+    """A source over a remote file whose first bytes are in: in memory if that is all of it, else read by range
+    (``abort`` stops the reads in flight when the source is closed)."""
     _refuse_unknown(first, media, name)
     if size <= len(first):
         return Source(name=name, data=first)
-    shared = RangedFile(name, size, fetch, first)
+    shared = RangedFile(name, size, fetch, first, on_close=abort)
     return Source(name=name, opener=shared.reader, closers=[shared.close], ranged=shared)
 
 
