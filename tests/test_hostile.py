@@ -476,6 +476,47 @@ def test_invalid_environment_is_typed(monkeypatch):
         fetch_image({"image": PNG})
 
 
+@pytest.mark.parametrize("var", ["QWENVL_BLOCK_PRIVATE_NETWORKS", "QWENVL_ALLOW_LOCAL", "QWENVL_JPEG_DRAFT"])
+def test_a_misspelt_boolean_is_an_error_not_off(monkeypatch, var):
+    """``QWENVL_BLOCK_PRIVATE_NETWORKS=ture`` must not quietly turn the protection off."""
+    jpeg = image_bytes(gradient(64, 48), "JPEG")  # the draft flag is read for JPEGs
+    monkeypatch.setenv(var, "ture")
+    with pytest.raises(InvalidOptionError, match=f"{var}.*not a boolean"):
+        fetch_image({"image": jpeg})
+    for spelling, value in (("ON", True), ("yes", True), ("0", False), ("off", False)):
+        monkeypatch.setenv(var, spelling)
+        fetch_image({"image": jpeg})
+        if var != "QWENVL_JPEG_DRAFT":
+            field = {"QWENVL_BLOCK_PRIVATE_NETWORKS": "block_private_networks"}.get(var, "allow_local")
+            assert getattr(q.get_fetch_policy(), field) is value
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_redirects", -1),
+        ("retries", 1.5),
+        ("connect_timeout", 0),
+        ("deadline", float("nan")),
+        ("image_deadline", -3),
+        ("max_image_bytes", 0),
+        ("max_video_frames", 0),
+        ("max_concurrent_decodes", 0),
+        ("media_cache_max_age", float("inf")),
+        ("allow_local", "no"),
+        ("block_private_networks", 1),
+        ("allowed_schemes", "http"),
+        ("denied_hosts", (1,)),
+        ("media_cache", 3),
+    ],
+)
+def test_policy_fields_are_checked_when_the_policy_is_made(field, value):
+    with pytest.raises(InvalidOptionError, match=f"FetchPolicy.{field}"):
+        FetchPolicy(**{field: value})
+    with pytest.raises(InvalidOptionError, match=f"FetchPolicy.{field}"):
+        FetchPolicy().replace(**{field: value})
+
+
 # --- truncated, corrupt and random media ---------------------------------------------------------------------
 
 

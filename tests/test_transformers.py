@@ -7,7 +7,9 @@ import qwen_vl_utils as q
 from media import gradient, make_video
 
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed (pip install transformers)", exc_type=ImportError
+)
 
 
 @pytest.fixture(scope="module")

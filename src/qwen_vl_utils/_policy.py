@@ -7,12 +7,14 @@ A policy comes from (in increasing priority) the defaults below, ``QWENVL_*`` en
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from ._errors import InvalidOptionError
+from ._util import parse_flag
 
 __all__ = ["FetchPolicy", "get_fetch_policy", "set_fetch_policy"]
 
@@ -65,19 +67,73 @@ class FetchPolicy:
     max_video_seconds: Optional[float] = None
     max_video_frames: Optional[int] = None
 
+    def __post_init__(self) -> None:
+        _validate(self)
+
     def replace(self, **changes: Any) -> FetchPolicy:
         return dataclasses.replace(self, **changes)
 
 
+#: field -> (kind, smallest allowed value, None allowed)
+_RANGES = {
+    "max_redirects": (int, 0, False),
+    "connect_timeout": (float, 0, False),
+    "read_timeout": (float, 0, False),
+    "deadline": (float, 0, False),
+    "image_deadline": (float, 0, False),
+    "retries": (int, 0, False),
+    "max_concurrent_downloads": (int, 1, True),
+    "max_concurrent_decodes": (int, 1, True),
+    "media_cache_max_bytes": (int, 1, False),
+    "media_cache_max_age": (float, 0, False),
+    "max_image_bytes": (int, 1, False),
+    "max_video_bytes": (int, 1, False),
+    "max_image_pixels": (int, 1, False),
+    "max_video_seconds": (float, 0, True),
+    "max_video_frames": (int, 1, True),
+}
+
+
+def _validate(policy: FetchPolicy) -> None:
+    """Every field's type and range, at construction: a typo fails here, not as a silent 'off' later."""
+    for name, (kind, low, optional) in _RANGES.items():
+        value = getattr(policy, name)
+        if value is None and optional:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and kind is int:
+            ok = float(value).is_integer()
+        if not ok or not math.isfinite(value) or value < low or (kind is float and value == low):
+            what = "a whole number" if kind is int else "a number"
+            bound = f">= {low}" if kind is int else f"> {low}"
+            raise InvalidOptionError(
+                f"FetchPolicy.{name}={value!r}: must be {what} {bound}" + (" or None" if optional else "")
+            )
+    for name in ("allow_local", "block_private_networks"):
+        if not isinstance(getattr(policy, name), bool):
+            raise InvalidOptionError(f"FetchPolicy.{name}={getattr(policy, name)!r}: must be True or False")
+    for name in ("allowed_schemes", "allowed_hosts", "denied_hosts"):
+        value = getattr(policy, name)
+        if value is None and name == "allowed_hosts":
+            continue
+        if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+            raise InvalidOptionError(f"FetchPolicy.{name}={value!r}: must be a tuple of strings")
+        object.__setattr__(policy, name, tuple(v.strip().lower() for v in value))
+    for name in ("media_root", "media_cache"):
+        value = getattr(policy, name)
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise InvalidOptionError(f"FetchPolicy.{name}={value!r}: must be a directory path or None")
+
+
 _ENV = {
     "QWENVL_ALLOWED_SCHEMES": ("allowed_schemes", lambda v: tuple(s.strip().lower() for s in v.split(",") if s)),
-    "QWENVL_ALLOW_LOCAL": ("allow_local", lambda v: v.strip().lower() in ("1", "true", "yes", "on")),
+    "QWENVL_ALLOW_LOCAL": ("allow_local", parse_flag),
     "QWENVL_MEDIA_ROOT": ("media_root", lambda v: v or None),
     "QWENVL_ALLOWED_HOSTS": ("allowed_hosts", lambda v: tuple(h.strip().lower() for h in v.split(",") if h)),
     "QWENVL_DENIED_HOSTS": ("denied_hosts", lambda v: tuple(h.strip().lower() for h in v.split(",") if h)),
     "QWENVL_BLOCK_PRIVATE_NETWORKS": (
         "block_private_networks",
-        lambda v: v.strip().lower() in ("1", "true", "yes", "on"),
+        parse_flag,
     ),
     "QWENVL_MAX_REDIRECTS": ("max_redirects", int),
     "QWENVL_CONNECT_TIMEOUT": ("connect_timeout", float),

@@ -7,7 +7,7 @@ from typing import Callable
 
 from ._errors import InvalidOptionError
 
-__all__ = ["env_flag", "env_int", "usable_cpus"]
+__all__ = ["env_flag", "env_int", "parse_flag", "usable_cpus"]
 
 
 def usable_cpus() -> int:
@@ -29,6 +29,26 @@ def env_int(name: str, default: int, parse: Callable[[str], int] = int) -> int:
         raise InvalidOptionError(f"environment variable {name}={raw!r} is not a valid number") from exc
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def parse_flag(raw: str) -> bool:
+    """1/true/yes/on or 0/false/no/off (any case); anything else is a ValueError, never a silent 'off'."""
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{raw!r} is not a boolean: use 1/0, true/false, yes/no or on/off")
+
+
 def env_flag(name: str) -> bool:
-    """A boolean environment variable: 1, true, yes or on (any case) is true."""
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    """A boolean environment variable (unset: False); a typo is a typed error naming the variable."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return False
+    try:
+        return parse_flag(raw)
+    except ValueError as exc:
+        raise InvalidOptionError(f"environment variable {name}: {exc}") from exc
