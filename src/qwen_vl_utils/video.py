@@ -632,31 +632,63 @@ def decode_video(
     return DecodedVideo(frames, metadata, plan.sample_fps, info)
 
 
-def video_token_count(
+class VideoFacts(NamedTuple):
+    """What :func:`fetch_video` would return for an element, known without decoding its frames."""
+
+    tokens: int
+    frames: int  # T of the output
+    resized_height: int
+    resized_width: int
+    width: int  # the source frames' displayed size
+    height: int
+    duration: float  # seconds of the source (a frame list's or array's: its frames over its sample rate)
+    frames_indices: list  # the metadata fetch_video returns: the processor's timestamps come from these
+    fps: float
+
+
+def describe_video(
     ele: dict[str, Any], image_patch_size: int = 14, *, policy: Optional[FetchPolicy] = None
-) -> tuple[int, int, int, int]:
-    """(tokens, frames, resized_height, resized_width) of what :func:`fetch_video` returns for ``ele``, from
-    the first frame's header (frame lists), the shape (decoded arrays) or the container probe (files): no
-    sampled frame is decoded or resized, and no array is converted."""
-    _checked_element(ele)
+) -> VideoFacts:
+    """Tokens, frame count, sizes and frame indices of ``ele``'s output, from the first frame's header (frame
+    lists), the shape (decoded arrays) or the container probe (files): no sampled frame is decoded or resized,
+    and no array is converted."""
+    options = _checked_element(ele)
     factor = patch_factor(image_patch_size)
     policy = get_fetch_policy(policy)
     value = ele["video"]
-    if isinstance(value, (list, tuple)):
-        nframes = _padded_count(len(value))
-        with resolve_source(value[0], "image", policy) as source:
-            width, height = oriented_size(open_image(source, policy))
-    elif _is_array(value):
-        t, height, width = _array_shape(value)
-        nframes = _padded_count(t)
+    if isinstance(value, (list, tuple)) or _is_array(value):
+        if isinstance(value, (list, tuple)):
+            n_given, frames_ele = len(value), ele
+            nframes = _padded_count(n_given)
+            with resolve_source(value[0], "image", policy) as source:
+                width, height = oriented_size(open_image(source, policy))
+        else:
+            n_given, height, width = _array_shape(value)
+            frames_ele = {**ele, "sample_fps": options.sample_fps or options.fps or FPS}
+            nframes = _padded_count(n_given)
+        metadata, sample_fps = _frame_list_metadata(frames_ele, n_given, nframes)
+        indices, fps, duration = metadata["frames_indices"], metadata["fps"], n_given / sample_fps
     else:
         with resolve_source(value, "video", policy) as source:
             _check_encoded(source)
             info = probe_video(source)
-            nframes = plan_frames(info, ele, policy, source.name).nframes
-            width, height = info.display_size
-    rh, rw = video_frame_size(ele, nframes, height, width, factor)
-    return visual_tokens(rh, rw, factor, nframes, FRAME_FACTOR), nframes, rh, rw
+            plan = plan_frames(info, ele, policy, source.name)
+        nframes, (width, height) = plan.nframes, info.display_size
+        indices, fps, duration = list(plan.indices), info.fps, info.duration
+    try:
+        rh, rw = video_frame_size(ele, nframes, height, width, factor)
+    except AspectRatioError as exc:
+        raise AspectRatioError(f"video {describe(value)}: {exc}") from None
+    tokens = visual_tokens(rh, rw, factor, nframes, FRAME_FACTOR)
+    return VideoFacts(tokens, nframes, rh, rw, width, height, duration, indices, fps)
+
+
+def video_token_count(
+    ele: dict[str, Any], image_patch_size: int = 14, *, policy: Optional[FetchPolicy] = None
+) -> tuple[int, int, int, int]:
+    """(tokens, frames, resized_height, resized_width) of what :func:`fetch_video` returns for ``ele``."""
+    facts = describe_video(ele, image_patch_size, policy=policy)
+    return facts.tokens, facts.frames, facts.resized_height, facts.resized_width
 
 
 def qwen3_timestamps(frames_indices: list, fps: float, temporal_patch_size: int = 2) -> list[float]:

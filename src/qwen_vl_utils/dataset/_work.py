@@ -106,39 +106,16 @@ def _image_facts(ele: dict, policy: Any) -> dict:
 
 
 def _video_facts(ele: dict, policy: Any, patch_size: int) -> dict:
-    """Size, duration and the planned frames (their times feed Qwen3-VL's timestamp tokens). For a video file
-    also its tokens, from the same probe and the library's own frame plan and frame size: probing costs more
-    than anything else here (opening the container and decoding one frame), so it is done once."""
-    from .._probe import probe_video
-    from .._sources import resolve_source
-    from ..image import _patch_factor, ceil_by_factor, visual_tokens
-    from ..video import FRAME_FACTOR, _frame_list_metadata, plan_frames, qwen3_timestamps, video_frame_size
+    """Size, duration, tokens and the planned frames' times (they feed Qwen3-VL's timestamp tokens), from one
+    probe (the costly part: opening the container and decoding one frame) through the library's own plan."""
+    from ..video import describe_video, qwen3_timestamps
 
-    value = ele.get("video")
-    if isinstance(value, list):
-        n_out = max(FRAME_FACTOR, ceil_by_factor(len(value), FRAME_FACTOR))
-        meta, sample_fps = _frame_list_metadata(ele, len(value), n_out) if value else ({}, 0)
-        times = qwen3_timestamps(meta["frames_indices"], meta["fps"]) if value else []
-        duration = len(value) / sample_fps if value else 0.0
-        return {"kind": "video", "duration": round(duration, 3), "frames": n_out, "_times": times}
-    with resolve_source(value, "video", policy) as source:
-        info = probe_video(source)
-        plan = plan_frames(info, ele, policy, source.name)
-    width, height = info.display_size
-    factor = _patch_factor(patch_size)
-    try:
-        rh, rw = video_frame_size(ele, plan.nframes, height, width, factor)
-    except errors.AspectRatioError as exc:
-        raise errors.AspectRatioError(f"video {errors.describe(value)}: {exc}") from None
-    return {
-        "kind": "video",
-        "width": width,
-        "height": height,
-        "duration": round(info.duration, 3),
-        "frames": plan.nframes,
-        "tokens": visual_tokens(rh, rw, factor, plan.nframes, FRAME_FACTOR),
-        "_times": qwen3_timestamps(plan.indices, plan.fps),
-    }
+    facts = describe_video(ele, patch_size, policy=policy)
+    out = {"kind": "video", "duration": round(facts.duration, 3), "frames": facts.frames, "tokens": facts.tokens}
+    if not isinstance(ele.get("video"), list):
+        out.update(width=facts.width, height=facts.height)
+    out["_times"] = qwen3_timestamps(facts.frames_indices, facts.fps)
+    return out
 
 
 def _decoded_tokens(kind: str, ele: dict, patch_size: int, policy: Any) -> int:
