@@ -362,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .dataset._cli import add_dataset_parser  # dataset check|count|pack|stats
 
     add_dataset_parser(sub, common)
+    from ._stream_cli import add_stream_parser  # stream SOURCE: chunks as they are decoded
+
+    add_stream_parser(sub, common)
     return p
 
 

@@ -1,0 +1,71 @@
+"""``qwen-vl-utils stream SOURCE``: one line per chunk of :func:`~qwen_vl_utils.stream.stream_video`, as it
+arrives. ``SOURCE`` ``-`` reads standard input (``ffmpeg ... -f mpegts - | qwen-vl-utils stream -``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from ._errors import QwenVLError
+
+
+def add_stream_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    text = "chunks of a long or live video, one line each as it is decoded"
+    cmd = sub.add_parser("stream", parents=[common], help=text, description=text[0].upper() + text[1:] + ".")
+    cmd.set_defaults(func=cmd_stream)
+    cmd.add_argument(
+        "source", metavar="SOURCE", help="path, URL, HLS playlist URL, udp://HOST:PORT, or - for standard input"
+    )
+    cmd.add_argument("--chunk", type=float, default=1.0, help="seconds per chunk (default 1.0)")
+    cmd.add_argument("--json", action="store_true", help="one JSON object per line")
+    from ._cli import _add_element_flags  # the element keys, as for inspect (those a stream has no use for fail)
+
+    _add_element_flags(cmd)
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    from ._cli import EXIT_OK, EXIT_SOURCE_FAILED, _error_line, element_from_args
+    from .stream import stream_video
+
+    source: Any = sys.stdin.buffer if args.source == "-" else args.source
+    ele = element_from_args(args, "video", source)
+    try:
+        stream = stream_video(ele, args.chunk, args.patch_size)
+    except (QwenVLError, ValueError) as exc:
+        print(_error_line(args.source, exc, args.debug), file=sys.stderr)
+        return EXIT_SOURCE_FAILED
+    last = time.perf_counter()
+    with stream:
+        try:
+            for chunk in stream:
+                now = time.perf_counter()
+                print(_line(chunk, now - last, args.json), flush=True)
+                last = now
+        except (QwenVLError, OSError) as exc:
+            print(_error_line(args.source, exc, args.debug), file=sys.stderr)
+            return EXIT_SOURCE_FAILED
+    return EXIT_OK
+
+
+def _line(chunk: Any, seconds: float, as_json: bool) -> str:
+    meta = chunk.metadata
+    if as_json:
+        return json.dumps(
+            {
+                "index": chunk.index,
+                "start": round(chunk.start, 6),
+                "end": round(chunk.end, 6),
+                "frames_indices": meta["frames_indices"],
+                "frame_times": [round(i / meta["fps"], 6) for i in meta["frames_indices"]],
+                "fps": meta["fps"],
+                "total_num_frames": meta["total_num_frames"],
+                "shape": list(chunk.frames.shape),
+                "seconds": round(seconds, 4),
+            }
+        )
+    frames = " ".join(str(i) for i in meta["frames_indices"])
+    shape = "x".join(str(n) for n in chunk.frames.shape)
+    return f"chunk {chunk.index}  {chunk.start:.2f}-{chunk.end:.2f} s  frames {frames}  {shape}  {seconds:.3f} s"

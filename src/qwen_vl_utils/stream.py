@@ -1,0 +1,917 @@
+"""Streaming: a long or live video as chunks of a few frames, decoded in one pass, in flat memory.
+
+:func:`stream_video` reads its source once, front to back, and yields a :class:`VideoChunk` as soon as the
+last frame of its time window is decoded. Frames are taken on one grid for the whole stream: for each target
+time ``k / fps`` (``k = 0, 1, ...``) the first decoded frame at or after it; ``chunk_seconds * fps`` grid
+points make a chunk. The work happens on a producer thread that stays at most :data:`READ_AHEAD` chunks ahead
+of the consumer; closing the stream (``close()``, ``break`` out of a ``with`` block, garbage collection) stops
+that thread, the decoder, sockets and helper threads before returning.
+
+Two timelines:
+
+- **files** (anything seekable: paths, URLs read by range, object stores, bytes, seekable file objects): a
+  frame's index is its display ordinal, the same numbering as ``fetch_video``'s ``frames_indices``, and its
+  time is ``index / fps`` with the container's frame rate; skipping is exact (see :class:`_Lookahead`).
+- **live** (pipes, HTTP bodies without range support, HLS, UDP): a frame's time is its presentation
+  timestamp relative to the first frame, and its index the frame slot ``round(time * fps)`` at the stream's
+  nominal rate, so that ``index / fps`` stays the real time even when frames are lost.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import contextlib
+import itertools
+import math
+import numbers
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, NamedTuple, Optional
+
+from . import _cancel
+from ._errors import DecodeError, FetchTimeoutError, InvalidOptionError, QwenVLError, SourceTooLargeError, describe
+from ._options import check_backend, patch_factor, video_options
+from ._policy import FetchPolicy, get_fetch_policy
+
+__all__ = ["READ_AHEAD", "VideoChunk", "VideoStream", "stream_video"]
+
+#: chunks decoded ahead of the consumer, at most
+READ_AHEAD = 2
+#: a grid point within this many grid periods of a frame's time counts as reached (float noise)
+_EPS = 1e-6
+#: element keys that have no meaning for a stream, and what to use instead
+_NOT_FOR_STREAMS = {
+    "total_pixels": "a whole clip's pixel budget has no meaning for an endless stream; bound each frame with "
+    "max_pixels (or resized_height/resized_width)",
+    "nframes": "a stream has no fixed number of frames; sample it with fps",
+    "min_frames": "a stream has no fixed number of frames; sample it with fps",
+    "max_frames": "a stream has no fixed number of frames; sample it with fps, bound it with video_end",
+    "sample_fps": "it describes a list of frames, which stream_video does not take",
+    "raw_fps": "it describes a list of frames, which stream_video does not take",
+    "timestamps": "it describes a list of frames, which stream_video does not take",
+}
+
+
+@dataclass(frozen=True)
+class VideoChunk:
+    """``chunk_seconds`` of a stream: ``frames`` a Tx3xHxW tensor (T even, HxW the same for the whole stream),
+    ``metadata`` for transformers' Qwen3-VL video processor (``fps``, absolute ``frames_indices``,
+    ``total_num_frames``, ``video_backend``), ``start``/``end`` its window in seconds on the source's timeline,
+    ``index`` its number (0, 1, ...)."""
+
+    frames: Any
+    metadata: dict
+    start: float
+    end: float
+    index: int
+
+
+class VideoStream:
+    """The iterator :func:`stream_video` returns: ``for chunk in stream``, ``close()``, or ``with``."""
+
+    def __init__(self, settings: _Settings) -> None:
+        self._producer = _Producer(settings)
+        self._chunks = _chunks(self._producer)
+
+    def __iter__(self) -> VideoStream:
+        return self
+
+    def __next__(self) -> VideoChunk:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        """Stop decoding and release the decoder, threads, sockets and temporary files now. From another thread
+        while one waits in ``next()``: that ``next()`` ends the iteration, and releases everything itself."""
+        self._producer.cancel()
+        with contextlib.suppress(ValueError):  # "generator already executing": the other thread cleans up
+            self._chunks.close()
+
+    def __enter__(self) -> VideoStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class _Settings:
+    ele: dict
+    value: Any
+    fps: float  # grid points per second
+    per_chunk: int  # grid points per chunk
+    chunk_seconds: float
+    factor: int
+    start: Optional[float]
+    end: Optional[float]
+    policy: FetchPolicy
+    torch_dtype: Any
+
+
+def stream_video(
+    ele: dict,
+    chunk_seconds: float = 1.0,
+    image_patch_size: int = 14,
+    *,
+    policy: Optional[FetchPolicy] = None,
+    backend: Optional[str] = None,
+) -> VideoStream:
+    """Decode ``ele["video"]`` once, front to back, and yield :class:`VideoChunk` objects of ``chunk_seconds``.
+
+    Element keys as for ``fetch_video``: ``video`` (a file, URL, bytes, binary file object or pipe, an HLS
+    playlist URL, ``udp://HOST:PORT`` when the fetch policy allows ``udp``), ``fps`` (default 2.0),
+    ``video_start``, ``video_end``, ``min_pixels``, ``max_pixels``, ``resized_height``/``resized_width``,
+    ``dtype``, ``video_reader``. ``chunk_seconds * fps`` must be a whole number of frames. Options are checked
+    now; the source is opened on the first ``next()``. Decoding is PyAV's (``backend``/``video_reader`` may
+    only name ``pyav``)."""
+    return VideoStream(_settings(ele, chunk_seconds, image_patch_size, policy, backend))
+
+
+def _settings(ele: Any, chunk_seconds: Any, image_patch_size: Any, policy: Any, backend: Any) -> _Settings:
+    from ._live import check_source
+    from .video import FPS, _require_torch, _torch_dtype
+
+    options = video_options(ele)
+    if "video" not in ele:
+        raise InvalidOptionError(f"a video element needs a 'video' key holding the source; got keys {sorted(ele)}")
+    for key, why in _NOT_FOR_STREAMS.items():
+        if getattr(options, key) is not None:
+            raise InvalidOptionError(f"{key}={ele[key]!r} cannot be used with stream_video: {why}")
+    chosen = check_backend(backend, "backend") or options.video_reader
+    if chosen not in (None, "pyav"):
+        raise InvalidOptionError(
+            f"stream_video decodes with PyAV only (one sequential pass over the stream, which {chosen} cannot "
+            f"do on a pipe or a live feed); got {chosen!r}: leave 'video_reader'/backend unset or give 'pyav'"
+        )
+    fps = float(options.fps or FPS)
+    if (
+        not isinstance(chunk_seconds, numbers.Real)
+        or isinstance(chunk_seconds, bool)
+        or not (math.isfinite(chunk_seconds) and chunk_seconds > 0)
+    ):
+        raise InvalidOptionError(f"chunk_seconds={chunk_seconds!r} must be a number of seconds > 0")
+    per_chunk = round(chunk_seconds * fps)
+    if per_chunk < 1 or abs(chunk_seconds * fps - per_chunk) > 1e-6:
+        raise InvalidOptionError(
+            f"chunk_seconds * fps = {chunk_seconds:g} * {fps:g} = {chunk_seconds * fps:g} frames: every chunk must "
+            "hold the same whole number of frames (2 per chunk is one temporal patch: e.g. 1 s at fps=2)"
+        )
+    start, end = options.video_start, options.video_end
+    if start is not None and end is not None and start >= end:
+        raise InvalidOptionError(f"video_start ({start}) must be before video_end ({end})")
+    torch = _require_torch()
+    policy = get_fetch_policy(policy)
+    check_source(ele["video"], policy)
+    return _Settings(
+        ele=dict(ele),
+        value=ele["video"],
+        fps=fps,
+        per_chunk=per_chunk,
+        chunk_seconds=float(chunk_seconds),
+        factor=patch_factor(image_patch_size),
+        start=None if start is None else float(start),
+        end=None if end is None else float(end),
+        policy=policy,
+        torch_dtype=_torch_dtype(torch, options.dtype),
+    )
+
+
+# --- the grid and the chunks ----------------------------------------------------------------------------------
+
+
+class _Grid:
+    """Target times ``k / fps``; ``[first, stop)`` are the targets inside ``[video_start, video_end)``."""
+
+    def __init__(self, fps: float, start: Optional[float], end: Optional[float]) -> None:
+        self.fps = fps
+        self.first = math.ceil((start or 0.0) * fps - _EPS)
+        self.stop = math.ceil(end * fps - _EPS) if end is not None else None
+
+    def reached(self, t: float) -> int:
+        """How many targets are at or before ``t``."""
+        return max(0, math.floor(t * self.fps + _EPS) + 1)
+
+    def covers(self, t_prev: Optional[float], t: float) -> bool:
+        """Is a frame shown at ``t``, after one at ``t_prev``, the first at or after some target?"""
+        lo = max(self.first, 0 if t_prev is None else self.reached(t_prev))
+        hi = self.reached(t) if self.stop is None else min(self.stop, self.reached(t))
+        return lo < hi
+
+
+@dataclass
+class _Chunk:
+    index: int
+    start: float
+    end: float
+    frames: list  # a _Slot per target, in order
+    out: Any = None  # the tensor the frames are written into
+    fps: float = 0.0
+    total: int = 0
+
+    def video_chunk(self) -> VideoChunk:
+        """On the consumer's thread: wait for the frames to be in place, pad, describe."""
+        from .video import FRAME_FACTOR
+
+        out = self.out
+        for pos, slot in enumerate(self.frames):
+            slot.future.result()
+            if slot.copy_of is not None:
+                out[pos].copy_(slot.copy_of[0][slot.copy_of[1]])
+        indices = [slot.index for slot in self.frames]
+        while len(indices) % FRAME_FACTOR:  # whole temporal patches: the last frame again
+            out[len(indices)].copy_(out[len(indices) - 1])
+            indices.append(indices[-1])
+        tensor = out if len(indices) == len(out) else out[: len(indices)].clone()
+        metadata = {
+            "fps": self.fps,
+            "frames_indices": indices,
+            "total_num_frames": max(self.total, indices[-1] + 1),
+            "video_backend": "pyav",
+        }
+        return VideoChunk(tensor, metadata, self.start, self.end, self.index)
+
+
+class _Slot(NamedTuple):
+    index: int  # the frame's index
+    future: Future  # done once the frame's pixels are in place
+    copy_of: Optional[tuple] = None  # (tensor, position) holding the same frame, for a frame serving two targets
+
+
+class _Chunker:
+    """Assigns frames, in display order, to the grid's targets and groups them into chunks."""
+
+    def __init__(self, grid: _Grid, per_chunk: int, chunk_seconds: float, origin: float) -> None:
+        self.grid = grid
+        self.per_chunk = per_chunk
+        self.chunk_seconds = chunk_seconds
+        self.origin = origin
+        self.next = grid.first  # the next target without a frame
+        self.frames: list = []
+
+    @property
+    def finished(self) -> bool:
+        return self.grid.stop is not None and self.next >= self.grid.stop
+
+    @property
+    def chunk_index(self) -> int:
+        return (self.next - self.grid.first) // self.per_chunk
+
+    def add(self, t: float, place: Callable[[int, int], _Slot]) -> list:
+        """A decoded frame shown at ``t``: the chunks it completes. ``place(chunk, position)`` puts the frame in
+        each target it is the first frame at or after, and returns the slot."""
+        reached = self.grid.reached(t)
+        if self.grid.stop is not None:
+            reached = min(reached, self.grid.stop)
+        done = []
+        while self.next < reached:
+            self.frames.append(place(self.chunk_index, len(self.frames)))
+            self.next += 1
+            if len(self.frames) == self.per_chunk:
+                done.append(self._chunk(self.chunk_index - 1, None))
+        return done
+
+    def finish(self, stream_end: float) -> Optional[_Chunk]:
+        """The last, partial chunk at the end of the stream (None if it has no frame)."""
+        if not self.frames:
+            return None
+        return self._chunk(self.chunk_index, stream_end)
+
+    def rewind(self) -> None:
+        """Forget the frames of the chunk in progress (its frames are decoded again)."""
+        self.next -= len(self.frames)
+        self.frames = []
+
+    def _chunk(self, j: int, stream_end: Optional[float]) -> _Chunk:
+        start = self.origin + j * self.chunk_seconds
+        end = start + self.chunk_seconds
+        if stream_end is not None:
+            end = max(start, min(end, stream_end))
+        frames, self.frames = self.frames, []
+        return _Chunk(j, start, end, frames)
+
+
+# --- the consumer's side ---------------------------------------------------------------------------------------
+
+
+def _chunks(producer: _Producer) -> Iterator[VideoChunk]:
+    try:
+        producer.start()
+        while True:
+            item = producer.get()
+            if item is None:
+                return
+            yield item
+    finally:
+        producer.close()
+
+
+_END = object()
+
+
+class _Producer:
+    """The thread that opens, demuxes, decodes and resizes, handing finished chunks over a bounded queue."""
+
+    def __init__(self, settings: _Settings) -> None:
+        self.settings = settings
+        self.token = _cancel.Token()
+        self.queue: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
+        self.thread = threading.Thread(target=self._run, name="qwen-vl-stream", daemon=True)
+        self.input: Any = None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def get(self) -> Optional[VideoChunk]:
+        while True:
+            if self.token.cancelled:  # closed, from another thread
+                return None
+            try:
+                item = self.queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if not self.thread.is_alive() and self.queue.empty():
+                    raise DecodeError(f"decoding {describe(self.settings.value)} stopped unexpectedly") from None
+        if item is _END:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        try:
+            return item.video_chunk()
+        except (QwenVLError, MemoryError):
+            raise
+        except Exception as exc:  # a frame's conversion or resize failed on its pool thread
+            raise DecodeError(f"a frame of {describe(self.settings.value)} could not be converted ({exc})") from exc
+
+    def put(self, item: Any) -> None:
+        while not self.token.cancelled:
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _cancel.Cancelled("the stream was closed")
+
+    def cancel(self) -> None:
+        """From any thread: the producer stops at its next read, frame or hand-over."""
+        self.token.cancel()
+        if self.input is not None:
+            self.input.close_readers()
+
+    def close(self) -> None:
+        self.cancel()
+        while self.thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self.queue.get(timeout=0.05)
+        self.thread.join()
+
+    def _run(self) -> None:
+        try:
+            with _cancel.scope(self.token):
+                _Run(self.settings, self).run()
+            self.put(_END)
+        except _cancel.Cancelled:
+            if not self.token.cancelled:
+                self._hand_over(DecodeError("the stream was cancelled"))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._hand_over(exc)
+
+    def _hand_over(self, exc: BaseException) -> None:
+        with contextlib.suppress(_cancel.Cancelled):
+            self.put(exc)
+
+
+# --- decoding ------------------------------------------------------------------------------------------------------
+
+
+class _Inexact(Exception):
+    """Skipping could not be proven exact for this file: decode it again without skipping."""
+
+
+class _Run:
+    """One stream's decoding on the producer thread."""
+
+    def __init__(self, settings: _Settings, producer: _Producer) -> None:
+        self.s = settings
+        self.producer = producer
+        self.grid = _Grid(settings.fps, settings.start, settings.end)
+        self.chunker = _Chunker(self.grid, settings.per_chunk, settings.chunk_seconds, settings.start or 0.0)
+        self.size: Optional[tuple] = None  # (coded width, coded height, quarter turns)
+        self.fps = 0.0  # the source's frame rate: metadata["fps"]
+        self.total: Optional[int] = None  # frames in a file; None: count as they come (live)
+        self.last_index = -1
+        self.last_time = -math.inf
+        self.pool: Optional[ThreadPoolExecutor] = None
+        self.buffers: dict = {}  # chunk number -> its tensor, while frames are written into it
+        self.out_size = (0, 0)
+
+    def run(self) -> None:
+        from ._live import open_input
+        from .video import _resize_threads
+
+        self.pool = ThreadPoolExecutor(max_workers=_resize_threads(), thread_name_prefix="qwen-vl-stream-resize")
+        try:
+            inp = open_input(self.s.value, self.s.policy, self.producer.token)
+            self.producer.input = _Handle(inp)
+            try:
+                if inp.live:
+                    self._live(inp)
+                else:
+                    self._file(inp)
+            finally:
+                inp.close()
+        finally:
+            # the chunks handed over may still be resizing: they finish, unless the consumer has gone
+            self.pool.shutdown(wait=True, cancel_futures=self.producer.token.cancelled)
+
+    # -- chunks ---------------------------------------------------------------------------------------------------
+
+    def frame(self, index: int, t: float, frame: Any) -> None:
+        """A decoded frame, in display order."""
+        self.last_index, self.last_time = index, t
+        first: list = []  # where this frame's pixels go first: (tensor, position, future)
+
+        def place(j: int, pos: int) -> _Slot:
+            out = self._buffer(j)
+            if first:  # the same frame for another target: copied when its chunk is handed over
+                return _Slot(index, first[0][2], (first[0][0], first[0][1]))
+            first.append((out, pos, self.pool.submit(self._prepare, frame, out[pos])))
+            return _Slot(index, first[0][2])
+
+        for chunk in self.chunker.add(t, place):
+            self.hand_over(chunk, index + 1)  # a live stream's frames so far: up to the one completing the chunk
+
+    def _buffer(self, j: int) -> Any:
+        """Chunk ``j``'s tensor, allocated when its first frame is placed; frames are written straight into it."""
+        out = self.buffers.get(j)
+        if out is None:
+            import torch
+
+            from .video import FRAME_FACTOR
+
+            h, w = self.out_size
+            t = self.s.per_chunk + (-self.s.per_chunk) % FRAME_FACTOR
+            out = self.buffers[j] = torch.empty((t, 3, h, w), dtype=self.s.torch_dtype)
+        return out
+
+    def finish(self, stream_end: float) -> None:
+        last = self.chunker.finish(stream_end)
+        if last is not None:
+            self.hand_over(last, self.last_index + 1)
+
+    def hand_over(self, chunk: _Chunk, seen: int) -> None:
+        """A complete chunk goes to the consumer now: its frames may still be resizing (the consumer waits)."""
+        chunk.out = self.buffers.pop(chunk.index)
+        chunk.fps = self.fps
+        chunk.total = self.total if self.total is not None else seen
+        self.producer.put(chunk)
+
+    def set_size(self, width: int, height: int, rotation: int, name: str) -> None:
+        """The one output size of the stream, from the first frame's (displayed) size and the pixel budget."""
+        from ._errors import AspectRatioError
+        from .video import FRAME_FACTOR, VIDEO_MAX_TOKEN_NUM, video_frame_size
+
+        k = (rotation // 90) % 4
+        shown_w, shown_h = (height, width) if k % 2 else (width, height)
+        # a two-frame clip's budget: the per-frame limits of fetch_video, no whole-clip total
+        ele = {**self.s.ele, "total_pixels": VIDEO_MAX_TOKEN_NUM * self.s.factor**2}
+        try:
+            h, w = video_frame_size(ele, FRAME_FACTOR, shown_h, shown_w, self.s.factor)
+        except AspectRatioError as exc:
+            raise AspectRatioError(f"video {name}: {exc}") from None
+        self.size = (h, w, k) if k % 2 else (w, h, k)
+        self.out_size = (h, w)
+
+    def _prepare(self, frame: Any, out: Any) -> None:
+        """On a pool thread: the frame in RGB, resized, turned upright, written into ``out`` (3xHxW)."""
+        import torch
+
+        from .video import _resize
+
+        coded_w, coded_h, k = self.size
+        chw = torch.from_numpy(_resize(frame.to_ndarray(format="rgb24"), coded_w, coded_h)).permute(2, 0, 1)
+        out.copy_(torch.rot90(chw, k, dims=(1, 2)) if k else chw)
+
+    # -- files ------------------------------------------------------------------------------------------------------
+
+    def _file(self, inp: Any) -> None:
+        from ._probe import probe_video
+        from .video import plan_frames
+
+        source = inp.source
+        if source.obj is not None:
+            raise InvalidOptionError(f"cannot decode {source.name} as a video; give a file, URL, bytes or a stream")
+        info = probe_video(source)
+        plan_frames(info, self.s.ele, self.s.policy, source.name)  # the window and the policy's limits
+        self.fps, self.total = info.fps, info.num_frames
+        width, height = info.width, info.height
+        self.set_size(width, height, info.rotation, source.name)
+        skip = info.codec in _ONE_FRAME_PER_PACKET and info.container != "avi"
+        while True:
+            try:
+                last = self._decode_file(source, info, skip)
+                break
+            except _Inexact:
+                for slot in self.chunker.frames:  # the chunk in progress is decoded again: let its writes finish
+                    with contextlib.suppress(Exception):
+                        slot.future.result()
+                self.chunker.rewind()
+                skip = False
+        if not self.chunker.finished and last < info.num_frames - 1 - _END_TOLERANCE:
+            raise DecodeError(
+                f"{source.name} ends after frame {last} of the {info.num_frames} its header announces: the file is "
+                "truncated or corrupt"
+            )
+        self.finish(min((last + 1) / self.fps, self.s.end or math.inf))
+
+    def _decode_file(self, source: Any, info: Any, skip: bool) -> int:
+        """One pass over the file; returns the last frame's index. Raises _Inexact to be run again."""
+        from ._probe import open_container
+        from .video import _decoder_threads
+
+        container = open_container(source)
+        try:
+            stream = container.streams.video[0]
+            cc = stream.codec_context
+            cc.thread_type, cc.thread_count = "AUTO", _decoder_threads()
+            index, packets = self._seek(container, stream, source, info)
+            frames = (_Skipping if skip else _Counting)(self, stream, packets, index)
+            last = -1
+            for ordinal, frame in frames:
+                last = max(last, ordinal)
+                self.frame(ordinal, ordinal / self.fps, frame)
+                if self.chunker.finished:
+                    break
+            return max(last, frames.last_shown)
+        except (QwenVLError, _Inexact, MemoryError):
+            raise
+        except Exception as exc:
+            raise DecodeError(f"{source.name} could not be decoded ({type(exc).__name__}: {exc})") from exc
+        finally:
+            container.close()
+
+    def _seek(self, container: Any, stream: Any, source: Any, info: Any) -> tuple:
+        """(the file's index or None, the packets to decode). With video_start: one seek to the keyframe before
+        the first target (the index then numbers the frames after it); else from the beginning."""
+        if not self.s.start or info.container == "avi":  # AVI: no timestamps to seek by (as the PyAV backend)
+            return None, _shown_packets(container.demux(stream))
+        from .backends._pyav import _Index
+
+        index = _Index(container, stream, source)
+        if index.usable:
+            target = math.ceil((self.grid.first / self.grid.fps - _EPS / self.grid.fps) * self.fps)
+            key = index.keyframe_before(min(max(0, target), len(index.pts) - 1))
+            for _ in range(3):  # a seek by timestamp can land past the keyframe (MPEG-TS): then one further back
+                if key == 0:
+                    break
+                container.seek(index.keyframe_pts(key), stream=stream, backward=True, any_frame=False)
+                packets = _from_keyframe(container.demux(stream))
+                first = next(packets, None)
+                if first is not None and first.pts is not None and first.pts <= index.keyframe_pts(key):
+                    return index, _shown_packets(itertools.chain([first], packets))
+                key = index.keyframe_before(key - 1)
+        container.seek(0)
+        return None, _shown_packets(container.demux(stream))
+
+    # -- live streams -------------------------------------------------------------------------------------------------
+
+    def _live(self, inp: Any) -> None:
+        import av
+
+        from ._probe import _rate
+
+        reader = inp.reader
+        try:
+            container = av.open(reader, mode="r", format=inp.format, metadata_errors="ignore")
+        except (QwenVLError, MemoryError):
+            raise
+        except Exception as exc:
+            raise _live_error(inp, exc) from exc
+        try:
+            if not container.streams.video:
+                raise DecodeError(f"{inp.name} has no video stream; give a stream with video")
+            stream = container.streams.video[0]
+            from .video import _decoder_threads
+
+            stream.codec_context.thread_type = "AUTO"
+            stream.codec_context.thread_count = _decoder_threads()
+            rate = _rate(stream)
+            self.fps = float(rate) if rate else 1000.0  # no rate: a millisecond timeline
+            header_frames = int(stream.frames or 0)
+            self.total = header_frames if header_frames > 0 else None
+            clock = _LiveClock(self.fps)
+            for frame in _decode_all(container, stream, inp):
+                if self.size is None:
+                    self.set_size(frame.width, frame.height, round(getattr(frame, "rotation", 0) or 0) % 360, inp.name)
+                index, t = clock.place(frame)
+                self._check_limits(index, t, inp.name)
+                self.frame(index, t, frame)
+                if self.chunker.finished:
+                    break
+        except (QwenVLError, MemoryError):
+            raise
+        except Exception as exc:
+            raise _live_error(inp, exc) from exc
+        finally:
+            container.close()
+        if self.size is None:
+            raise DecodeError(f"video source {inp.name} ended before its first decodable frame")
+        self.finish(min(self.last_time + 1 / self.fps, self.s.end or math.inf))
+
+    def _check_limits(self, index: int, t: float, name: str) -> None:
+        policy = self.s.policy
+        if policy.max_video_seconds is not None and t > policy.max_video_seconds:
+            raise SourceTooLargeError(
+                f"video {name} went on past the limit of {policy.max_video_seconds:g} s "
+                "(set video_end, or raise FetchPolicy.max_video_seconds)"
+            )
+        if policy.max_video_frames is not None and index >= policy.max_video_frames:
+            raise SourceTooLargeError(
+                f"video {name} went on past the limit of {policy.max_video_frames} frames "
+                "(set video_end, or raise FetchPolicy.max_video_frames)"
+            )
+
+
+class _Handle:
+    """What the consumer's thread may do to an input while the producer uses it: unblock its reads."""
+
+    def __init__(self, inp: Any) -> None:
+        self.inp = inp
+
+    def close_readers(self) -> None:
+        if self.inp.reader is not None:
+            self.inp.reader.close()
+
+
+def _decode_all(container: Any, stream: Any, inp: Any) -> Iterator[Any]:
+    """Every frame of a live stream; DecodeError when it ends cut off (in the middle of a packet)."""
+    cut = False
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:  # the demuxer's end: flush the decoder
+                break
+            cut = packet.is_corrupt  # a damaged packet mid-stream (a lost datagram) is concealed; at the end, cut off
+            try:
+                yield from stream.codec_context.decode(packet)
+            except Exception as exc:
+                if isinstance(exc, (QwenVLError, MemoryError)):
+                    raise
+                raise _live_error(inp, exc) from exc
+    except FetchTimeoutError:  # a stall (a UDP feed's sender stopping): the frames decoded so far come out first
+        yield from stream.codec_context.decode(None)
+        raise
+    yield from stream.codec_context.decode(None)
+    reader = inp.reader
+    if cut or (container.format.name == "mpegts" and reader.bytes_read % 188 and reader.bytes_read % 192):
+        raise DecodeError(
+            f"video source {inp.name} ended in the middle of a packet after {reader.bytes_read} bytes: the stream "
+            "was cut off"
+        )
+
+
+def _live_error(inp: Any, exc: BaseException) -> QwenVLError:
+    return DecodeError(f"video source {inp.name} is not a decodable video stream ({type(exc).__name__}: {exc})")
+
+
+#: frames a file may end short of its header's count (as the PyAV backend allows) before it is truncated
+_END_TOLERANCE = 2
+
+
+class _LiveClock:
+    """Time and index of live frames: time from the presentation timestamp, relative to the first frame (a
+    jump back, as at an HLS discontinuity, continues the timeline instead); index the frame slot at the nominal
+    rate, kept strictly increasing."""
+
+    def __init__(self, fps: float) -> None:
+        self.fps = fps
+        self.offset: Optional[float] = None
+        self.t = -math.inf
+        self.index = -1
+
+    def place(self, frame: Any) -> tuple:
+        pts, tb = frame.pts, frame.time_base
+        if pts is None or tb is None:
+            t = self.t + 1 / self.fps if self.index >= 0 else 0.0
+        else:
+            raw = float(pts * tb)
+            if self.offset is None:
+                self.offset = raw
+            t = raw - self.offset
+            if t < self.t - 0.5:  # a discontinuity: continue one frame after the last
+                self.offset -= self.t + 1 / self.fps - t
+                t = self.t + 1 / self.fps
+        self.t = max(t, self.t)
+        self.index = max(self.index + 1, round(self.t * self.fps))
+        return self.index, self.t
+
+
+# --- reading a file: every frame, or skipping exactly ------------------------------------------------------------
+
+
+#: codecs whose packets each hold one frame and which honour ``skip_frame`` packet by packet (as in the PyAV
+#: backend); other codecs are decoded in full
+_ONE_FRAME_PER_PACKET = frozenset({"h264", "hevc"})
+
+
+def _from_keyframe(packets: Iterator[Any]) -> Iterator[Any]:
+    """The packets from the first keyframe on (after a seek, a demuxer may start inside a GOP)."""
+    for packet in packets:
+        if packet.is_keyframe and packet.size:
+            yield packet
+            yield from packets
+            return
+
+
+def _shown_packets(packets: Iterator[Any]) -> Iterator[Any]:
+    return (p for p in packets if p.size)
+
+
+class _Counting:
+    """Every frame, in display order; index = display ordinal (after a seek: from the file's index)."""
+
+    def __init__(self, run: _Run, stream: Any, packets: Iterator[Any], index: Any) -> None:
+        self.stream, self.packets, self.index = stream, packets, index
+        self.last_shown = -1
+
+    def __iter__(self) -> Iterator[tuple]:
+        cc = self.stream.codec_context
+        for packet in itertools.chain(self.packets, [None]):  # None: flush the decoder at the end
+            for frame in cc.decode(packet):
+                ordinal = self.index.ordinal_of(frame.pts) if self.index is not None else self.last_shown + 1
+                if ordinal is None or ordinal <= self.last_shown:  # no timestamp, or one out of order
+                    ordinal = self.last_shown + 1
+                self.last_shown = ordinal
+                yield ordinal, frame
+
+
+class _Skipping:
+    """Only what the targets need: non-reference frames that are not targets are dropped by the decoder
+    (``skip_frame=NONREF``, decided per packet), and packets after a GOP's last target up to the next keyframe
+    that starts a closed GOP are not decoded at all. Decisions need each packet's display ordinal before it is
+    decoded: :class:`_Lookahead` holds packets back until it is known. Anything it cannot prove raises
+    _Inexact, and the file is decoded again without skipping."""
+
+    #: packets held back at least (the ordinal of a packet needs those reordered around it)
+    MIN_DEPTH = 64
+
+    def __init__(self, run: _Run, stream: Any, packets: Iterator[Any], index: Any) -> None:
+        self.stream, self.packets = stream, packets
+        src_fps, grid = run.fps, run.grid
+        depth = max(self.MIN_DEPTH, min(512, math.ceil(2 * src_fps / grid.fps) + 32))
+        self.look = _Lookahead(depth, lambda r: grid.covers((r - 1) / src_fps if r else None, r / src_fps), index)
+        self.last_shown = -1
+
+    def __iter__(self) -> Iterator[tuple]:
+        cc = self.stream.codec_context
+        ranks: dict = {}  # pts -> display ordinal, for the packets fed and not yet out of the decoder
+        wanted: collections.deque = collections.deque()  # ordinals of the targets fed, in order
+        skipping, dropping = None, False
+        for packet, rank, want in self._decisions():
+            if want is None:  # not decoded: nothing from here to the next (closed) keyframe is needed
+                if not dropping:  # the frames still in the decoder come out now, not a GOP later
+                    yield from self._out(cc.decode(None), ranks, wanted)
+                    cc.flush_buffers()
+                    dropping = True
+                continue
+            dropping = False
+            if rank is not None:
+                ranks[packet.pts] = rank
+                if want:
+                    wanted.append(rank)
+            if (not want) != skipping:
+                skipping = not want
+                cc.skip_frame = "NONREF" if skipping else "DEFAULT"
+            yield from self._out(cc.decode(packet), ranks, wanted)
+        cc.skip_frame = "DEFAULT"
+        yield from self._out(cc.decode(None), ranks, wanted)
+        if wanted:
+            raise _Inexact(f"frame {wanted[0]} did not come out of the decoder")
+        self.last_shown = self.look.last_ordinal
+
+    def _decisions(self) -> Iterator[tuple]:
+        for packet in self.packets:
+            yield from self.look.push(packet)
+        yield from self.look.flush()
+
+    @staticmethod
+    def _out(frames: Any, ranks: dict, wanted: collections.deque) -> Iterator[tuple]:
+        for frame in frames:
+            rank = ranks.pop(frame.pts, None)
+            if rank is None:
+                raise _Inexact(f"a frame came out that no packet announced (pts {frame.pts})")
+            if wanted and wanted[0] < rank:  # a target that never came out: decode again without skipping
+                raise _Inexact(f"frame {wanted[0]} did not come out of the decoder")
+            if wanted and wanted[0] == rank:
+                wanted.popleft()
+            if len(ranks) > 4096:  # frames dropped by the decoder never come out: forget those before this one
+                for pts in [p for p in ranks if p < frame.pts]:
+                    del ranks[pts]
+            yield rank, frame
+
+
+class _Lookahead:
+    """Packets in decode order, held back ``depth`` packets so that each one's display ordinal is known when it
+    is fed: the ordinal of a shown packet is the number of shown packets with a smaller timestamp, and with
+    frames reordered by fewer than ``depth`` packets all of those have been read by then.
+
+    Each packet leaves as ``(packet, ordinal or None, want)``: ``want`` True for a target, False for a frame
+    the decoder may drop if nothing refers to it, None for a packet not to decode at all: one before a keyframe
+    that starts a closed GOP (none of the packets read after it shows before it), with no target in between.
+    A timestamp that breaks these assumptions (missing, repeated, reordered too far) raises _Inexact."""
+
+    #: packets after a keyframe that must show after it for its GOP to count as closed
+    CLOSED_AFTER = 16
+
+    def __init__(self, depth: int, wanted: Callable[[int], bool], index: Any = None) -> None:
+        self.depth = depth
+        self.wanted = wanted
+        self.window: collections.deque = collections.deque()  # packets read, not yet fed
+        self.active: list = []  # sorted timestamps of shown packets, but those retired
+        self.retired = 0  # shown packets whose timestamps are below every later one
+        self.retired_max: Optional[int] = None
+        self.index = index  # after a seek: the file's index, for the ordinal of the first packet
+        self.base: Optional[int] = None if index is not None else 0
+        self.clean = 0  # leading packets of the window known to be neither targets nor keyframes
+        self.drop_until: Any = None  # the keyframe before which packets are not decoded
+        self.keep_until: Any = None  # a target ahead: nothing before it is dropped
+
+    @property
+    def last_ordinal(self) -> int:
+        return (self.base or 0) + self.retired + len(self.active) - 1
+
+    def push(self, packet: Any) -> Iterator[tuple]:
+        if packet.pts is None:
+            raise _Inexact("a packet without a timestamp")
+        if not packet.is_discard:
+            pts = packet.pts
+            i = bisect.bisect_left(self.active, pts)
+            if (i < len(self.active) and self.active[i] == pts) or (
+                self.retired_max is not None and pts <= self.retired_max
+            ):
+                raise _Inexact(f"packet timestamp {pts} repeats, or is reordered further than {self.depth} packets")
+            self.active.insert(i, pts)
+        self.window.append(packet)
+        while len(self.window) > self.depth:
+            yield self._leave(final=False)
+
+    def flush(self) -> Iterator[tuple]:
+        while self.window:
+            yield self._leave(final=True)
+
+    def _rank(self, pts: int) -> int:
+        if self.base is None:  # the first packet after a seek: its place in the whole file
+            self.base = bisect.bisect_left(self.index.pts, self.active[0]) if self.active else 0
+            self.index = None
+        return self.base + self.retired + bisect.bisect_left(self.active, pts)
+
+    def _leave(self, final: bool) -> tuple:
+        packet = self.window.popleft()
+        self.clean = max(0, self.clean - 1)
+        rank = None if packet.is_discard else self._rank(packet.pts)
+        if packet is self.keep_until:
+            self.keep_until, self.clean = None, 0
+        if packet is self.drop_until:  # decoding resumes here
+            self.drop_until, self.clean = None, 0
+        if rank is not None and self.wanted(rank):
+            decision: Optional[bool] = True
+        else:
+            decision = None if self._droppable(final) else False
+        self._retire()
+        return packet, rank, decision
+
+    def _droppable(self, final: bool) -> bool:
+        """May the packet that just left go undecoded? Scans the window up to a target or a keyframe."""
+        if self.drop_until is not None:
+            return True
+        if self.keep_until is not None or final:
+            return False
+        window = self.window
+        for i in range(self.clean, len(window)):
+            p = window[i]
+            if p.is_keyframe and not p.is_discard:
+                if self._closed(i):
+                    self.drop_until = p
+                    return True
+                self.clean = i
+                return False
+            if not p.is_discard and self.wanted(self._rank(p.pts)):
+                self.keep_until = p
+                return False
+        self.clean = len(window)
+        return False
+
+    def _closed(self, i: int) -> bool:
+        window, key = self.window, self.window[i]
+        if len(window) - i - 1 < self.CLOSED_AFTER:
+            return False
+        return all(window[j].pts > key.pts for j in range(i + 1, i + 1 + self.CLOSED_AFTER))
+
+    def _retire(self) -> None:
+        """Keep ``active`` short: timestamps below every packet still in the window are final."""
+        if len(self.active) <= 3 * self.depth:
+            return
+        low = min((p.pts for p in self.window if not p.is_discard), default=None)
+        while len(self.active) > 2 * self.depth and (low is None or self.active[0] < low):
+            self.retired_max = self.active.pop(0)
+            self.retired += 1

@@ -1,0 +1,875 @@
+"""stream_video: chunks of files equal what fetch_video's decoder gives for the same frames; live sources (pipes,
+HLS, UDP, HTTP) produce chunks while they are still being written; closing releases everything; broken and
+stalled streams end in typed errors in time."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import http.server
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+import qwen_vl_utils as q
+from httpfiles import FileServer
+from qwen_vl_utils import stream as st
+from qwen_vl_utils._policy import get_fetch_policy
+from qwen_vl_utils._probe import probe_video
+from qwen_vl_utils._sources import library_tmpdir, resolve_source
+from qwen_vl_utils.backends import load_backend
+from qwen_vl_utils.video import FramePlan, _read_frames
+
+from media import displayed_frame_numbers, frame_number, make_video, numbered_frame
+
+torch = pytest.importorskip("torch")
+
+try:  # the real client's helpers (transformers' Qwen3-VL video processor, its timestamp computation)
+    from test_transformers import _process, timestamps, video_processor  # noqa: F401 - fixtures
+
+    TRANSFORMERS = True
+except (ImportError, pytest.skip.Exception):
+    TRANSFORMERS = False
+
+FFMPEG = shutil.which("ffmpeg")
+needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="the ffmpeg command-line tool is not installed")
+
+
+# --- references ------------------------------------------------------------------------------------------------------
+
+
+def grid_indices(n_frames, src_fps, fps, start=0, end=None):
+    """The sampling rule, computed independently with exact fractions: for each target time k / fps inside
+    [start, end), the first frame (index i, shown at i / src_fps) at or after it."""
+    src_fps, fps = Fraction(src_fps), Fraction(fps)
+    k, out = math.ceil(Fraction(start) * fps), []
+    while end is None or Fraction(k) / fps < end:
+        i = math.ceil(Fraction(k) / fps * src_fps)
+        if i >= n_frames:
+            break
+        out.append(i)
+        k += 1
+    return out
+
+
+def reference_frames(path, indices, size):
+    """What fetch_video's decoder returns for these indices: its own plan type and frame reader (PyAV)."""
+    with resolve_source(str(path), "video", get_fetch_policy()) as src:
+        info = probe_video(src)
+        plan = FramePlan(indices, min(indices), max(indices), 1.0, info.fps, info.num_frames)
+        return _read_frames(load_backend("pyav"), src, info, plan, size)
+
+
+def sequential_frames(path, indices, size):
+    """The same frames decoded front to back with no seek and no skipping, then resized as fetch_video does."""
+    import av
+
+    from qwen_vl_utils.video import _resize
+
+    wanted, out = set(indices), {}
+    with av.open(str(path)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                k = round(getattr(frame, "rotation", 0) or 0) % 360 // 90
+                h, w = size if k % 2 == 0 else size[::-1]
+                out[i] = np.rot90(_resize(frame.to_ndarray(format="rgb24"), w, h), k)
+    return np.stack([out[i] for i in indices])
+
+
+def collect(stream):
+    with stream:
+        return list(stream)
+
+
+def indices_of(chunks):
+    return [i for c in chunks for i in c.metadata["frames_indices"]]
+
+
+def unpadded(chunks):
+    """(index, frame) of every chunk frame, without the padding at the end (a repeated last index)."""
+    out = []
+    for c in chunks:
+        idx = c.metadata["frames_indices"]
+        for pos, i in enumerate(idx):
+            if pos and i == idx[pos - 1] and pos == len(idx) - 1:
+                continue
+            out.append((i, c.frames[pos]))
+    return out
+
+
+# --- media -----------------------------------------------------------------------------------------------------------
+
+
+def numbered(i, width, height):
+    return numbered_frame(i, width, height)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stream")
+    made = {
+        "h264-bframes.mp4": make_video(d / "a.mp4", frames=240, width=192, height=112, pattern=numbered),
+        "h264.ts": make_video(d / "b.ts", frames=120, width=192, height=112, container="mpegts", pattern=numbered),
+        "hevc.mkv": make_video(
+            d / "c.mkv", codec="libx265", frames=96, width=192, height=112, container="matroska", pattern=numbered
+        ),
+        "vp9.webm": make_video(d / "d.webm", codec="libvpx-vp9", frames=72, width=192, height=112, pattern=numbered),
+        "mpeg4.avi": make_video(d / "e.avi", codec="mpeg4", frames=72, width=192, height=112, pattern=numbered),
+        "rotated.mp4": make_video(d / "f.mp4", frames=72, width=192, height=112, rotation=90, pattern=numbered),
+    }
+    return made
+
+
+FILES = ["h264-bframes.mp4", "h264.ts", "hevc.mkv", "vp9.webm", "mpeg4.avi", "rotated.mp4"]
+
+
+# --- files: the same frames as fetch_video ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_file_chunks_equal_fetch_video_frames(files, name):
+    path = files[name]
+    chunks = collect(q.stream_video({"video": str(path), "fps": 2.0}, 1.0, 14))
+    info = probe_video(resolve_source(str(path), "video", get_fetch_policy()))
+    expected = grid_indices(info.num_frames, 24, 2)
+    assert indices_of(chunks)[: len(expected)] == expected
+    assert len(indices_of(chunks)) == len(expected) + len(expected) % 2  # the last chunk padded to whole pairs
+    assert [(c.index, c.start, c.end) for c in chunks[:-1]] == [(j, float(j), j + 1.0) for j in range(len(chunks) - 1)]
+    assert chunks[-1].end == pytest.approx(min(len(chunks), info.num_frames / 24))
+    shapes = {tuple(c.frames.shape) for c in chunks}
+    assert len(shapes) == 1 and next(iter(shapes))[:2] == (2, 3)
+    h, w = next(iter(shapes))[2:]
+    meta = chunks[0].metadata
+    assert meta["fps"] == pytest.approx(24) and meta["total_num_frames"] == info.num_frames
+    assert meta["video_backend"] == "pyav"
+    # the pixels: the frames they claim to be (each carries its number in stripes), resized as fetch_video does
+    got = np.stack([f.permute(1, 2, 0).numpy() for _, f in unpadded(chunks)])
+    upright = np.rot90(got, -1, axes=(1, 2)) if name == "rotated.mp4" else got
+    assert [frame_number(f) for f in upright] == expected
+    diff = np.abs(got.astype(np.int16) - sequential_frames(path, expected, (h, w)))
+    assert diff.max() <= 1 and diff.mean() <= 1e-4
+    if name != "h264.ts":  # fetch_video's PyAV backend seeks to the wrong frames in MPEG-TS files (reported)
+        diff = np.abs(got.astype(np.int16) - reference_frames(path, expected, (h, w)))
+        assert diff.max() <= 1 and diff.mean() <= 1e-4
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("cut", [["-ss", "0.5"], ["-ss", "1.3", "-t", "3"]])
+def test_edit_lists_number_the_frames_a_player_shows(files, tmp_path, cut):
+    """A stream-copy cut keeps the frames from the keyframe before the cut and hides them with an edit list:
+    indices count the shown frames only, as fetch_video's do, and each is the frame FFmpeg shows there."""
+    path = tmp_path / "cut.mp4"
+    subprocess.run(
+        [FFMPEG, "-v", "error", cut[0], cut[1], "-i", str(files["h264-bframes.mp4"]), *cut[2:], "-c", "copy", path],
+        check=True,
+    )
+    shown = displayed_frame_numbers(path)
+    chunks = collect(q.stream_video({"video": str(path)}))
+    expected = grid_indices(len(shown), 24, 2)
+    assert indices_of(chunks)[: len(expected)] == expected
+    assert [frame_number(f) for _, f in unpadded(chunks)] == [shown[i] for i in expected]
+    meta = q.fetch_video({"video": str(path)}, return_video_metadata=True)[1]
+    assert chunks[0].metadata["total_num_frames"] == meta["total_num_frames"] == len(shown)
+
+
+def test_same_frames_and_pixels_as_fetch_video_where_its_linspace_is_the_grid(files):
+    """fetch_video spreads nframes evenly over its window (linspace); where that lands on the grid (frames 0, 12,
+    ..., 228 of a 24 fps file at fps=2), the chunks hold exactly fetch_video's frames."""
+    path = files["h264-bframes.mp4"]
+    video, meta = q.fetch_video({"video": str(path), "nframes": 20, "video_end": 9.5}, 14, return_video_metadata=True)
+    chunks = collect(q.stream_video({"video": str(path), "fps": 2.0, "video_end": 9.75}))
+    assert meta["frames_indices"] == indices_of(chunks) == list(range(0, 229, 12))
+    got = torch.cat([c.frames for c in chunks])
+    assert got.shape == video.shape
+    diff = (got - video).abs()
+    assert diff.max() <= 1 and diff.mean() <= 1e-4
+    assert [c.metadata["total_num_frames"] for c in chunks] == [meta["total_num_frames"]] * 10
+
+
+@pytest.mark.parametrize(
+    "extra,chunk",
+    [({"fps": 4, "video_start": 1.3, "video_end": 6.2}, 0.5), ({"fps": 1, "video_start": 3.0}, 2.0)],
+)
+def test_window_is_one_seek_then_the_same_grid(files, extra, chunk):
+    path = files["h264-bframes.mp4"]
+    chunks = collect(q.stream_video({"video": str(path), **extra}, chunk))
+    expected = grid_indices(240, 24, extra["fps"], extra["video_start"], extra.get("video_end"))
+    assert indices_of(chunks)[: len(expected)] == expected
+    start = extra["video_start"]
+    assert [c.start for c in chunks] == pytest.approx([start + j * chunk for j in range(len(chunks))])
+    if "video_end" in extra:
+        assert chunks[-1].end <= extra["video_end"] + 1e-9
+    got = [frame_number(f) for _, f in unpadded(chunks)]
+    assert got == expected
+
+
+def test_odd_frames_per_chunk_are_padded_and_fps_above_the_source_repeats(files):
+    path = files["h264-bframes.mp4"]
+    chunks = collect(q.stream_video({"video": str(path), "fps": 3, "video_end": 2.0}, 1.0))
+    assert [c.metadata["frames_indices"] for c in chunks] == [[0, 8, 16, 16], [24, 32, 40, 40]]
+    fast = collect(q.stream_video({"video": str(path), "fps": 48, "video_end": 0.25}, 0.125))
+    # a frame serves every grid point it is the first frame at or after: indices repeat, never go back
+    assert indices_of(fast) == grid_indices(240, 24, 48, 0, 0.25) == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
+
+
+def test_uint8_dtype_and_pixel_budget(files):
+    path = files["h264-bframes.mp4"]
+    ele = {"video": str(path), "dtype": "uint8", "max_pixels": 64 * 28 * 28, "min_pixels": 4 * 28 * 28}
+    chunk = next(iter(q.stream_video(ele, 1.0, 14)))
+    video = q.fetch_video({"video": str(path), "max_pixels": 64 * 28 * 28, "min_pixels": 4 * 28 * 28, "nframes": 2})
+    assert chunk.frames.dtype == torch.uint8 and chunk.frames.shape[2:] == video.shape[2:]
+    resized = next(iter(q.stream_video({"video": str(path), "resized_height": 56, "resized_width": 84})))
+    assert resized.frames.shape[2:] == (56, 84)
+
+
+@pytest.mark.skipif(not TRANSFORMERS, reason="transformers is not installed (pip install transformers)")
+def test_qwen3_vl_processor_timestamps_are_the_chunk_times(tmp_path, video_processor, timestamps):
+    path = make_video(tmp_path / "v.mp4", frames=150, fps=30, width=320, height=180)
+    for ele in ({"video": str(path)}, {"video": str(path), "fps": 4, "video_start": 1.1}):
+        for chunk in q.stream_video(ele, 1.0, 16):
+            meta = chunk.metadata
+            out = _process(video_processor, chunk.frames, meta)
+            t, _, h, w = chunk.frames.shape
+            assert out["video_grid_thw"].tolist() == [[t // 2, h // 16, w // 16]]
+            real = [i / 30 for i in meta["frames_indices"]]  # the source's own frame times (30 fps, CFR)
+            assert timestamps(meta) == pytest.approx([(real[i] + real[i + 1]) / 2 for i in range(0, t, 2)])
+            assert all(chunk.start - 1e-9 <= x < chunk.end for x in real)
+
+
+def test_skipping_is_exact_and_skips(files, monkeypatch):
+    """Non-targets go undecoded (dropped up to the next closed GOP, or left to the decoder as non-reference
+    frames); the frames that come out are still exactly the targets, with no second pass."""
+    decisions, passes = [], []
+    leave, decode = st._Lookahead._leave, st._Run._decode_file
+    monkeypatch.setattr(
+        st._Lookahead, "_leave", lambda self, final: decisions.append(leave(self, final)) or decisions[-1]
+    )
+    monkeypatch.setattr(st._Run, "_decode_file", lambda self, *a: passes.append(a[-1]) or decode(self, *a))
+    path = files["h264-bframes.mp4"]
+    chunks = collect(q.stream_video({"video": str(path), "fps": 2.0}))
+    assert passes == [True]  # one pass, skipping
+    assert [r for _, r, want in decisions if want] == indices_of(chunks) == list(range(0, 240, 12))
+    assert sum(want is None for _, _, want in decisions) > 60  # whole runs of packets never decoded
+    assert [frame_number(f) for _, f in unpadded(chunks)] == list(range(0, 240, 12))
+
+
+def test_a_file_skipping_cannot_handle_is_decoded_again_in_full(files, monkeypatch):
+    """When the lookahead cannot prove its ordinals (here: made to give up mid-file), the file is decoded again
+    without skipping; chunks already handed over are not repeated and the rest are the same."""
+    push, count = st._Lookahead.push, []
+
+    def failing(self, packet):
+        count.append(1)
+        if len(count) == 100:
+            raise st._Inexact("test")
+        return push(self, packet)
+
+    monkeypatch.setattr(st._Lookahead, "push", failing)
+    path = files["h264-bframes.mp4"]
+    chunks = collect(q.stream_video({"video": str(path), "fps": 2.0}))
+    assert [c.index for c in chunks] == list(range(10))
+    assert indices_of(chunks) == list(range(0, 240, 12))
+    assert [frame_number(f) for _, f in unpadded(chunks)] == list(range(0, 240, 12))
+
+
+# --- options ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ele,kwargs,match",
+    [
+        ({"total_pixels": 1000}, {}, "total_pixels=1000 cannot be used with stream_video: a whole clip's pixel"),
+        ({"nframes": 8}, {}, "nframes=8 cannot be used with stream_video"),
+        ({"max_frames": 8}, {}, "max_frames=8 cannot be used"),
+        ({"video_reader": "decord"}, {}, "PyAV only"),
+        ({}, {"backend": "torchcodec"}, "PyAV only"),
+        ({"fps": 1.5}, {}, "whole number of frames"),
+        ({}, {"chunk_seconds": 0}, "chunk_seconds=0 must be"),
+        ({"video_start": 5, "video_end": 2}, {}, "video_start"),
+        ({"fps": "2"}, {}, "invalid fps"),
+    ],
+)
+def test_options_are_checked_when_called(files, ele, kwargs, match):
+    with pytest.raises(q.InvalidOptionError, match=match):
+        q.stream_video({"video": str(files["h264-bframes.mp4"]), **ele}, **kwargs)
+
+
+def test_pyav_backend_is_accepted_and_named(files):
+    chunk = next(iter(q.stream_video({"video": str(files["vp9.webm"]), "video_reader": "pyav"}, backend="pyav")))
+    assert chunk.metadata["video_backend"] == "pyav"
+
+
+def test_udp_is_refused_by_the_default_policy_and_bad_sources_are_typed_errors(tmp_path):
+    with pytest.raises(q.SourceNotAllowedError, match="does not allow udp"):
+        q.stream_video({"video": "udp://127.0.0.1:5000"})
+    allow = get_fetch_policy().replace(allowed_schemes=("udp",))
+    with pytest.raises(q.InvalidOptionError, match="udp://HOST:PORT"):
+        q.stream_video({"video": "udp://127.0.0.1:5000/path?x=1"}, policy=allow)
+    with pytest.raises(q.SourceNotFoundError):
+        next(iter(q.stream_video({"video": str(tmp_path / "missing.mp4")})))
+    (tmp_path / "noise.bin").write_bytes(os.urandom(5000))
+    with pytest.raises(q.DecodeError):
+        next(iter(q.stream_video({"video": str(tmp_path / "noise.bin")})))
+    with pytest.raises(q.InvalidOptionError, match="fetch_video"):
+        next(iter(q.stream_video({"video": np.zeros((4, 8, 8, 3), np.uint8)})))
+    (tmp_path / "live.m3u8").write_text("#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nseg0.ts\n")
+    with pytest.raises(q.InvalidOptionError, match="serve its folder over HTTP"):
+        next(iter(q.stream_video({"video": str(tmp_path / "live.m3u8")})))
+
+
+# --- live byte streams: pipes ----------------------------------------------------------------------------------------
+
+
+def pipe_fed(data, *, stall=None, pace=None):
+    """A pipe a thread writes ``data`` into (``pace`` seconds between 4 KiB writes), then closes, or, with
+    ``stall`` (an Event), holds open until it is set. Returns (read end as a file object, writer thread, a dict
+    with the time the last byte went out)."""
+    r, w = os.pipe()
+    sent = {}
+
+    def write():
+        with os.fdopen(w, "wb", buffering=0) as f, contextlib.suppress(BrokenPipeError):
+            for i in range(0, len(data), 4096):
+                f.write(data[i : i + 4096])
+                if pace:
+                    time.sleep(pace)
+            sent["at"] = time.monotonic()
+            if stall is not None:
+                stall.wait(30)
+
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    return os.fdopen(r, "rb"), t, sent
+
+
+def remux(path, *args):
+    """The same packets in another container, with the ffmpeg command-line tool."""
+    subprocess.run([FFMPEG or "ffmpeg", "-v", "error", "-i", str(path), "-c", "copy", *map(str, args)], check=True)
+
+
+@pytest.fixture(scope="module")
+def fragmented(files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fmp4") / "f.mp4"
+    remux(files["h264-bframes.mp4"], "-movflags", "frag_keyframe+empty_moov", "-f", "mp4", out)
+    return out
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("kind", ["mpegts", "fragmented mp4", "matroska"])
+def test_a_pipe_is_read_once_as_it_arrives(files, fragmented, kind, tmp_path):
+    if kind == "matroska":
+        remux(files["h264-bframes.mp4"], "-f", "matroska", tmp_path / "v.mkv")
+    data = {"mpegts": files["h264.ts"], "fragmented mp4": fragmented, "matroska": tmp_path / "v.mkv"}[
+        kind
+    ].read_bytes()
+    f, writer, _ = pipe_fed(data)
+    with f:
+        chunks = collect(q.stream_video({"video": f}))
+    n = 120 if kind == "mpegts" else 240
+    assert indices_of(chunks) == grid_indices(n, 24, 2)
+    assert [frame_number(x) for _, x in unpadded(chunks)] == grid_indices(n, 24, 2)
+    # a live stream's total: the frames seen when the chunk was complete
+    assert [c.metadata["total_num_frames"] for c in chunks] == [c.metadata["frames_indices"][-1] + 1 for c in chunks]
+    assert [c.start for c in chunks] == [float(j) for j in range(n // 24)]
+
+
+class _Frame:
+    def __init__(self, pts, time_base=Fraction(1, 90000)):
+        self.pts, self.time_base = pts, time_base
+
+
+def test_the_live_timeline_follows_timestamps_across_gaps_and_discontinuities():
+    clock = st._LiveClock(25.0)
+    tick = 3600  # one frame at 25 fps in 90 kHz units
+    start = 1_000_000
+    places = [clock.place(_Frame(start + n * tick)) for n in (0, 1, 2, 5)]  # frames 3 and 4 lost
+    assert [i for i, _ in places] == [0, 1, 2, 5]
+    assert [t for _, t in places] == pytest.approx([0.0, 0.04, 0.08, 0.2])
+    # an encoder restarting (timestamps back to 0): the timeline goes on one frame later
+    places = [clock.place(_Frame(n * tick)) for n in (0, 1)]
+    assert [i for i, _ in places] == [6, 7]
+    assert [t for _, t in places] == pytest.approx([0.24, 0.28])
+    assert clock.place(_Frame(None))[0] == 8  # no timestamp: the next slot
+
+
+def test_a_stalled_pipe_ends_in_a_timeout_error_in_time(files):
+    data = files["h264.ts"].read_bytes()
+    release = threading.Event()
+    f, writer, sent = pipe_fed(data[: len(data) * 3 // 5 // 188 * 188], stall=release)
+    policy = get_fetch_policy().replace(read_timeout=1.0)
+    got, fd = [], f.fileno()
+    try:
+        with f, pytest.raises(q.FetchTimeoutError, match="no data for") as err:
+            for chunk in q.stream_video({"video": f}, policy=policy):
+                got.append(chunk)
+        waited = time.monotonic() - sent["at"]
+    finally:
+        release.set()
+    assert got, "the chunks before the stall came"
+    assert f"<BufferedReader on file descriptor {fd}>" in str(err.value)  # the source, named
+    assert 1.0 <= waited <= 1.0 + 2.0
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("kind", ["mpegts", "fragmented mp4"])
+def test_a_truncated_pipe_ends_in_a_decode_error(files, fragmented, kind):
+    data = (files["h264.ts"] if kind == "mpegts" else fragmented).read_bytes()
+    f, writer, _ = pipe_fed(data[: len(data) // 2 + 77])
+    got = []
+    with f, pytest.raises(q.DecodeError) as err:
+        for chunk in q.stream_video({"video": f}):
+            got.append(chunk)
+    assert got, "the chunks before the cut still came"
+    if kind == "mpegts":
+        assert "cut off" in str(err.value)
+
+
+def test_an_mp4_with_its_index_at_the_end_cannot_be_piped(files):
+    f, writer, _ = pipe_fed(files["h264-bframes.mp4"].read_bytes())
+    with f, pytest.raises(q.DecodeError, match="faststart"):
+        next(iter(q.stream_video({"video": f})))
+
+
+# --- HTTP ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def web():
+    server = FileServer()
+    yield server
+    server.close()
+
+
+def test_a_remote_file_read_by_range_gives_the_local_chunks(files, web):
+    path = files["h264-bframes.mp4"]
+    url = web.add("/ranged.mp4", path.read_bytes())
+    remote, local = collect(q.stream_video({"video": url})), collect(q.stream_video({"video": str(path)}))
+    assert indices_of(remote) == indices_of(local)
+    assert all(torch.equal(a.frames, b.frames) for a, b in zip(remote, local))
+
+
+def noisy_numbered(i, width, height):
+    """A numbered frame whose lower half is noise: megabytes of video in a few seconds."""
+    frame = numbered_frame(i, width, height)
+    frame[height // 2 :] = np.random.default_rng(i).integers(0, 256, (height - height // 2, width, 3), np.uint8)
+    return frame
+
+
+def test_without_range_support_chunks_come_before_the_whole_body(web, tmp_path):
+    path = make_video(
+        tmp_path / "big.ts", frames=120, width=320, height=180, container="mpegts", pattern=noisy_numbered
+    )
+    data = path.read_bytes()
+    assert len(data) > 1 << 20
+    url = web.add("/slow.ts", data, ranges=False, rate=len(data) / 1.5)  # the body takes 1.5 s
+    served = web.files["/slow.ts"]
+    with q.stream_video({"video": url}) as stream:
+        first = next(stream)
+        sent_at_first = served.sent
+        rest = list(stream)
+    assert sent_at_first < len(data) * 0.8, "the first chunk came before most of the body had been sent"
+    assert indices_of([first, *rest]) == grid_indices(120, 24, 2)
+    assert served.requests == [f"bytes=0-{q._sources.FIRST_BYTES - 1}"]  # one request: no download first
+
+
+def test_an_mp4_with_its_index_at_the_end_over_http_without_ranges(files, web):
+    mp4 = files["h264-bframes.mp4"].read_bytes()
+    moov = mp4.rfind(b"moov") - 4  # 8 MiB of padding before the index: said at once, not after the whole body
+    data = mp4[:moov] + (8 << 20).to_bytes(4, "big") + b"free" + bytes((8 << 20) - 8) + mp4[moov:]
+    url = web.add("/moov-last.mp4", data, ranges=False)
+    with pytest.raises(q.DecodeError, match="range support"):
+        next(iter(q.stream_video({"video": url})))
+    assert web.files["/moov-last.mp4"].sent < len(data) // 2
+
+
+def test_http_errors_are_typed_and_name_the_url(web):
+    url = web.url("/missing.mp4")
+    with pytest.raises(q.NetworkError, match="missing.mp4"):
+        next(iter(q.stream_video({"video": url})))
+    with pytest.raises(q.SourceNotAllowedError):
+        q.stream_video({"video": url}, policy=get_fetch_policy().replace(allowed_schemes=("file",)))
+
+
+# --- HLS -------------------------------------------------------------------------------------------------------------
+
+
+class DirectoryServer:
+    """Files of a directory over HTTP on 127.0.0.1, as they are at each request (a live encoder's output)."""
+
+    def __init__(self, folder):
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(folder), **kwargs)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, name):
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def hls_vod(files, tmp_path_factory):
+    """The 10 s numbered file as HLS: 1 s MPEG-TS segments, a media playlist and a master playlist."""
+    folder = tmp_path_factory.mktemp("hls")
+    for sub, args in (("", []), ("fmp4", ["-hls_segment_type", "fmp4"]), ("single", ["-hls_flags", "single_file"])):
+        (folder / sub).mkdir(exist_ok=True)
+        hls = ["-f", "hls", "-hls_time", 1, "-hls_list_size", 0, "-hls_playlist_type", "vod", *args]
+        remux(files["h264-bframes.mp4"], *hls, folder / sub / "media.m3u8")
+    (folder / "master.m3u8").write_text(
+        "#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=100000\nmissing.m3u8\n#EXT-X-STREAM-INF:BANDWIDTH=900000\nmedia.m3u8\n"
+    )
+    server = DirectoryServer(folder)
+    yield server, folder
+    server.close()
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize(
+    "name", ["media.m3u8", "master.m3u8", "fmp4/media.m3u8", "single/media.m3u8", "ranged/media.m3u8"]
+)
+def test_hls_playlists_are_followed_segment_by_segment(hls_vod, web, name):
+    """MPEG-TS segments; a master playlist (its highest-bandwidth variant); fragmented MP4 segments after an
+    EXT-X-MAP; one file cut by EXT-X-BYTERANGE, from a server that ignores ranges and from one that honours them."""
+    server, folder = hls_vod
+    url = server.url(name)
+    if name.startswith(("single", "ranged")):
+        assert "#EXT-X-BYTERANGE" in (folder / "single/media.m3u8").read_text()
+    if name.startswith("ranged"):
+        for part in ("media.m3u8", "media.ts"):
+            url = web.add(f"/ranged/{part}", (folder / "single" / part).read_bytes())
+        url = web.url("/ranged/media.m3u8")
+    chunks = collect(q.stream_video({"video": url}))
+    assert indices_of(chunks) == grid_indices(240, 24, 2)
+    assert [frame_number(x) for _, x in unpadded(chunks)] == grid_indices(240, 24, 2)
+
+
+@needs_ffmpeg
+def test_a_live_playlist_that_stops_growing_ends_in_a_timeout(hls_vod, tmp_path):
+    server, folder = hls_vod
+    text = (folder / "media.m3u8").read_text()
+    head, _, _ = text.partition("media3.ts")  # the first three segments, and no #EXT-X-ENDLIST
+    (folder / "stuck.m3u8").write_text(head.rsplit("#EXTINF", 1)[0])
+    policy = get_fetch_policy().replace(read_timeout=1.0)
+    got, start = [], time.monotonic()
+    with pytest.raises(q.FetchTimeoutError, match="stuck.m3u8.*no data for"):
+        for chunk in q.stream_video({"video": server.url("stuck.m3u8")}, policy=policy):
+            got.append(chunk)
+    assert len(got) >= 2 and time.monotonic() - start <= 1.0 + 2.0 + 1.0  # 3 s of media, then the timeout
+
+
+def send_datagrams(data, address, delay=0.5, pace=0.002):
+    """From a thread, after ``delay`` (the stream binds its socket on the first next()): ``data`` as MPEG-TS
+    datagrams of 7 packets, as ffmpeg sends them."""
+
+    def send():
+        time.sleep(delay)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+            for i in range(0, len(data), 1316):
+                s.sendto(data[i : i + 1316], address)
+                time.sleep(pace)
+        sent["at"] = time.monotonic()
+
+    sent: dict = {}
+    threading.Thread(target=send, daemon=True).start()
+    return sent
+
+
+@pytest.mark.parametrize("group", [None, pytest.param("239.255.42.99", marks=pytest.mark.slow)])
+def test_udp_datagrams_give_chunks_and_their_end_is_a_stall(files, group):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    host = group or "127.0.0.1"
+    if group is not None:  # a multicast group needs a route (skipped where the network has none)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"", (group, port))
+        except OSError as exc:
+            pytest.skip(f"no multicast route here: {exc}")
+    policy = get_fetch_policy().replace(allowed_schemes=("udp",), read_timeout=1.0)
+    sent = send_datagrams(files["h264.ts"].read_bytes(), (host, port))
+    got = []
+    with pytest.raises(q.FetchTimeoutError, match=f"udp://{host}:{port}: no data for"):
+        for chunk in q.stream_video({"video": f"udp://{host}:{port}"}, policy=policy):
+            got.append(chunk)
+    assert time.monotonic() - sent["at"] <= 1.0 + 2.0
+    assert indices_of(got) == grid_indices(120, 24, 2)  # at the stall, the frames in the decoder came out first
+
+
+@pytest.mark.parametrize(
+    "extra,indices",
+    [({"video_start": 1.2, "video_end": 3.1}, [36, 48, 60, 72]), ({"video_end": 1.0}, [0, 12])],
+)
+def test_a_live_window_starts_and_stops_on_the_stream_timeline(files, extra, indices):
+    f, writer, _ = pipe_fed(files["h264.ts"].read_bytes())
+    with f:
+        chunks = collect(q.stream_video({"video": f, **extra}))
+    assert indices_of(chunks) == indices
+    assert chunks[0].start == extra.get("video_start", 0.0)
+
+
+def test_the_policy_limits_end_a_live_stream(files):
+    f, writer, _ = pipe_fed(files["h264.ts"].read_bytes())
+    got = []
+    with f, pytest.raises(q.SourceTooLargeError, match="limit of 2 s"):
+        for chunk in q.stream_video({"video": f}, policy=get_fetch_policy().replace(max_video_seconds=2)):
+            got.append(chunk)
+    assert len(got) == 2
+
+
+# --- closing early ---------------------------------------------------------------------------------------------------
+
+
+def _resources():
+    threads = sorted(t.name for t in threading.enumerate() if t.name.startswith("qwen-vl-stream"))
+    return threads, len(os.listdir("/proc/self/fd")), sorted(os.listdir(library_tmpdir()))
+
+
+@pytest.fixture(scope="module")
+def big_ts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("big")
+    return make_video(folder / "big.ts", frames=120, width=320, height=180, container="mpegts", pattern=noisy_numbered)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+@pytest.mark.parametrize(
+    "kind,how",
+    [
+        (kind, how) if kind == "file" or how == "close" else pytest.param(kind, how, marks=pytest.mark.slow)
+        for kind in ("file", "pipe", "http")
+        for how in ("close", "break", "garbage")
+    ],
+)
+def test_closing_early_releases_everything_at_once(files, big_ts, web, kind, how):
+    """Stop after the first chunk, three times over: no thread, file descriptor or temporary file stays behind,
+    and closing takes well under a second."""
+    data = big_ts.read_bytes()
+    url = web.add(f"/early-{kind}-{how}.ts", data, ranges=False)
+    counts = []
+    for _ in range(3):
+        release = threading.Event()
+        f = None
+        if kind == "pipe":
+            f, writer, _ = pipe_fed(data, stall=release, pace=0.002)
+        value = {"file": str(files["h264-bframes.mp4"]), "pipe": f, "http": url}[kind]
+        stream = q.stream_video({"video": value})
+        first = next(stream)
+        assert first.index == 0 and _resources()[0], "the producer thread is running"
+        start = time.monotonic()
+        if how == "close":
+            stream.close()
+        elif how == "break":
+            with stream:
+                for _ in stream:
+                    break
+        else:
+            del stream
+            gc.collect()
+        assert time.monotonic() - start < 1.0
+        threads, fds, tmp = _resources()
+        assert threads == [] and tmp == []
+        counts.append(fds)
+        release.set()
+        if f is not None:
+            f.close()  # the writer's next write fails: it stops
+            writer.join(5)
+    # (the in-process server's end of a connection may close a little later: one descriptor of slack)
+    assert counts[2] <= counts[0] + 1, f"file descriptors grew over three streams: {counts}"
+
+
+def test_closing_from_another_thread_ends_a_waiting_next(files):
+    """A server stopping a stream its worker is waiting on: next() ends the iteration, everything released."""
+    release = threading.Event()
+    data = files["h264.ts"].read_bytes()
+    f, writer, _ = pipe_fed(data[: len(data) // 2 // 188 * 188], stall=release)
+    stream = q.stream_video({"video": f})
+    got, ended = [], {}
+
+    def consume():
+        for chunk in stream:
+            got.append(chunk)
+        ended["at"] = time.monotonic()
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    deadline = time.monotonic() + 10
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # the consumer now waits for data that does not come
+    closed = time.monotonic()
+    stream.close()
+    consumer.join(5)
+    release.set()
+    f.close()
+    assert got and ended["at"] - closed < 1.0
+    assert _resources()[0] == []
+
+
+# --- live sources written in real time by ffmpeg (slow) --------------------------------------------------------------
+
+
+def live_ffmpeg(output, seconds=6, fmt="mpegts", extra=()):
+    """ffmpeg encoding a test pattern in real time (-re) to ``output``: the live encoder."""
+    command = [FFMPEG, "-nostdin", "-v", "error", "-re", "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25"]
+    command += ["-t", str(seconds), "-c:v", "libx264", "-preset", "ultrafast", "-bf", "2", "-g", "25"]
+    command += [*extra, "-f", fmt, output]
+    return subprocess.Popen(command, stdout=subprocess.PIPE if output == "pipe:1" else subprocess.DEVNULL)
+
+
+def check_live(chunks, seconds, fps=25):
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    idx = indices_of(chunks)
+    assert idx == sorted(idx) and len(set(idx)) == len(idx)
+    assert idx[: 2 * (seconds - 1)] == grid_indices(fps * seconds, fps, 2)[: 2 * (seconds - 1)]
+    for c in chunks:
+        assert c.frames.shape[:2] == (2, 3) and c.metadata["fps"] == fps
+        assert all(c.start <= i / fps < c.end for i in c.metadata["frames_indices"])
+
+
+@needs_ffmpeg
+@pytest.mark.slow
+def test_a_pipe_from_a_live_encoder_gives_chunks_while_it_runs():
+    proc = live_ffmpeg("pipe:1", seconds=6)
+    try:
+        chunks, running = [], []
+        for chunk in q.stream_video({"video": proc.stdout}):
+            chunks.append(chunk)
+            running.append(proc.poll() is None)
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        proc.stdout.close()
+    assert running[:3] == [True, True, True], "chunks came while the encoder was still writing"
+    check_live(chunks, 6)
+    assert len(chunks) == 6
+
+
+@needs_ffmpeg
+@pytest.mark.slow
+def test_an_hls_playlist_being_written_gives_chunks_while_it_grows(tmp_path):
+    server = DirectoryServer(tmp_path)
+    proc = live_ffmpeg(
+        str(tmp_path / "live.m3u8"), seconds=6, fmt="hls", extra=["-hls_time", "1", "-hls_list_size", "0"]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "live.m3u8").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        chunks, running = [], []
+        for chunk in q.stream_video({"video": server.url("live.m3u8")}):
+            chunks.append(chunk)
+            running.append(proc.poll() is None)
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        server.close()
+    assert running[:2] == [True, True], "chunks came while the playlist was still growing"
+    check_live(chunks, 6)
+    assert len(chunks) == 6, "the stream ended at #EXT-X-ENDLIST, after the last segment"
+
+
+@needs_ffmpeg
+@pytest.mark.slow
+def test_a_udp_feed_gives_chunks_while_it_runs_and_a_stall_ends_it():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    policy = get_fetch_policy().replace(allowed_schemes=("udp",), read_timeout=2.0)
+    stream = q.stream_video({"video": f"udp://127.0.0.1:{port}"}, policy=policy)
+    got, running, result = [], [], {}
+    proc = None
+
+    def consume():
+        try:
+            for chunk in stream:
+                got.append(chunk)
+                running.append(proc is not None and proc.poll() is None)
+        except q.QwenVLError as exc:
+            result["error"], result["at"] = exc, time.monotonic()
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    time.sleep(0.5)  # the socket is bound on the first next()
+    proc = live_ffmpeg(f"udp://127.0.0.1:{port}?pkt_size=1316", seconds=5)
+    try:
+        assert proc.wait(15) == 0
+        stopped = time.monotonic()
+        consumer.join(15)
+    finally:
+        proc.kill()
+        stream.close()
+    assert running[:2] == [True, True]
+    assert isinstance(result.get("error"), q.FetchTimeoutError) and f"{port}" in str(result["error"])
+    assert result["at"] - stopped <= 2.0 + 2.0, "the stall was reported within the read timeout + 2 s"
+    idx = indices_of(got)
+    assert len(got) >= 3 and idx == sorted(idx)
+    assert _resources()[0] == [], "the receiver thread is gone"
+
+
+# --- the command line ------------------------------------------------------------------------------------------------
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "qwen_vl_utils", *map(str, args)], capture_output=True, text=True, timeout=120, **kwargs
+    )
+
+
+@pytest.mark.slow
+def test_cli_prints_one_line_per_chunk(files):
+    path = files["h264-bframes.mp4"]
+    res = run_cli("stream", path, "--json", "--fps", "4", "--chunk", "0.5", "--end", "3", "--max-pixels", 200000)
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    chunks = collect(q.stream_video({"video": str(path), "fps": 4, "video_end": 3, "max_pixels": 200000}, 0.5))
+    assert [x["frames_indices"] for x in lines] == [c.metadata["frames_indices"] for c in chunks]
+    assert [(x["index"], x["start"], x["end"]) for x in lines] == [(c.index, c.start, c.end) for c in chunks]
+    assert [x["shape"] for x in lines] == [list(c.frames.shape) for c in chunks]
+    assert lines[1]["frame_times"] == [0.5, 0.75] and all(x["seconds"] >= 0 for x in lines)
+    text = run_cli("stream", path, "--end", "2")
+    assert text.returncode == 0 and text.stdout.splitlines()[1].startswith("chunk 1  1.00-2.00 s  frames 24 36  2x3x")
+    bad = run_cli("stream", path, "--fps", "1.5")
+    assert bad.returncode == 1 and "whole number of frames" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_cli_ctrl_c_exits_130_without_a_traceback(files):
+    """Standard input that never ends: Ctrl-C (SIGINT) stops it at once, exit code 130, no traceback."""
+    r, w = os.pipe()
+    with os.fdopen(w, "wb") as writer:
+        writer.write(files["h264.ts"].read_bytes()[: 188 * 100])
+        writer.flush()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qwen_vl_utils", "stream", "-"],
+            stdin=r,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        os.close(r)
+        time.sleep(3)  # started, waiting for more input
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
