@@ -159,9 +159,8 @@ def test_file_chunks_equal_fetch_video_frames(files, name):
     assert [frame_number(f) for f in upright] == expected
     diff = np.abs(got.astype(np.int16) - sequential_frames(path, expected, (h, w)))
     assert diff.max() <= 1 and diff.mean() <= 1e-4
-    if name != "h264.ts":  # fetch_video's PyAV backend seeks to the wrong frames in MPEG-TS files (reported)
-        diff = np.abs(got.astype(np.int16) - reference_frames(path, expected, (h, w)))
-        assert diff.max() <= 1 and diff.mean() <= 1e-4
+    diff = np.abs(got.astype(np.int16) - reference_frames(path, expected, (h, w)))
+    assert diff.max() <= 1 and diff.mean() <= 1e-4
 
 
 @needs_ffmpeg

@@ -20,8 +20,8 @@ def avi_reordering(info: VideoInfo) -> Optional[str]:
 
 def timeline_gaps(info: VideoInfo, name: str) -> Optional[str]:
     """Streams on which the index-based decoders (torchcodec 0.13, decord 0.6) return frames other than the ones
-    a player shows, measured: an edit list that hides frames, a frame size that changes mid-stream, AVI with
-    B-frames."""
+    a player shows, measured: an edit list that hides frames, a frame size that changes mid-stream, MPEG-TS, AVI
+    with B-frames."""
     if info.hidden_frames:
         return (
             f"{name} does not follow the edit list that hides {info.hidden_frames} frames of this file "
@@ -29,6 +29,8 @@ def timeline_gaps(info: VideoInfo, name: str) -> Optional[str]:
         )
     if info.size_changes:
         return f"{name} returns wrong or repeated frames when the frame size changes mid-stream"
+    if info.container == "mpegts":
+        return f"{name} numbers the frames of MPEG-TS files from the wrong start (frame 8 for frame 0, measured)"
     return avi_reordering(info)
 
 

@@ -311,14 +311,39 @@ def _skippable(ordinal: Optional[int], wanted: set, careful_until: int) -> bool:
     return ordinal is not None and ordinal > careful_until and ordinal not in wanted
 
 
+#: seeks that may land past the keyframe asked for (MPEG-TS seeks by a binary search on timestamps) are retried
+#: from an earlier keyframe this many times, then from the start
+SEEK_RETRIES = 4
+
+
+def _packets_from(container: Any, stream: Any, index: _Index, key: int) -> Iterator[Any]:
+    """Packets from a keyframe at or before ordinal ``key``. A seek that lands after it (an MPEG-TS seek can
+    overshoot to a later keyframe) is retried from an earlier keyframe, finally from the first."""
+    start: Optional[int] = key
+    for attempt in range(SEEK_RETRIES + 2):
+        if start is None:  # the last resort: the container's very beginning
+            container.seek(0)
+        else:
+            container.seek(index.keyframe_pts(start), stream=stream, backward=True, any_frame=False)
+        packets = container.demux(stream)
+        first = next((p for p in packets if p.size and p.pts is not None), None)
+        landed = None if first is None else index.ordinal_of(first.pts)
+        if first is None or landed is None or landed <= key or start is None:
+            break
+        earlier = index.keyframe_before(start - 1) if start > index.keyframes[0] else None
+        start = None if earlier is None or attempt + 1 >= SEEK_RETRIES else earlier
+    if first is not None:
+        yield first
+    yield from packets
+
+
 def _seek(container: Any, stream: Any, index: _Index, key: int, wanted: set, careful_until: int) -> Iterator[Any]:
     """Decode from the keyframe ``key``, deciding packet by packet whether non-reference frames may be dropped
     (exact, unlike a decision made on the frames coming out, which lag the packets going in)."""
-    container.seek(index.keyframe_pts(key), stream=stream, backward=True, any_frame=False)
     cc = stream.codec_context
     one_frame_per_packet = cc.name in _ONE_FRAME_PER_PACKET
     skipping = None
-    for packet in container.demux(stream):
+    for packet in _packets_from(container, stream, index, key):
         skip = one_frame_per_packet and _skippable(index.ordinal.get(packet.pts), wanted, careful_until)
         if skip != skipping:
             cc.skip_frame = "NONREF" if skip else "DEFAULT"
