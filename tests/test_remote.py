@@ -440,3 +440,29 @@ def test_ranged_frames_equal_pixelwise_under_concurrency(files, videos):
     assert not errors, errors
     assert all(torch.equal(r, ref) for r in results) and len(results) == 8
     assert np.isfinite(ref.numpy()).all()
+
+
+def test_a_composition_offset_table_that_claims_too_many_samples_allocates_nothing(tmp_path):
+    """A 40 KB MP4 whose ctts box claims 2^28 samples in one entry: the table is refused before it is expanded
+    (the packets are read instead)."""
+    import resource
+    import struct
+
+    from qwen_vl_utils import _mp4
+
+    good = textured_video(tmp_path / "b.mp4", frames=48)
+    data = bytearray(good.read_bytes())
+    at = data.find(b"ctts")
+    struct.pack_into(">I", data, at + 12, 1 << 28)
+    bomb = tmp_path / "bomb.mp4"
+    bomb.write_bytes(bytes(data))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    import av
+
+    with av.open(str(bomb)) as c, open(bomb, "rb") as f:
+        assert _mp4.sample_table(c, c.streams.video[0], f, bomb.stat().st_size) is None
+    try:  # FFmpeg reads the damaged box its own way: any valid output or a typed error, never a blow-up
+        assert q.fetch_video({"video": str(bomb), "nframes": 4}, backend="pyav").shape[0] == 4
+    except q.QwenVLError:
+        pass
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KB: no 2 GB list

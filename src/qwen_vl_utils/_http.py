@@ -290,18 +290,18 @@ def _connect(address: tuple, timeout: Any, source_address: Any, options: Any) ->
             try:
                 sock.connect(address)
                 break
-            except (socket.timeout, BlockingIOError, InterruptedError):
+            except (TimeoutError, BlockingIOError, InterruptedError):
                 if transfer is not None:
                     transfer.check_cancelled()
                 if time.monotonic() >= limit:
-                    raise socket.timeout(f"connecting to {host}:{port} timed out") from None
+                    raise TimeoutError(f"connecting to {host}:{port} timed out") from None
             except OSError as exc:
                 if exc.errno in (errno.EALREADY, errno.EINPROGRESS):
                     select.select([], [sock], [], 0.05)
                     if transfer is not None:
                         transfer.check_cancelled()
                     if time.monotonic() >= limit:
-                        raise socket.timeout(f"connecting to {host}:{port} timed out") from None
+                        raise TimeoutError(f"connecting to {host}:{port} timed out") from None
                     continue
                 if exc.errno == errno.EISCONN:
                     break
@@ -324,7 +324,7 @@ def _connection_class(https: bool) -> Any:
         def _new_conn(self) -> socket.socket:
             try:
                 return _connect((self._dns_host, self.port), self.timeout, self.source_address, self.socket_options)
-            except socket.timeout as exc:
+            except TimeoutError as exc:
                 from urllib3.exceptions import ConnectTimeoutError
 
                 raise ConnectTimeoutError(self, f"connection to {self.host} timed out") from exc

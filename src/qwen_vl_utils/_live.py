@@ -698,7 +698,7 @@ class UdpReader(_LiveReader):
             while not self._closed and not self.token.cancelled:
                 try:
                     data = self.sock.recv(1 << 16)
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 with self.cond:
                     self.buffer.append(data)

@@ -122,12 +122,13 @@ def _composition_offsets(moov: bytes, stbl: tuple, count: int) -> Optional[list]
     entries = struct.unpack_from(">I", moov, a + 4)[0]
     if a + 8 + entries * 8 > b:
         return None
+    runs = list(struct.iter_unpack(">Ii", moov[a + 8 : a + 8 + entries * 8]))
+    if sum(n for n, _ in runs) != count:  # checked before expanding: a hostile count cannot allocate
+        return None
     offsets: list = []
-    for n, value in struct.iter_unpack(">Ii", moov[a + 8 : a + 8 + entries * 8]):
+    for n, value in runs:
         offsets.extend([value] * n)
-        if len(offsets) > count:
-            return None
-    return offsets if len(offsets) == count else None
+    return offsets
 
 
 def _sample_count(moov: bytes, stbl: tuple) -> Optional[int]:
@@ -142,7 +143,9 @@ def sample_table(container: Any, stream: Any, f: BinaryIO, file_size: int) -> Op
     several edits that repeat samples, or anything inconsistent): then the caller reads the packets."""
     if "mp4" not in container.format.name and "mov" not in container.format.name:
         return None
-    entries = stream.index_entries
+    entries = getattr(stream, "index_entries", None)  # PyAV >= 17
+    if entries is None:
+        return None
     n = len(entries)
     if n == 0:
         return None

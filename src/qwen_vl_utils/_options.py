@@ -40,6 +40,7 @@ within the frame count, one timestamp per frame) stay where the video is known (
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import reprlib
@@ -154,7 +155,7 @@ def _timestamps(value: Any) -> Optional[tuple[float, ...]]:
     if not all(_is_real(t) and math.isfinite(t) and t >= 0 for t in items):
         raise _invalid("timestamps", value, allowed)
     times = tuple(float(t) for t in items)
-    if any(b < a for a, b in zip(times, times[1:])):
+    if any(b < a for a, b in itertools.pairwise(times)):
         raise _invalid("timestamps", value, allowed)
     return times
 

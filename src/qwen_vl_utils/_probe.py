@@ -146,7 +146,11 @@ def _edited_count(container: Any, stream: Any, frames: int) -> tuple[int, int]:
     so that an ordinary file costs no visit of every entry."""
     if "mov" not in container.format.name:
         return frames, 0
-    entries = stream.index_entries
+    entries = getattr(stream, "index_entries", None)
+    if entries is None:  # PyAV < 17 does not expose the index: count the hidden packets instead (one demux)
+        hidden = sum(1 for p in container.demux(stream) if p.size and p.is_discard)
+        container.seek(0)
+        return frames - hidden, hidden
     n = len(entries)
     if n == 0:
         return frames, 0
