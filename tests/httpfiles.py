@@ -23,6 +23,7 @@ class File:
     rate: Optional[float] = None  # bytes per second (shared by all connections to this file)
     reset_after: Optional[int] = None  # drop the connection once this many body bytes went out (once)
     lie_length: int = 0  # added to the Content-Length (and the Content-Range total) it declares
+    unknown_total: bool = False  # answer ranges with "Content-Range: bytes a-b/*" (the length left unsaid)
     unavailable: int = 0  # this many 503s before it answers
     delay: float = 0.0  # seconds before each response
     slow_after: int = 0  # the first this many requests are answered without the delay
@@ -126,7 +127,8 @@ class FileServer:
                 return
             body = f.data[start : end + 1]
             req.send_response(206)
-            req.send_header("Content-Range", f"bytes {start}-{end}/{size + f.lie_length}")
+            total = "*" if f.unknown_total else str(size + f.lie_length)
+            req.send_header("Content-Range", f"bytes {start}-{end}/{total}")
         else:
             body = f.data
             req.send_response(200)

@@ -165,7 +165,9 @@ def test_the_loop_is_never_blocked_for_more_than_20_ms(media, loop_kind):
 
 
 def _library_threads() -> int:
-    return sum(t.name.startswith("qwen-vl") and t.name != "qwen-vl-aio" for t in threading.enumerate())
+    """Threads the library started for one call (its pool's persistent workers, "qwen-vl-aio_N", are not)."""
+    persistent = ("qwen-vl-aio", "qwen-vl-blocking")  # the process's pools, not a call's threads
+    return sum(t.name.startswith("qwen-vl") and not t.name.startswith(persistent) for t in threading.enumerate())
 
 
 def _fds() -> int:
@@ -185,6 +187,13 @@ async def _cancel_when(coro, ready, timeout=10.0):
     with pytest.raises(asyncio.CancelledError):
         await task
     return time.monotonic() - start
+
+
+def _assert_quiet(f):
+    """After a cancel, the server sees no new request and (but for socket buffers) no more bytes."""
+    sent, n = f.sent, len(f.requests)
+    time.sleep(0.5)
+    assert len(f.requests) == n and f.sent - sent < 64 << 10, (f.sent - sent, f.requests[n:])
 
 
 def _settles(check, within=1.0):
@@ -211,7 +220,7 @@ def _stalled_listener():
     return srv, fillers
 
 
-STAGES = ["connect", "headers", "download", "probe", "decode"]
+STAGES = ["connect", "headers", "download", "probe", "ranged-decode", "decode"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -244,6 +253,14 @@ def test_cancellation_at_each_stage_leaves_nothing_behind(files, media, tmp_path
         monkeypatch.setattr(_sources, "FIRST_BYTES", 32 << 10)
         f = files.files["/probe.mp4"]
         coro, ready = q.afetch_video({"video": url}), lambda: len(f.requests) > 1
+    elif stage == "ranged-decode":  # decoding a file read by range, with prefetches in flight, on a slow link
+        long = textured_video(tmp_path / "ranged.mp4", frames=960, gop=48)
+        url = files.add("/ranged.mp4", long.read_bytes(), rate=300_000)
+        monkeypatch.setattr(_sources, "FIRST_BYTES", 32 << 10)
+        f = files.files["/ranged.mp4"]
+        coro = q.afetch_video({"video": url, "nframes": 40}, backend="pyav")
+        ready = lambda: len(f.requests) > 3 and f.sent > 200_000  # noqa: E731
+        cleanup.append(lambda: _assert_quiet(f))
     else:
         long = textured_video(tmp_path / "long.mp4", frames=960, gop=240)
         real = aio.fetch_video
@@ -300,6 +317,7 @@ def test_limits_hold_across_concurrent_requests(media, monkeypatch):
         return wrapped
 
     monkeypatch.setattr(aio, "resolve_image", slow(downloads, real_resolve))
+    monkeypatch.setattr(aio, "resolve_source", slow(downloads, aio.resolve_source))
     monkeypatch.setattr(aio, "load_image", slow(decodes, real_load))
     monkeypatch.setattr(aio, "fetch_video", slow(decodes, real_fetch))
     q.set_fetch_policy(max_concurrent_downloads=3, max_concurrent_decodes=2)
@@ -318,6 +336,54 @@ def test_limits_hold_across_concurrent_requests(media, monkeypatch):
     assert downloads.peak == 3, downloads.peak  # reached, never passed
     assert decodes.peak == 2, decodes.peak
     assert q.aio.stats() == {"downloads": 0, "decodes": 0, "waiting": 0}
+
+
+def test_media_waiting_for_a_decode_count_against_the_download_limit(media, monkeypatch, tmp_path):
+    """Downloads finish faster than decodes: the downloaded media waiting for a decode slot never outnumber the
+    download limit (they would pile up in memory otherwise)."""
+    outstanding, peak, lock = [0], [0], threading.Lock()
+    real_resolve, real_load = aio.resolve_image, aio.load_image
+
+    def resolve(*a, **k):
+        source = real_resolve(*a, **k)
+        with lock:
+            outstanding[0] += 1
+            peak[0] = max(peak[0], outstanding[0])
+        return source
+
+    def load(*a, **k):
+        time.sleep(0.05)  # decoding is the bottleneck
+        try:
+            return real_load(*a, **k)
+        finally:
+            with lock:
+                outstanding[0] -= 1
+
+    monkeypatch.setattr(aio, "resolve_image", resolve)
+    monkeypatch.setattr(aio, "load_image", load)
+    q.set_fetch_policy(max_concurrent_downloads=3, max_concurrent_decodes=1)
+    try:
+        image = media["content"][0]
+
+        async def many():
+            return await asyncio.gather(*[q.afetch_image(image) for _ in range(16)])
+
+        assert len(run(many())) == 16
+    finally:
+        q.set_fetch_policy(None)
+    assert peak[0] <= 3 + 1, peak[0]  # the download limit, plus the one being decoded
+
+
+def test_the_error_is_the_first_failing_elements_as_in_the_sync_api(files, tmp_path):
+    """The first element fails late (its body is not an image), the second at once (no such file): both APIs
+    raise the first element's error."""
+    slow_bad = files.add("/slow-bad.png", b"<html>" + b"x" * 600, delay=0.5)
+    conv = [{"role": "user", "content": [{"image": slow_bad}, {"image": str(tmp_path / "missing.png")}]}]
+    with pytest.raises(q.QwenVLError) as sync_error:
+        q.process_vision_info(conv)
+    with pytest.raises(q.QwenVLError) as async_error:
+        run(q.aprocess_vision_info(conv))
+    assert type(async_error.value) is type(sync_error.value) is q.DecodeError
 
 
 def test_slots_are_first_come_first_served_across_loops():

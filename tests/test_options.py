@@ -237,3 +237,28 @@ def test_valid_video_spellings_give_the_same_output(video):
     assert q.fetch_video({"video": video, "dtype": "torch.UINT8"}).dtype == torch.uint8
     framed = q.fetch_video({"video": [PNG, PNG], "timestamps": [0, 0]}, return_video_metadata=True)[1]
     assert framed["frames_indices"] == [0, 0], "equal timestamps are non-decreasing"
+
+
+def test_huge_video_frames_are_refused_before_decoding(tmp_path, monkeypatch):
+    """min_pixels wins over every other video budget (as in 0.0.14): only the decompression-bomb limit stops
+    {"min_pixels": 1e9} from allocating gigabytes for a server that takes untrusted messages."""
+    from qwen_vl_utils import SourceTooLargeError
+    from qwen_vl_utils.backends import _pyav
+
+    from media import make_video
+
+    path = make_video(tmp_path / "v.mp4", frames=24)
+    monkeypatch.setattr(_pyav, "read", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded")))
+    for call in (q.fetch_video, q.count_visual_tokens):
+        with pytest.raises(SourceTooLargeError, match="max_image_pixels"):
+            call({"video": str(path), "min_pixels": 10**9})
+    frames = [np.zeros((8, 8, 3), np.uint8)] * 2
+    with pytest.raises(SourceTooLargeError, match="max_image_pixels"):
+        q.fetch_video({"video": frames, "min_pixels": 10**9})
+
+
+@pytest.mark.parametrize("key", ["fps", "sample_fps", "raw_fps"])
+def test_rates_beyond_any_video_are_refused(key):
+    frames = np.zeros((4, 8, 8, 3), np.uint8)
+    with pytest.raises(q.InvalidOptionError, match=f"{key}.*<= 1e"):
+        q.fetch_video({"video": frames, key: 1e308})

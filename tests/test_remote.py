@@ -466,3 +466,82 @@ def test_a_composition_offset_table_that_claims_too_many_samples_allocates_nothi
     except q.QwenVLError:
         pass
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KB: no 2 GB list
+
+
+# --- review findings: each a behaviour that once went wrong ----------------------------------------------------
+
+
+def test_a_range_of_unknown_total_length_is_not_taken_for_the_whole_file(files, videos):
+    """``Content-Range: bytes 0-32767/*`` is legal: the first range must not become the whole video."""
+    url = files.add("/unknown-total.mkv", videos["mkv"].read_bytes(), unknown_total=True)
+    _same(url, videos["mkv"], nframes=8)
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_a_reset_in_the_middle_of_a_whole_download_is_retried(files, ranges):
+    """Images (and videos from servers without ranges) come whole: a reset mid-body resumes from where it
+    stopped when the server takes ranges, else starts again."""
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    big = image_bytes(Image.fromarray(noise), "PNG")  # 360 KB: the reset comes mid-body
+    url = files.add(f"/reset-{ranges}.png", big, ranges=ranges, reset_after=len(big) // 2)
+    assert q.fetch_image({"image": url}).size == q.fetch_image({"image": big}).size
+    first, second = files.files[f"/reset-{ranges}.png"].requests
+    assert first is None and (second.startswith("bytes=") if ranges else second is None)
+
+
+def test_a_redirect_body_cannot_outlast_the_deadline(server):
+    """A 302 whose body trickles: the body is not read, so the image deadline still bounds the call."""
+
+    def trickling_redirect(req):
+        req.send_response(302)
+        req.send_header("Location", "/elsewhere.png")
+        req.send_header("Content-Length", "1000")
+        req.end_headers()
+        try:
+            for _ in range(1000):
+                req.wfile.write(b"x")
+                req.wfile.flush()
+                time.sleep(0.5)
+        except OSError:
+            pass
+
+    url = server.add("/trickle-redirect", trickling_redirect)
+    start = time.monotonic()
+    with pytest.raises((NetworkError, FetchTimeoutError)):
+        q.fetch_image({"image": url}, policy=FetchPolicy(image_deadline=1.0))
+    assert time.monotonic() - start < 1.0 + 2.0
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::1", "::127.0.0.1", "fec0::1", "::ffff:10.0.0.1"],
+)
+def test_ipv6_addresses_that_reach_private_ipv4_are_refused(address, monkeypatch):
+    """NAT64, 6to4, IPv4-compatible and mapped addresses embed an IPv4 one; site-local is private."""
+    real = socket.getaddrinfo
+
+    def resolver(host, port, *args, **kwargs):
+        if host == "aaaa.test":
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (address, int(port or 80), 0, 0))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    with pytest.raises(SourceNotAllowedError, match="non-public"):
+        q.fetch_image({"image": "http://aaaa.test/a.png"}, policy=BLOCK_PRIVATE)
+
+
+def test_a_slow_resolver_is_bounded_by_the_connect_timeout_and_can_be_cancelled(monkeypatch):
+    real = socket.getaddrinfo
+
+    def slow(host, port, *args, **kwargs):
+        if host == "slow.test":
+            time.sleep(3)
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    start = time.monotonic()
+    with pytest.raises(FetchTimeoutError, match="resolving slow.test"):
+        q.fetch_image({"image": "http://slow.test/a.png"}, policy=FetchPolicy(connect_timeout=0.5))
+    assert time.monotonic() - start < 0.5 + 1.0

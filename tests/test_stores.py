@@ -202,3 +202,41 @@ def test_s3_objects_are_cached_and_validated_by_etag(store, monkeypatch, tmp_pat
     changed = q.fetch_image({"image": "s3://media-bucket/img/a.png"}, policy=policy)
     assert changed.size != first.size and len(calls) == 1, "a new ETag: fetched again"
     store.client("s3").put_object(Bucket="media-bucket", Key="img/a.png", Body=PNG)
+
+
+def test_a_store_call_that_hangs_is_bounded_by_the_deadline_and_cancellable():
+    """One store call cannot be interrupted: the caller stops waiting for it at the deadline or a cancel."""
+    import asyncio
+
+    import fsspec
+    from fsspec.spec import AbstractFileSystem
+
+    class SlowFS(AbstractFileSystem):  # a real filesystem class whose endpoint answers after 4 s
+        protocol = "slowfs"
+
+        def info(self, path, **kwargs):
+            return {"name": path, "size": len(PNG), "type": "file"}
+
+        def cat_file(self, path, start=None, end=None, **kwargs):
+            time.sleep(4)
+            return PNG[start:end]
+
+    fsspec.register_implementation("slowfs", SlowFS, clobber=True)
+    policy = FetchPolicy(allowed_schemes=("slowfs",), image_deadline=1.0)
+    start = time.monotonic()
+    with pytest.raises(q.FetchTimeoutError):
+        q.fetch_image({"image": "slowfs://bucket/a.png"}, policy=policy)
+    assert time.monotonic() - start < 2.0
+
+    async def cancelled() -> float:
+        task = asyncio.ensure_future(q.afetch_image({"image": "slowfs://bucket/a.png"}, policy=policy))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        t = time.monotonic()
+        while q.aio.stats()["downloads"]:
+            await asyncio.sleep(0.02)
+        return time.monotonic() - t
+
+    assert asyncio.run(cancelled()) < 0.5

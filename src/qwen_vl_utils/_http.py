@@ -64,6 +64,7 @@ class Transfer:
         self.limit = policy.max_image_bytes if media == "image" else policy.max_video_bytes
         self.received = 0
         self.requests = 0
+        self.aborted = False
         self.addresses: dict = {}  # host -> the addresses checked for it: one lookup per host and transfer
         self._waited = 0.0
         self._since: Optional[float] = None
@@ -113,7 +114,7 @@ class Transfer:
         """Cancelled if the work on this thread was (the token is the thread's: a remote file's reads belong to
         whichever call is decoding it)."""
         token = _cancel.current()
-        if token is not None and token.cancelled:
+        if self.aborted or (token is not None and token.cancelled):
             raise Cancelled(f"{self.media} source {self.name}: cancelled")
 
     def track(self, resp: Any) -> None:
@@ -128,8 +129,10 @@ class Transfer:
             self._live.discard(resp)
 
     def abort(self) -> None:
-        """Unblock every read in flight (from another thread): their sockets are shut down."""
+        """Unblock every read in flight (from another thread): their sockets are shut down, and no request or
+        resumed range starts on this transfer again."""
         with self._lock:
+            self.aborted = True
             live = list(self._live)
         for resp in live:
             _shutdown(resp)
@@ -196,13 +199,72 @@ def check_url(url: str, policy: FetchPolicy, name: str) -> urllib.parse.SplitRes
     return parts
 
 
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def _embedded_ipv4(addr: ipaddress.IPv6Address) -> Optional[ipaddress.IPv4Address]:
+    """The IPv4 address an IPv6 one reaches through a translation or a tunnel: mapped (::ffff:a.b.c.d), NAT64
+    (64:ff9b::/96, 64:ff9b:1::/48), 6to4 (2002::/16), Teredo, IPv4-compatible (::a.b.c.d)."""
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if addr.teredo is not None:
+        return addr.teredo[1]
+    if any(addr in net for net in _NAT64) or (addr in _IPV4_COMPATIBLE and int(addr) > 1):
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return None
+
+
 def _is_public(addr: ipaddress._BaseAddress) -> bool:
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    """Global unicast, and so is any IPv4 address it embeds (a NAT64 or 6to4 address can reach 127.0.0.1)."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        inner = _embedded_ipv4(addr)
+        if inner is not None:
+            return _is_public(inner)
+        if addr.is_site_local:
+            return False
     return addr.is_global and not addr.is_multicast
 
 
-def resolve(host: str, port: int, policy: FetchPolicy, name: str) -> list[str]:
+_offload_lock = threading.Lock()
+_offload: dict = {}
+
+
+def bounded_call(transfer: Transfer, limit: float, on_timeout: str, func: Any, *args: Any, **kwargs: Any) -> Any:
+    """``func(*args, **kwargs)`` on a helper thread, waited for in slices under the transfer's deadline and
+    cancellation and at most ``limit`` seconds (then FetchTimeoutError with ``on_timeout``). For calls that
+    cannot be interrupted (name resolution, an object store's read): the caller stops waiting at once, the call
+    itself finishes on one of a few helper threads."""
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    with _offload_lock:
+        if _offload.get("pid") != os.getpid():
+            _offload.update(pid=os.getpid(), pool=ThreadPoolExecutor(8, thread_name_prefix="qwen-vl-blocking"))
+        pool = _offload["pool"]
+    future = pool.submit(func, *args, **kwargs)
+    until = time.monotonic() + min(limit, transfer.remaining())
+    while True:
+        try:
+            return future.result(timeout=0.05)
+        except FutureTimeout:
+            transfer.remaining()  # the deadline, or a cancellation
+            if time.monotonic() >= until:
+                raise FetchTimeoutError(f"{transfer.media} source {transfer.name}: {on_timeout}") from None
+
+
+def _lookup(host: str, port: int, transfer: Optional[Transfer]) -> list:
+    """getaddrinfo under the transfer's connect timeout, deadline and cancellation."""
+    if transfer is None:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    timeout = transfer.policy.connect_timeout
+    why = f"resolving {host} took longer than {timeout:g} s (FetchPolicy.connect_timeout)"
+    return bounded_call(transfer, timeout, why, socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+
+
+def resolve(host: str, port: int, policy: FetchPolicy, name: str, transfer: Optional[Transfer] = None) -> list[str]:
     """The addresses to connect to for ``host``, resolved once; with ``block_private_networks`` every one of
     them must be public."""
     try:
@@ -213,7 +275,7 @@ def resolve(host: str, port: int, policy: FetchPolicy, name: str) -> list[str]:
         addrs = [str(literal)]
     else:
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = _lookup(host, port, transfer)
         except (socket.gaierror, UnicodeError) as exc:
             raise NetworkError(f"{name}: cannot resolve {host}: {exc}") from exc
         addrs = list(dict.fromkeys(info[4][0].split("%")[0] for info in infos))
@@ -539,7 +601,7 @@ def _send(parts: urllib.parse.SplitResult, transfer: Transfer, headers: dict) ->
         )
     addresses = transfer.addresses.get((host, port))
     if addresses is None:
-        addresses = transfer.addresses[(host, port)] = resolve(host, port, policy, transfer.name)
+        addresses = transfer.addresses[(host, port)] = resolve(host, port, policy, transfer.name, transfer)
     error: Optional[BaseException] = None
     for address in addresses:
         pool = _pool(scheme, address, port, host)
@@ -643,11 +705,10 @@ def _backoff(attempt: int, transfer: Transfer) -> None:
 
 
 def _drain(raw: Any) -> None:
-    """Give a small body back to the pool; drop the connection of a large one."""
+    """Give an empty body's connection back to the pool; drop any other (reading a body the caller does not
+    want would run outside the transfer's clock, byte count and cancellation)."""
     try:
-        length = raw.headers.get("content-length")
-        if length and length.isdigit() and int(length) <= 65536:
-            raw.drain_conn()
+        if (raw.headers.get("content-length") or "").strip() == "0":
             raw.release_conn()
         else:
             raw.close()

@@ -84,6 +84,20 @@ _NUMBERS: dict[str, tuple[float, bool, str]] = {
     "raw_fps": (0, True, "frame rate of the frame list's source"),
 }
 
+#: key -> highest allowed value: far beyond any real video, low enough that arithmetic on it stays finite
+_HIGHEST: dict[str, float] = {
+    "fps": 1e6,
+    "sample_fps": 1e6,
+    "raw_fps": 1e6,
+    "nframes": 1e7,
+    "min_frames": 1e7,
+    "max_frames": 1e7,
+    "resized_height": 1 << 16,
+    "resized_width": 1 << 16,
+    "video_start": 1e9,
+    "video_end": 1e9,
+}
+
 _DTYPES = {"float32": "float32", "float": "float32", "uint8": "uint8"}
 
 _short = reprlib.Repr()
@@ -113,12 +127,14 @@ def check_number(value: Any, key: str) -> Optional[Number]:
     if value is None:
         return None
     low, strict, meaning = _NUMBERS[key]
-    allowed = f"a number {'>' if strict else '>='} {low:g} ({meaning})"
+    high = _HIGHEST.get(key, math.inf)
+    allowed = f"a number {'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+    allowed += f" ({meaning})"
     try:
         finite = _is_real(value) and math.isfinite(float(value))
     except OverflowError:  # an int past float's range
         finite = False
-    if not finite or value < low or (strict and value == low):
+    if not finite or value < low or (strict and value == low) or value > high:
         raise _invalid(key, value, allowed)
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 

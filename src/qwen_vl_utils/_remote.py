@@ -24,7 +24,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Optional
 
 from . import _cancel
-from ._errors import DecodeError, NetworkError, QwenVLError
+from ._errors import DecodeError, NetworkError
 
 __all__ = ["BLOCK", "RangedFile", "merge_ranges"]
 
@@ -186,20 +186,32 @@ class RangedFile:
                 a, b = self._claim(k, last - k)
                 claims.append((a, b))
                 k = b
-        for a, b in claims:
+        for n, (a, b) in enumerate(claims):
+            if self._closed:
+                self._release(claims[n:], ValueError("the remote file was closed"))
+                return
             try:
                 self._load(a, b, prefetch=True)
-            except QwenVLError as exc:  # a reader that needs these blocks sees the error, or fetches again
+            except BaseException as exc:  # readers of these blocks see the error; the rest are let go
                 with self._cond:
                     self._error = exc
+                self._release(claims[n + 1 :], exc)
                 return
-            except Exception:
-                return
+
+    def _release(self, claims: list, exc: BaseException) -> None:
+        """Give up claimed blocks that will not be fetched: their waiters get ``exc`` (and may fetch again)."""
+        with self._cond:
+            for a, b in claims:
+                for k in range(a, b):
+                    fut = self._pending.pop(k, None)
+                    if fut is not None and not fut.done():
+                        fut.set_exception(exc)
+            self._cond.notify_all()
 
     # -- lifetime ---------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop prefetching (requests in flight are aborted) and drop the cache."""
+        """Stop prefetching (requests in flight are aborted, none is started) and drop the cache."""
         with self._cond:
             if self._closed:
                 return
@@ -211,6 +223,7 @@ class RangedFile:
             self._on_close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        self._release([(k, k + 1) for k in list(self._pending)], ValueError("the remote file was closed"))
 
 
 def _wait(future: Future) -> None:

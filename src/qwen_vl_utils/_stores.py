@@ -23,13 +23,14 @@ from ._errors import (
     SourceNotAllowedError,
     SourceNotFoundError,
 )
-from ._http import Transfer
+from ._http import Transfer, bounded_call
 
 __all__ = ["is_store_protocol", "open_object"]
 
 #: the protocols the remote extra brings; any other protocol fsspec knows works too when its package is there
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "hf": "huggingface_hub"}
 _HINT = "pip install 'qwen-vl-utils[remote]'"
+PIECE = 4 << 20  # bytes per store call
 
 
 def is_store_protocol(scheme: str) -> bool:
@@ -62,7 +63,8 @@ def _call(transfer: Transfer, what: Callable[..., Any], *args: Any, **kwargs: An
     transfer.remaining()
     transfer.begin()
     try:
-        return what(*args, **kwargs)
+        why = f"the store did not answer within {transfer.policy.read_timeout:g} s (FetchPolicy.read_timeout)"
+        return bounded_call(transfer, transfer.policy.read_timeout, why, what, *args, **kwargs)
     except QwenVLError:
         raise
     except FileNotFoundError as exc:
@@ -98,9 +100,14 @@ def open_object(url: str, scheme: str, transfer: Transfer) -> tuple:
     size = int(info.get("size") or 0)
 
     def fetch(start: int, end: int) -> bytes:
-        data = _call(transfer, fs.cat_file, path, start=start, end=end)
-        transfer.add(len(data))
-        return data
+        """In pieces of at most PIECE bytes, so that the deadline, the byte limit and a cancellation are checked
+        between them (a single store call cannot be interrupted)."""
+        parts = []
+        for lo in range(start, end, PIECE):
+            data = _call(transfer, fs.cat_file, path, start=lo, end=min(end, lo + PIECE))
+            transfer.add(len(data))
+            parts.append(data)
+        return b"".join(parts)
 
     validator = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
     return size, fetch, None if validator is None else str(validator)

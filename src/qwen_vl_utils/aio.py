@@ -137,56 +137,109 @@ def stats() -> dict:
     }
 
 
-async def _run(slots_name: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``func(*args, **kwargs)`` on a worker thread under one slot; cancelled with the awaiting task."""
-    state = _shared()
-    slots: Slots = state[slots_name]
-    await slots.acquire()
-    token = _cancel.Token()
-    try:
-        future = state["pool"].submit(_scoped, token, func, args, kwargs)
-    except BaseException:
-        slots.release()
-        raise
-    future.add_done_callback(lambda _: slots.release())  # the slot is free once the thread has let go
+def _submit(token: _cancel.Token, func: Callable[..., Any], args: tuple, kwargs: dict, finish: list) -> Any:
+    """``func`` on a worker thread under ``token``; then each of ``finish`` on that thread (closing a source
+    after the decode that reads it, freeing a slot), or on another worker if the job never started."""
+    pool = _shared()["pool"]
+
+    def job() -> Any:
+        try:
+            with _cancel.scope(token):
+                return func(*args, **kwargs)
+        finally:
+            _finish(finish)
+
+    future = pool.submit(job)
+    future.add_done_callback(lambda f: f.cancelled() and pool.submit(_finish, finish))
+    return future
+
+
+def _finish(callbacks: list) -> None:
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:  # cleanup must not hide the result, nor stop the next cleanup
+            continue
+
+
+async def _await(future: Any, token: _cancel.Token) -> Any:
+    """The worker's result; if the awaiting task is cancelled, its work is cancelled too (at once: the loop
+    never waits for the worker to stop)."""
     try:
         return await asyncio.wrap_future(future)
     except asyncio.CancelledError:
         token.cancel()
-        future.add_done_callback(_close_orphan)  # a source resolved just as we gave up: nobody will close it
         raise
 
 
-def _close_orphan(future: Any) -> None:
-    if not future.cancelled() and future.exception() is None and isinstance(future.result(), Source):
-        future.result().close()
+async def _run(slots_name: str, func: Callable[..., Any], *args: Any, finish: tuple = (), **kwargs: Any) -> Any:
+    """``func(*args, **kwargs)`` on a worker thread under one slot, freed once the thread has let go."""
+    slots: Slots = _shared()[slots_name]
+    await slots.acquire()
+    token = _cancel.Token()
+    return await _await(_submit(token, func, args, kwargs, [*finish, slots.release]), token)
 
 
-def _scoped(token: _cancel.Token, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    with _cancel.scope(token):
-        return func(*args, **kwargs)
+async def _download(func: Callable[..., Any], *args: Any) -> Source:
+    """Resolve a source under a download slot, which stays held when this returns: a medium downloaded but not
+    yet decoded still counts against the download limit (so waiting media cannot pile up in memory)."""
+    downloads: Slots = _shared()["downloads"]
+    await downloads.acquire()
+    token = _cancel.Token()
+    future = _submit(token, func, args, {}, [])
+    try:
+        return await _await(future, token)
+    except BaseException:
+        future.add_done_callback(lambda f: _shared()["pool"].submit(_abandon, f, downloads))
+        raise
+
+
+def _abandon(future: Any, downloads: Slots) -> None:
+    """A download nobody will decode: close what it produced, free its slot."""
+    try:
+        if not future.cancelled() and future.exception() is None and isinstance(future.result(), Source):
+            future.result().close()
+    finally:
+        downloads.release()
+
+
+async def _decode(source: Source, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Decode a downloaded source under a decode slot (taken before the download slot is given back); the
+    source is closed on the worker thread once the decode has let go of it."""
+    state = _shared()
+    try:
+        await state["decodes"].acquire()
+    except BaseException:
+        state["pool"].submit(_finish, [source.close])
+        raise
+    finally:
+        state["downloads"].release()
+    token = _cancel.Token()
+    return await _await(_submit(token, func, args, kwargs, [source.close, state["decodes"].release]), token)
 
 
 async def _first_error(coros: list) -> list:
-    """Run coroutines concurrently; on the first failure cancel the rest and raise the error of the earliest
-    element (in the given order) that failed; on cancellation cancel them all."""
+    """Run coroutines concurrently. The error raised is the synchronous API's: that of the earliest element (in
+    the given order) that fails, so a failure cancels only the elements after it; on cancellation all go."""
     tasks = [asyncio.ensure_future(c) for c in coros]
-    if not tasks:
-        return []
     try:
-        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        while True:
+            failed = [i for i, t in enumerate(tasks) if t.done() and not t.cancelled() and t.exception()]
+            first = failed[0] if failed else len(tasks)
+            for t in tasks[first + 1 :]:
+                t.cancel()
+            waiting = [t for t in tasks[:first] if not t.done()]
+            if not waiting:
+                break
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_EXCEPTION)
     except asyncio.CancelledError:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-    if pending:
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-    for t in tasks:
-        if t.done() and not t.cancelled() and t.exception() is not None:
-            raise t.exception()
+    if first < len(tasks):
+        await asyncio.gather(*tasks[first + 1 :], return_exceptions=True)
+        raise tasks[first].exception()
     return [t.result() for t in tasks]
 
 
@@ -199,11 +252,8 @@ async def afetch_image(
     """:func:`~qwen_vl_utils.fetch_image`, awaited: the download, then the decode, each under its limit."""
     factor = patch_factor(image_patch_size)
     policy = get_fetch_policy(policy)
-    source = await _run("downloads", resolve_image, ele, policy)
-    try:
-        return await _run("decodes", load_image, source, ele, factor, policy)
-    finally:
-        source.close()
+    source = await _download(resolve_image, ele, policy)
+    return await _decode(source, load_image, source, ele, factor, policy)
 
 
 async def afetch_video(
@@ -222,25 +272,12 @@ async def afetch_video(
         raise InvalidOptionError(f"a video element must be a dict with a 'video' key, got {describe(ele)}")
     policy = get_fetch_policy(policy)
     value = ele["video"]
-    source: Optional[Source] = None
+    args = (image_patch_size, return_video_sample_fps, return_video_metadata)
+    kwargs = {"backend": backend, "dtype": dtype, "policy": policy}
     if isinstance(value, str) or (hasattr(value, "read") and not isinstance(value, (list, tuple))):
-        source = await _run("downloads", resolve_source, value, "video", policy)
-        ele = {**ele, "video": source}
-    try:
-        return await _run(
-            "decodes",
-            fetch_video,
-            ele,
-            image_patch_size,
-            return_video_sample_fps,
-            return_video_metadata,
-            backend=backend,
-            dtype=dtype,
-            policy=policy,
-        )
-    finally:
-        if source is not None:
-            source.close()
+        source = await _download(resolve_source, value, "video", policy)
+        return await _decode(source, fetch_video, {**ele, "video": source}, *args, **kwargs)
+    return await _run("decodes", fetch_video, ele, *args, **kwargs)  # frames or an array: nothing to download
 
 
 async def acount_visual_tokens(

@@ -477,7 +477,7 @@ class _Run:
         # a two-frame clip's budget: the per-frame limits of fetch_video, no whole-clip total
         ele = {**self.s.ele, "total_pixels": VIDEO_MAX_TOKEN_NUM * self.s.factor**2}
         try:
-            h, w = video_frame_size(ele, FRAME_FACTOR, shown_h, shown_w, self.s.factor)
+            h, w = video_frame_size(ele, FRAME_FACTOR, shown_h, shown_w, self.s.factor, self.s.policy)
         except AspectRatioError as exc:
             raise AspectRatioError(f"video {name}: {exc}") from None
         self.size = (h, w, k) if k % 2 else (w, h, k)

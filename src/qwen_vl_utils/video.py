@@ -216,9 +216,23 @@ def plan_frames(
     )
 
 
-def video_frame_size(ele: dict[str, Any], nframes: int, height: int, width: int, factor: int) -> tuple[int, int]:
-    """(resized_height, resized_width) for every frame, under 0.0.14's per-frame and total pixel budgets."""
-    options = video_options(ele)
+def video_frame_size(
+    ele: dict[str, Any], nframes: int, height: int, width: int, factor: int, policy: Optional[FetchPolicy] = None
+) -> tuple[int, int]:
+    """(resized_height, resized_width) for every frame, under 0.0.14's per-frame and total pixel budgets; a
+    frame larger than the decompression-bomb limit (``max_image_pixels``) is refused before anything is decoded
+    (``min_pixels`` wins over the other budgets, as in 0.0.14, so only this limit bounds it)."""
+    rh, rw = _frame_size(video_options(ele), nframes, height, width, factor)
+    limit = get_fetch_policy(policy).max_image_pixels
+    if rh * rw > limit:
+        raise SourceTooLargeError(
+            f"video frames of {rw}x{rh} = {rh * rw} pixels (from min_pixels/resized_height/resized_width) are over "
+            f"the limit of {limit} (FetchPolicy.max_image_pixels); ask for smaller frames"
+        )
+    return rh, rw
+
+
+def _frame_size(options: VideoOptions, nframes: int, height: int, width: int, factor: int) -> tuple[int, int]:
     if options.resized is not None:
         return smart_resize(*options.resized, factor=factor)
     min_pixels = VIDEO_MIN_TOKEN_NUM * factor * factor if options.min_pixels is None else options.min_pixels
@@ -506,7 +520,7 @@ def _fetch_frames(ele: dict, frames: Any, factor: int, policy: FetchPolicy) -> t
     n_out = _padded_count(len(frames))
     first = _load_frame(frames[0], policy, None)
     try:
-        size = video_frame_size(ele, n_out, first.shape[0], first.shape[1], factor)
+        size = video_frame_size(ele, n_out, first.shape[0], first.shape[1], factor, policy)
     except AspectRatioError as exc:
         raise AspectRatioError(f"video frames {describe(frames[0])}: {exc}") from None
     out = np.empty((n_out, size[0], size[1], 3), dtype=np.uint8)
@@ -617,7 +631,9 @@ def decode_video(
         display_w, display_h = info.display_size
         try:
             size = (
-                video_frame_size(ele, plan.nframes, display_h, display_w, factor) if resize else (display_h, display_w)
+                video_frame_size(ele, plan.nframes, display_h, display_w, factor, policy)
+                if resize
+                else (display_h, display_w)
             )
         except AspectRatioError as exc:
             raise AspectRatioError(f"video {source.name}: {exc}") from None
@@ -676,7 +692,7 @@ def describe_video(
         nframes, (width, height) = plan.nframes, info.display_size
         indices, fps, duration = list(plan.indices), info.fps, info.duration
     try:
-        rh, rw = video_frame_size(ele, nframes, height, width, factor)
+        rh, rw = video_frame_size(ele, nframes, height, width, factor, policy)
     except AspectRatioError as exc:
         raise AspectRatioError(f"video {describe(value)}: {exc}") from None
     tokens = visual_tokens(rh, rw, factor, nframes, FRAME_FACTOR)
