@@ -54,6 +54,16 @@ OPTIONAL_MODULES = {
     "torch (video tensors)": "torch",
     "transformers (the real-client tests)": "transformers.models.qwen3_vl.video_processing_qwen3_vl",
     "pillow-heif (HEIC images)": "pillow_heif",
+    "fsspec and s3fs (object stores)": "s3fs",
+    "boto3 and moto's server (the S3 tests)": "moto.server",
+    "trustme (the HTTPS tests)": "trustme",
+    "starlette and uvicorn (the example server)": "uvicorn",
+    "starlette (the example server)": "starlette",
+    "uvloop (the asyncio tests on uvloop)": "uvloop",
+    "ray[data] (the Ray engine)": "ray.data",
+    "tokenizers (text tokens)": "tokenizers",
+    "binpacking (the packing comparison)": "binpacking",
+    "matplotlib (dataset stats)": "matplotlib",
 }
 
 

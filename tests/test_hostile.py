@@ -175,13 +175,26 @@ def test_image_deadline_default_is_shorter():
 
 
 @pytest.mark.parametrize("declare", [None, 256 * 65536])
-def test_body_over_the_limit_is_aborted_early(server, declare):
+def test_body_over_the_limit_is_aborted_early(server, declare, monkeypatch):
     endless = _Endless(declare)
     url = server.add(f"/endless{declare}", endless)
     policy = FetchPolicy(max_image_bytes=1 << 20, max_video_bytes=2 << 20)
+    received = []
+    real_add = _http.Transfer.add
+
+    def counting(self, n):  # what the client took in when it stopped: the limit, plus at most one read
+        try:
+            real_add(self, n)
+        finally:
+            received.append(self.received)
+
+    monkeypatch.setattr(_http.Transfer, "add", counting)
     for media, limit in (("image", 1 << 20), ("video", 2 << 20)):
+        received.clear()
         with pytest.raises(SourceTooLargeError, match="limit"):
             (fetch_image if media == "image" else fetch_video)({media: url}, policy=policy)
+        took = max(received, default=0)  # with a declared length the headers alone refuse it: nothing read
+        assert (took == 0) if declare else (limit < took <= limit + (64 << 10)), took
         time.sleep(0.2)
         # aborted while streaming: the server got no further than the limit plus socket buffers
         assert endless.sent < limit + (16 << 20), endless.sent

@@ -20,6 +20,8 @@ Backend exceptions are converted to these at one boundary (``video._read_frames`
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "AspectRatioError",
     "DecodeError",
@@ -83,6 +85,7 @@ def describe(source: object, limit: int = 80) -> str:
         if source.startswith("data:"):
             head = source.split(",", 1)[0]
             return f"<{head[:60]},... ({len(source)} chars)>"
+        source = redact_url(source)
         if len(source) > limit:
             keep = limit // 2 - 2
             return f"{source[:keep]}...{source[-keep:]}"
@@ -93,3 +96,17 @@ def describe(source: object, limit: int = 80) -> str:
     kind = type(source)
     shape = getattr(source, "shape", None) or getattr(source, "size", None)
     return f"<{kind.__module__}.{kind.__qualname__}{' ' + str(tuple(shape)) if shape else ''}>"
+
+
+#: a URL's scheme and authority (``user:password@host:port``)
+_AUTHORITY = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of a ``user:password@`` part replaced by ``***`` (anything else unchanged)."""
+    m = _AUTHORITY.match(url)
+    userinfo, at, host = m.group(1).rpartition("@") if m else ("", "", "")
+    user, colon, _password = userinfo.partition(":")
+    if not (at and colon):
+        return url
+    return f"{url[: m.start(1)]}{user}:***@{host}{url[m.end(1) :]}"

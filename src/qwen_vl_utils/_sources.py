@@ -367,6 +367,9 @@ def _fetch_http(url: str, media: str, policy: FetchPolicy) -> Source:
         if hit is not None:
             return hit
         resp = request(url, transfer, headers)  # the entry was damaged: fetch it again, unconditionally
+    if resp.status == 206 and _range_total(resp) is None:  # a range of unknown length: ask for the whole body
+        resp.close()
+        resp = request(url, transfer)
     validators = (resp.header("etag"), resp.header("last-modified"))
     try:
         total = _range_total(resp) if media == "video" else None
@@ -377,7 +380,9 @@ def _fetch_http(url: str, media: str, policy: FetchPolicy) -> Source:
                     f"{media} source {name} declares {declared} bytes, over the limit of {transfer.limit} "
                     f"(raise FetchPolicy.max_{media}_bytes)"
                 )
-            source = _stream_body(resp, media, name)
+            takes_ranges = (resp.header("accept-ranges") or "").strip().lower() == "bytes"
+            reopen = _reopener(resp.url, transfer, takes_ranges)
+            source = _stream_body(resp, media, name, reopen, policy.retries)
         else:
             first = _read_all(resp, FIRST_BYTES)
     finally:
@@ -385,7 +390,11 @@ def _fetch_http(url: str, media: str, policy: FetchPolicy) -> Source:
     if total is not None:
         source = _ranged_source(name, media, total, _range_fetcher(resp.url, transfer), first, transfer.abort)
     if cache is not None and source.opener is None:  # fetched whole: worth keeping
-        cache.store(url, source.path, source.data, *validators)
+        try:
+            cache.store(url, source.path, source.data, *validators)  # never raises an OSError: it warns
+        except BaseException:
+            source.close()  # a whole video's temporary download
+            raise
     return source
 
 
@@ -397,10 +406,13 @@ def _from_cache(cache: Any, entry: Any, media: str, policy: FetchPolicy, name: s
         return None if data is None else Source(name=name, data=data)
     fd, path = tempfile.mkstemp(suffix=".media", dir=library_tmpdir())
     os.close(fd)
-    if not cache.copy_to(entry, path):
-        os.unlink(path)
-        return None
-    return Source(name=name, path=path, is_temporary=True)
+    copied = False
+    try:
+        copied = cache.copy_to(entry, path)
+    finally:
+        if not copied:
+            os.unlink(path)
+    return Source(name=name, path=path, is_temporary=True) if copied else None
 
 
 def _ranged_source(
@@ -507,19 +519,38 @@ def _refuse_unknown(head: bytes, media: str, name: str) -> None:
         )
 
 
-def _stream_body(resp: Any, media: str, name: str) -> Source:
-    """Read the whole body chunk by chunk, aborting as soon as a limit is crossed. Videos go to a temporary file."""
+def _stream_body(resp: Any, media: str, name: str, reopen: Optional[Callable] = None, retries: int = 0) -> Source:
+    """Read the whole body chunk by chunk, aborting as soon as a limit is crossed. Videos go to a temporary file.
+    A body that breaks off is resumed (``reopen(offset) -> (response, resumed)``: from where it stopped when the
+    server takes ranges, else from the start), up to ``retries`` times."""
     out = None
     chunks: list = []
     total = 0
     path = None
+    reopened = None
+    broken = 0
     try:
         if media == "video":
             fd, path = tempfile.mkstemp(suffix=".media", dir=library_tmpdir())
             out = os.fdopen(fd, "wb")
         head = b""
         while True:
-            chunk = resp.read(_CHUNK)
+            try:
+                chunk = resp.read(_CHUNK)
+            except ConnectionBroken:
+                if reopen is None or broken >= retries:
+                    raise
+                broken += 1
+                if reopened is not None:
+                    reopened.close()
+                reopened, resumed = reopen(total)
+                resp = reopened
+                if not resumed:  # the server restarted the body: drop what came before
+                    total, head, chunks = 0, b"", []
+                    if out is not None:
+                        out.seek(0)
+                        out.truncate()
+                continue
             if not chunk:
                 break
             if len(head) < _SNIFF_BYTES:
@@ -542,7 +573,26 @@ def _stream_body(resp: Any, media: str, name: str) -> Source:
             return source
         return Source(name=name, data=b"".join(chunks))
     finally:
+        if reopened is not None:
+            reopened.close()
         if out is not None:
             out.close()
         if path is not None:
             os.unlink(path)
+
+
+def _reopener(url: str, transfer: Transfer, ranges: bool) -> Callable[[int], tuple]:
+    """reopen(offset) -> (response, resumed): the body again from ``offset`` if the server takes ranges (a 206
+    starting there), else from the start."""
+
+    def reopen(offset: int) -> tuple:
+        if ranges and offset:
+            resp = request(url, transfer, {"Range": f"bytes={offset}-"})
+            served = (resp.header("content-range") or "").partition(" ")[2].partition("-")[0]
+            if resp.status == 206 and served.strip() == str(offset):
+                return resp, True
+            resp.close()
+        return request(url, transfer), False
+
+    return reopen
+
