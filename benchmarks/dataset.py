@@ -215,6 +215,7 @@ def main(argv: list | None = None) -> int:
     print(f"pack: {json.dumps(results['pack'])}")
     print(to_markdown(results))
     if args.out:
+        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "dataset.json"), "w") as f:
             json.dump(results, f, indent=2)
     return 0

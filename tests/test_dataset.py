@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -476,6 +478,20 @@ def _cli(*args, **kw):
     )
 
 
+def _children(pid: int) -> list:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return kids
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_output(media, tmp_path, server):
     """A CLI run killed (SIGKILL) mid-way, then run again, writes exactly what one uninterrupted run writes."""
@@ -504,8 +520,14 @@ def test_resume_after_sigkill_gives_the_same_output(media, tmp_path, server):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 20):
         time.sleep(0.02)
+    workers = _children(proc.pid)
+    assert workers, "the run has its worker processes"
     proc.kill()
     proc.wait()
+    gone = time.monotonic() + 5
+    while time.monotonic() < gone and any(os.path.exists(f"/proc/{pid}") for pid in workers):
+        time.sleep(0.05)
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")], "workers outlived the killed run"
     written = out.read_text()
     assert 20 <= written.count("\n") < 140, "killed mid-run"
     assert all(json.loads(line) for line in written.splitlines()), "what a killed run leaves is valid JSONL"
@@ -561,6 +583,100 @@ def test_ray_engine_resumes(dataset_file, tmp_path, ray_instance):
     summary = ds.count(str(data), str(tmp_path / "ray.jsonl"), engine="ray")
     assert summary.resumed == 6
     assert (tmp_path / "ray.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
+
+
+# --- a worker that crashes ------------------------------------------------------------------------------------
+
+CRASH_HOOK = """\
+import ctypes, os, sys
+
+def _crash(event, args):  # a real segmentation fault, as a decoder bug on a hostile file gives
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)) and os.fsdecode(args[0]).endswith("{name}"):
+        ctypes.string_at(0)
+
+sys.addaudithook(_crash)
+"""
+
+
+@pytest.fixture(scope="module")
+def crash_set(dataset_file, tmp_path_factory):
+    """The generated set plus, at index 7, a valid image whose opening segfaults the process (with the hook)."""
+    data, _, _ = dataset_file
+    d = tmp_path_factory.mktemp("crash")
+    (d / "boom.png").write_bytes((data.parent / "media" / "a.png").read_bytes())
+    lines = data.read_text().splitlines(keepends=True)
+    record = json.dumps(_finetune({"image": str(d / "boom.png")}, "<image> crashes the decoder")) + "\n"
+    path = d / "train.jsonl"
+    path.write_text("".join([*lines[:7], record, *lines[7:]]))
+    ds.count(str(path), str(d / "ok.jsonl"), media_root=str(data.parent), jobs=1)  # without the crash
+    return path, d, _hooked_env(d / "hook", CRASH_HOOK.format(name="boom.png"))
+
+
+def _hooked_env(folder: Path, code: str) -> dict:
+    """An environment whose Python processes (the CLI's workers too) run ``code`` as they start."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(code)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
+def _assert_crash_recorded(crash_set, out: Path) -> None:
+    _, d, _ = crash_set
+    ok = (d / "ok.jsonl").read_text().splitlines(keepends=True)
+    others = [line for line in ok if json.loads(line)["index"] != 7]
+    assert len(others) == len(ok) - 1, "without the crash, the record is counted"
+    assert out.read_text() == "".join(others), "every other sample is counted as without the crash"
+    problems = _read(out.with_suffix(".problems.jsonl"))
+    crashed = [p for p in problems if p["problem"] == "crashed"]
+    assert [p["index"] for p in crashed] == [7]
+    assert "SIGSEGV" in crashed[0]["message"] and str(d / "boom.png") in crashed[0]["message"]
+    assert [p for p in problems if p["index"] != 7] == _read(d / "ok.problems.jsonl")
+    assert [p["index"] for p in problems] == sorted(p["index"] for p in problems), "input order"
+
+
+@pytest.mark.slow
+def test_a_worker_crash_costs_only_its_record_and_the_run_resumes(dataset_file, crash_set, tmp_path):
+    path, d, env = crash_set
+    out = tmp_path / "out.jsonl"
+    args = ["dataset", "count", path, "--media-root", dataset_file[0].parent, "--quiet", "-o", out]
+    res = _cli(*args, "--jobs", "2", env=env, timeout=300)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "1 crashed" in res.stdout
+    _assert_crash_recorded(crash_set, out)
+    whole = out.read_text(), out.with_suffix(".problems.jsonl").read_text()
+    again = _cli(*args, "--jobs", "2", env=env, timeout=300)
+    assert again.returncode == 1 and "already done by an earlier run" in again.stdout, again.stderr
+    assert (out.read_text(), out.with_suffix(".problems.jsonl").read_text()) == whole
+    # a run stopped before the crashing record: resuming crashes on it again and ends as one run does; here
+    # with the default engine on one core, which still runs the samples in a worker process
+    for name, text in zip((out, out.with_suffix(".problems.jsonl")), whole):
+        name.write_text("".join(line for line in text.splitlines(keepends=True) if json.loads(line)["index"] < 5))
+    taskset = shutil.which("taskset")
+    one_core = [taskset, "-c", str(min(os.sched_getaffinity(0)))] if taskset else []
+    cmd = [*one_core, sys.executable, "-m", "qwen_vl_utils", *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 1 and "already done by an earlier run" in res.stdout, res.stderr
+    assert (out.read_text(), out.with_suffix(".problems.jsonl").read_text()) == whole
+
+
+def test_workers_that_cannot_start_stop_the_run(dataset_file, tmp_path):
+    """Not every sample "crashed", one spawn each: a usage error that says what to check."""
+    data, _, _ = dataset_file
+    env = _hooked_env(tmp_path / "hook", "import os, sys\nif '--multiprocessing-fork' in sys.argv:\n    os._exit(3)\n")
+    res = _cli("dataset", "count", data, "-o", tmp_path / "out.jsonl", "--jobs", "2", env=env, timeout=120)
+    assert res.returncode == 2 and "worker process ended as it started (exit code 3)" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "out.problems.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_ray_engine_survives_a_worker_crash(dataset_file, crash_set, tmp_path):
+    """Ray retries a task whose worker died, forever: without a guard, one crashing record hangs the run."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'qwen-vl-utils[ray]')")
+    path, d, env = crash_set
+    out = tmp_path / "out.jsonl"
+    args = ["dataset", "count", path, "--media-root", dataset_file[0].parent, "--engine", "ray", "--quiet"]
+    res = _cli(*args, "-o", out, env={**env, "RAY_ADDRESS": ""}, timeout=240)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    _assert_crash_recorded(crash_set, out)
 
 
 # --- stats and the command line ------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """``qwen-vl-utils dataset check|count|pack|stats``: argparse wiring over :mod:`qwen_vl_utils.dataset`.
 
-Exit codes: 0 every sample fine; 1 some samples had problems (check, count), were too long (pack), or the
-PNG could not be drawn (stats: matplotlib missing), the rest of the output being complete; 2 a usage error
-(bad flags, a missing data file, a tokenizer folder that does not load, outputs written with other settings).
+Exit codes: 0 every sample fine; 1 some samples had problems (check, count; a sample whose worker process
+died is one, ``crashed``), were too long (pack), or the PNG could not be drawn (stats: matplotlib missing), the
+rest of the output being complete; 2 a usage error (bad flags, a missing data file, a tokenizer folder that
+does not load, outputs written with other settings, worker processes that cannot start).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ PROBLEM_CODES = {
     "not_allowed": "refused by the fetch policy (scheme, host, local paths, media_root)",
     "unreachable": "a network error or timeout",
     "unreadable": "the file exists but cannot be read (a directory, permissions)",
+    "crashed": "the worker process died on the sample (a decoder's segmentation fault, the out-of-memory killer)",
     "error": "an unexpected error (please report it): the sample is left out and the run goes on",
 }
 
