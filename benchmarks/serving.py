@@ -26,8 +26,8 @@ VENV_0014 = os.path.join(HERE, ".venv-0014", "bin", "python")
 WORKER = os.path.join(HERE, "serving_worker.py")
 
 
-def make_media(folder: str) -> tuple:
-    """8 photos (1920x1080 JPEG) and 4 short videos (6 s of 640x360 H.264, under 1 MB each)."""
+def make_media(folder: str, width: int = 1920, height: int = 1080) -> tuple:
+    """8 photos (JPEG, 1920x1080 by default) and 4 short videos (6 s of 640x360 H.264, under 1 MB each)."""
     import numpy as np
     from PIL import Image
 
@@ -37,10 +37,10 @@ def make_media(folder: str) -> tuple:
     rng = np.random.default_rng(3)
     images = []
     for i in range(8):
-        path = os.path.join(folder, f"photo{i}.jpg")
+        path = os.path.join(folder, f"photo{i}_{width}x{height}.jpg")
         if not os.path.exists(path):
-            y, x = np.mgrid[0:1080, 0:1920]
-            base = np.stack([(x * 255 // 1920), (y * 255 // 1080), ((x // 7 + y // 5 + i * 13) * 9) % 256], -1)
+            y, x = np.mgrid[0:height, 0:width]
+            base = np.stack([(x * 255 // width), (y * 255 // height), ((x // 7 + y // 5 + i * 13) * 9) % 256], -1)
             noisy = np.clip(base + rng.integers(-25, 25, base.shape), 0, 255).astype(np.uint8)
             Image.fromarray(noisy).save(path, quality=88)
         images.append(path)
@@ -75,8 +75,11 @@ def main(argv: list | None = None) -> int:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--latency", type=float, default=0.1)
     p.add_argument("--media", default=os.path.join(HERE, "media", "serving"))
+    p.add_argument("--image-size", default="1920x1080", help="the photos' WIDTHxHEIGHT")
+    p.add_argument("--name", default="results-serving", help="results file stem in benchmarks/")
     args = p.parse_args(argv)
-    images, videos = make_media(args.media)
+    width, height = (int(n) for n in args.image_size.split("x"))
+    images, videos = make_media(args.media, width, height)
     server = FileServer()
     image_urls = [server.add(f"/{os.path.basename(f)}", _read(f), delay=args.latency) for f in images]
     video_urls = [server.add(f"/{os.path.basename(f)}", _read(f), delay=args.latency) for f in videos]
@@ -119,7 +122,8 @@ def main(argv: list | None = None) -> int:
             }
         )
     results = {"machine": describe_machine(), "requests": args.requests, "latency_s": args.latency, "rows": rows}
-    save_results("results-serving", results, to_markdown(results))
+    results["image_size"] = args.image_size
+    save_results(args.name, results, to_markdown(results))
     return 0
 
 
@@ -128,8 +132,8 @@ def to_markdown(results: dict) -> str:
     base = next((r for r in rows if r["label"].startswith("0.0.14") and r["median_s"]), None)
     n = results["requests"]
     lines = [
-        f"### serving: {n} concurrent requests (images and short videos over HTTP, "
-        f"{results['latency_s'] * 1000:.0f} ms per request)",
+        f"### serving: {n} concurrent requests ({results.get('image_size', '1920x1080')} photos and 6 s 360p videos "
+        f"over HTTP, {results['latency_s'] * 1000:.0f} ms per request)",
         "",
         f"Median of {max((r['runs'] for r in rows), default=0)} alternating runs, each a fresh process.",
         "",
