@@ -331,6 +331,8 @@ class _Producer:
                 item = self.queue.get(timeout=0.1)
                 break
             except queue.Empty:
+                if self.token.cancelled:  # closed while this call waited: the producer may be gone already
+                    return None
                 if not self.thread.is_alive() and self.queue.empty():
                     raise DecodeError(f"decoding {describe(self.settings.value)} stopped unexpectedly") from None
         if item is _END:
