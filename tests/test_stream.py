@@ -10,6 +10,7 @@ import http.server
 import json
 import math
 import os
+import select
 import shutil
 import signal
 import socket
@@ -865,10 +866,19 @@ def test_cli_ctrl_c_exits_130_without_a_traceback(files):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # a hang below dumps every thread's stack
         )
         os.close(r)
-        time.sleep(3)  # started, waiting for more input
+        ready = select.select([proc.stdout], [], [], 60)[0]
+        first = proc.stdout.readline() if ready else ""  # a chunk came out: it now waits for more input
+        time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=10)
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate(timeout=10)
+            pytest.fail(f"still running 10 s after SIGINT; its threads:\n{err}")
+    assert first.startswith("chunk 0 ")
     assert proc.returncode == 130, err
     assert "Traceback" not in err

@@ -318,6 +318,8 @@ class _Producer:
         self.token = _cancel.Token()
         self.queue: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
         self.thread = threading.Thread(target=self._run, name="qwen-vl-stream", daemon=True)
+        self.done = threading.Event()  # set as the producer exits (not Thread.is_alive(): a Ctrl-C landing in
+        # its lock handling can leave the Thread object wrong on Python 3.11)
         self.input: Any = None
 
     def start(self) -> None:
@@ -333,7 +335,7 @@ class _Producer:
             except queue.Empty:
                 if self.token.cancelled:  # closed while this call waited: the producer may be gone already
                     return None
-                if not self.thread.is_alive() and self.queue.empty():
+                if self.done.is_set() and self.queue.empty():
                     raise DecodeError(f"decoding {describe(self.settings.value)} stopped unexpectedly") from None
         if item is _END:
             return None
@@ -363,7 +365,7 @@ class _Producer:
 
     def close(self) -> None:
         self.cancel()
-        while self.thread.is_alive():
+        while not self.done.is_set():  # a producer waiting to hand a chunk over sees the cancel within 0.1 s
             with contextlib.suppress(queue.Empty):
                 self.queue.get(timeout=0.05)
         self.thread.join()
@@ -378,6 +380,8 @@ class _Producer:
                 self._hand_over(DecodeError("the stream was cancelled"))
         except BaseException as exc:  # handed to the consumer, which raises it
             self._hand_over(exc)
+        finally:
+            self.done.set()
 
     def _hand_over(self, exc: BaseException) -> None:
         with contextlib.suppress(_cancel.Cancelled):
