@@ -595,4 +595,3 @@ def _reopener(url: str, transfer: Transfer, ranges: bool) -> Callable[[int], tup
         return request(url, transfer), False
 
     return reopen
-
