@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Any, Callable
 
 from ._errors import InvalidOptionError
 
@@ -18,15 +18,21 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def env_int(name: str, default: int, parse: Callable[[str], int] = int) -> int:
-    """An integer environment variable, read now; a typed error naming it when it does not parse."""
+def _env(name: str, default: Any, parse: Callable[[str], Any], problem: Callable[[str, ValueError], str]) -> Any:
+    """An environment variable read now through ``parse``; unset: ``default``; a typed error naming it when
+    ``parse`` raises ValueError."""
     raw = os.environ.get(name)
     if raw is None:
         return default
     try:
         return parse(raw)
     except ValueError as exc:
-        raise InvalidOptionError(f"environment variable {name}={raw!r} is not a valid number") from exc
+        raise InvalidOptionError(f"environment variable {problem(raw, exc)}") from exc
+
+
+def env_int(name: str, default: int, parse: Callable[[str], int] = int) -> int:
+    """An integer environment variable, read now; a typed error naming it when it does not parse."""
+    return _env(name, default, parse, lambda raw, _: f"{name}={raw!r} is not a valid number")
 
 
 _TRUE = ("1", "true", "yes", "on")
@@ -45,10 +51,4 @@ def parse_flag(raw: str) -> bool:
 
 def env_flag(name: str) -> bool:
     """A boolean environment variable (unset: False); a typo is a typed error naming the variable."""
-    raw = os.environ.get(name)
-    if raw is None:
-        return False
-    try:
-        return parse_flag(raw)
-    except ValueError as exc:
-        raise InvalidOptionError(f"environment variable {name}: {exc}") from exc
+    return _env(name, False, parse_flag, lambda _, exc: f"{name}: {exc}")
