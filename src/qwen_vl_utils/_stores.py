@@ -11,7 +11,7 @@ network time against the deadline, cancellation between reads).
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 from typing import Any, Callable
 
 from ._errors import (
