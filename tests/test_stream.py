@@ -867,6 +867,8 @@ def test_cli_ctrl_c_exits_130_without_a_traceback(files):
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # a hang below dumps every thread's stack
+            # a test run started in the background by a shell inherits SIGINT ignored, and so would the CLI
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         os.close(r)
         ready = select.select([proc.stdout], [], [], 60)[0]
