@@ -296,8 +296,12 @@ def test_resize_of_textured_frames_matches_torchvision(monkeypatch, with_torch):
     frame = np.clip(rng.normal(128, 60, (540, 960, 3)), 0, 255).astype(np.uint8)
     if not with_torch:  # the numpy path (CLI, decode_video), when torch is not loaded
         monkeypatch.delitem(sys.modules, "torch")
-    for h, w in [(320, 576), (224, 448), (640, 1152), (540, 448), (320, 960), (1080, 1920), (37, 1000)]:
+    for h, w in [(320, 576), (224, 448), (640, 1152), (540, 448), (320, 960), (1080, 1920), (37, 1000), (540, 960)]:
         got = v._resize(frame, w, h)
+        for dtype in (np.float32, np.uint8):  # written channels-first into an output: the same values
+            out = np.full((3, h, w), 7, dtype=dtype)
+            assert v._resize(frame, w, h, out) is None
+            assert np.array_equal(out, got.transpose(2, 0, 1)), (h, w, dtype)
         monkeypatch.setitem(sys.modules, "torch", torch)
         ref = _torch_resize(frame, h, w)
         if not with_torch:

@@ -496,8 +496,12 @@ class _Run:
         from .video import _resize
 
         coded_w, coded_h, k = self.size
-        chw = torch.from_numpy(_resize(frame.to_ndarray(format="rgb24"), coded_w, coded_h)).permute(2, 0, 1)
-        out.copy_(torch.rot90(chw, k, dims=(1, 2)) if k else chw)
+        rgb = frame.to_ndarray(format="rgb24")
+        if not k:  # straight into the chunk's tensor
+            _resize(rgb, coded_w, coded_h, out.numpy())
+            return
+        chw = torch.from_numpy(_resize(rgb, coded_w, coded_h)).permute(2, 0, 1)
+        out.copy_(torch.rot90(chw, k, dims=(1, 2)))
 
     # -- files ------------------------------------------------------------------------------------------------------
 

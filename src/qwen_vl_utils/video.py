@@ -333,8 +333,11 @@ def _buffer(name: str, shape: tuple[int, int]) -> Any:
     return buf
 
 
-def _resize(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+def _resize(frame: np.ndarray, width: int, height: int, out: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
     """Bicubic with antialias, as torchvision resizes uint8 frames for 0.0.14: in float, rounded once.
+
+    Returns the (height, width, 3) uint8 frame; with ``out`` (a (3, height, width) array of any dtype), writes
+    it there channels-first instead and returns None (with torch, straight from the last pass: no uint8 copy).
 
     With torch loaded (``fetch_video`` returns tensors, so it is), torch's own weights applied as two
     sparse matrix products on the interleaved frame (no transposes): about 2x faster than torch's
@@ -344,27 +347,38 @@ def _resize(frame: np.ndarray, width: int, height: int) -> np.ndarray:
     off on textured 1080p frames, outside the 0.1 this library promises.)
     """
     h_in, w_in = frame.shape[:2]
-    if w_in == width and h_in == height:
-        return frame
     torch = sys.modules.get("torch")
-    if torch is not None:
+    if w_in == width and h_in == height:
+        result = frame
+    elif torch is not None:
         x = _buffer("in", (h_in, w_in * 3))
         np.copyto(x.numpy().reshape(frame.shape), frame, casting="unsafe")  # any strides, read-only too
         if h_in != height:  # rows
             x = torch.mm(_aa_weights(h_in, height, 1), x, out=_buffer("rows", (height, w_in * 3)))
         if w_in != width:  # columns, channels interleaved: on the transposed frame
             xt = _buffer("t", (w_in * 3, height)).copy_(x.T)
-            x = torch.mm(_aa_weights(w_in, width, 3), xt, out=_buffer("cols", (width * 3, height))).T
-        return x.round_().clamp_(0, 255).to(torch.uint8).reshape(height, width, 3).numpy()
-    channels = [
-        np.asarray(
-            Image.fromarray(np.ascontiguousarray(frame[..., c], dtype=np.float32), mode="F").resize(
-                (width, height), Image.Resampling.BICUBIC
+            x = torch.mm(_aa_weights(w_in, width, 3), xt, out=_buffer("cols", (width * 3, height)))
+            hwc = x.round_().clamp_(0, 255).T.view(height, width, 3)  # rounded where contiguous
+        else:
+            hwc = x.round_().clamp_(0, 255).view(height, width, 3)
+        if out is not None:
+            torch.from_numpy(out).copy_(hwc.permute(2, 0, 1))
+            return None
+        return torch.empty((height, width, 3), dtype=torch.uint8).copy_(hwc).numpy()
+    else:
+        channels = [
+            np.asarray(
+                Image.fromarray(np.ascontiguousarray(frame[..., c], dtype=np.float32), mode="F").resize(
+                    (width, height), Image.Resampling.BICUBIC
+                )
             )
-        )
-        for c in range(3)
-    ]
-    return np.clip(np.rint(np.stack(channels, axis=-1)), 0, 255).astype(np.uint8)
+            for c in range(3)
+        ]
+        result = np.clip(np.rint(np.stack(channels, axis=-1)), 0, 255).astype(np.uint8)
+    if out is not None:
+        out[...] = result.transpose(2, 0, 1)
+        return None
+    return result
 
 
 def _resize_threads() -> int:
@@ -384,11 +398,11 @@ def _read_frames(
     info: VideoInfo,
     plan: FramePlan,
     size: tuple[int, int],
-    with_resize: bool = True,
     on_frame: Optional[Callable[[int, int], None]] = None,
     allocate: Allocate = _numpy_frames,
 ) -> np.ndarray:
-    """Decode the planned frames into ``allocate(T, H, W)`` ((T, H, W, 3) or (T, 3, H, W), any dtype).
+    """Decode the planned frames into ``allocate(T, H, W)`` ((T, H, W, 3) or (T, 3, H, W), any dtype), each
+    resized to ``size`` (a frame already of that size is stored as it is).
 
     The backend decodes on this thread while a small pool converts, resizes and stores each frame as it
     arrives (Pillow and numpy release the GIL), with a bounded number of full-resolution frames in flight.
@@ -408,14 +422,17 @@ def _read_frames(
             frame = frame()
         if frame.ndim != 3 or frame.shape[2] != 3:
             raise DecodeError(f"{module.NAME} returned a frame of shape {frame.shape} for {source.name}")
-        # without resizing too, a frame after a mid-stream size change is brought to the first frame's size
-        small = _resize(frame, coded_w, coded_h) if with_resize or frame.shape[:2] != (coded_h, coded_w) else frame
-        if k:
-            small = np.rot90(small, k)
-        if channels_first:
-            small = small.transpose(2, 0, 1)
-        for pos in positions[idx]:
-            out[pos] = small
+        # without resizing (size is the video's own), a frame after a mid-stream size change is brought to size
+        first, *more = positions[idx]
+        if channels_first and not k:  # written in place, channels-first, by the resize's last pass
+            _resize(frame, coded_w, coded_h, out[first])
+        else:
+            small = _resize(frame, coded_w, coded_h)
+            if k:
+                small = np.rot90(small, k)
+            out[first] = small.transpose(2, 0, 1) if channels_first else small
+        for pos in more:
+            out[pos] = out[first]
 
     workers = _resize_threads()
     seen = 0
@@ -638,7 +655,7 @@ def decode_video(
         except AspectRatioError as exc:
             raise AspectRatioError(f"video {source.name}: {exc}") from None
         module = _backend_for(name, info, source.name)
-        frames = _read_frames(module, source, info, plan, size, resize, on_frame, allocate)
+        frames = _read_frames(module, source, info, plan, size, on_frame, allocate)
     metadata = {
         "fps": info.fps,
         "frames_indices": list(plan.indices),
