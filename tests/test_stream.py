@@ -726,6 +726,58 @@ def test_closing_from_another_thread_ends_a_waiting_next(files):
     assert _resources()[0] == []
 
 
+def test_closing_while_a_chunks_frames_are_resizing_ends_the_iteration(files, monkeypatch):
+    """close() from another thread while next() waits for a chunk whose last frame is still queued for its
+    resize (cancelled by the close): the iteration ends, it does not raise."""
+    monkeypatch.setenv("QWENVL_RESIZE_THREADS", "1")  # frames resize one after another
+    prepare = st._Run._prepare
+
+    def slow_prepare(self, frame, out):
+        time.sleep(0.6)
+        prepare(self, frame, out)
+
+    monkeypatch.setattr(st._Run, "_prepare", slow_prepare)
+    stream = q.stream_video({"video": str(files["h264-bframes.mp4"])})
+    got, errors = [], []
+
+    def consume():
+        try:
+            for chunk in stream:
+                got.append(chunk)
+        except Exception as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    deadline = time.monotonic() + 10
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # chunk 1: its first frame resizing, its second queued
+    stream.close()
+    consumer.join(10)
+    assert not consumer.is_alive() and got and errors == []
+    assert _resources()[0] == []
+
+
+def test_a_producer_that_cannot_start_does_not_hang_the_close(files, monkeypatch):
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(st._Producer, "start", refuse)
+    stream = q.stream_video({"video": str(files["h264-bframes.mp4"])})
+    done = []
+
+    def consume():
+        with pytest.raises(RuntimeError, match="can't start"):
+            next(iter(stream))
+        done.append(True)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    consumer.join(5)
+    assert done == [True]
+
+
 # --- live sources written in real time by ffmpeg (slow) --------------------------------------------------------------
 
 
@@ -860,15 +912,19 @@ def test_cli_ctrl_c_exits_130_without_a_traceback(files):
     with os.fdopen(w, "wb") as writer:
         writer.write(files["h264.ts"].read_bytes()[: 188 * 100])
         writer.flush()
+        # `python -m qwen_vl_utils stream -`, with Python's Ctrl-C handling even where this test run inherited
+        # SIGINT ignored (started in the background by a shell), which the CLI would inherit too
+        main = (
+            "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "sys.argv = ['qwen-vl-utils', 'stream', '-']; runpy.run_module('qwen_vl_utils', run_name='__main__')"
+        )
         proc = subprocess.Popen(
-            [sys.executable, "-m", "qwen_vl_utils", "stream", "-"],
+            [sys.executable, "-c", main],
             stdin=r,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # a hang below dumps every thread's stack
-            # a test run started in the background by a shell inherits SIGINT ignored, and so would the CLI
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         os.close(r)
         ready = select.select([proc.stdout], [], [], 60)[0]
@@ -879,7 +935,10 @@ def test_cli_ctrl_c_exits_130_without_a_traceback(files):
             out, err = proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGABRT)
-            out, err = proc.communicate(timeout=10)
+            try:
+                out, err = proc.communicate(timeout=10)
+            finally:
+                proc.kill()
             pytest.fail(f"still running 10 s after SIGINT; its threads:\n{err}")
     assert first.startswith("chunk 0 ")
     assert proc.returncode == 130, err

@@ -302,6 +302,7 @@ def test_resize_of_textured_frames_matches_torchvision(monkeypatch, with_torch):
             out = np.full((3, h, w), 7, dtype=dtype)
             assert v._resize(frame, w, h, out) is None
             assert np.array_equal(out, got.transpose(2, 0, 1)), (h, w, dtype)
+            assert not np.signbit(out).any()  # no -0.0: the same bytes as through uint8
         monkeypatch.setitem(sys.modules, "torch", torch)
         ref = _torch_resize(frame, h, w)
         if not with_torch:

@@ -326,18 +326,9 @@ class _Producer:
         self.thread.start()
 
     def get(self) -> Optional[VideoChunk]:
-        while True:
-            if self.token.cancelled:  # closed, from another thread
-                return None
-            try:
-                item = self.queue.get(timeout=0.1)
-                break
-            except queue.Empty:
-                if self.token.cancelled:  # closed while this call waited: the producer may be gone already
-                    return None
-                if self.done.is_set() and self.queue.empty():
-                    raise DecodeError(f"decoding {describe(self.settings.value)} stopped unexpectedly") from None
-        if item is _END:
+        """The next chunk; None at the end of the stream, or once the stream was closed (from any thread)."""
+        item = self._next_item()
+        if item is None or item is _END:
             return None
         if isinstance(item, BaseException):
             raise item
@@ -346,7 +337,20 @@ class _Producer:
         except (QwenVLError, MemoryError):
             raise
         except Exception as exc:  # a frame's conversion or resize failed on its pool thread
+            if self.token.cancelled:  # closed while the chunk's frames were resizing: their work was cancelled
+                return None
             raise DecodeError(f"a frame of {describe(self.settings.value)} could not be converted ({exc})") from exc
+
+    def _next_item(self) -> Any:
+        while not self.token.cancelled:
+            try:
+                item = self.queue.get(timeout=0.1)
+            except queue.Empty:  # a producer that ended for any reason but a close left something behind
+                if self.done.is_set() and self.queue.empty() and not self.token.cancelled:
+                    raise DecodeError(f"decoding {describe(self.settings.value)} stopped unexpectedly") from None
+                continue
+            return None if self.token.cancelled else item
+        return None
 
     def put(self, item: Any) -> None:
         while not self.token.cancelled:
@@ -365,6 +369,8 @@ class _Producer:
 
     def close(self) -> None:
         self.cancel()
+        if self.thread.ident is None:  # never started (start() failed)
+            return
         while not self.done.is_set():  # a producer waiting to hand a chunk over sees the cancel within 0.1 s
             with contextlib.suppress(queue.Empty):
                 self.queue.get(timeout=0.05)

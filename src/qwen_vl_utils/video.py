@@ -358,9 +358,8 @@ def _resize(frame: np.ndarray, width: int, height: int, out: Optional[np.ndarray
         if w_in != width:  # columns, channels interleaved: on the transposed frame
             xt = _buffer("t", (w_in * 3, height)).copy_(x.T)
             x = torch.mm(_aa_weights(w_in, width, 3), xt, out=_buffer("cols", (width * 3, height)))
-            hwc = x.round_().clamp_(0, 255).T.view(height, width, 3)  # rounded where contiguous
-        else:
-            hwc = x.round_().clamp_(0, 255).view(height, width, 3)
+        x.round_().clamp_(0, 255).add_(0.0)  # where contiguous; + 0.0: a rounded undershoot (-0.0) as 0.0
+        hwc = (x.T if w_in != width else x).view(height, width, 3)
         if out is not None:
             torch.from_numpy(out).copy_(hwc.permute(2, 0, 1))
             return None
