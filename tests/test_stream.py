@@ -76,7 +76,7 @@ def sequential_frames(path, indices, size):
     """The same frames decoded front to back with no seek and no skipping, then resized as fetch_video does."""
     import av
 
-    from qwen_vl_utils.video import _resize
+    from qwen_vl_utils._frame_resize import resize_frame as _resize
 
     wanted, out = set(indices), {}
     with av.open(str(path)) as container:

@@ -290,17 +290,17 @@ def _torch_resize(frame: np.ndarray, h: int, w: int) -> np.ndarray:
 @pytest.mark.parametrize("with_torch", [True, False])
 def test_resize_of_textured_frames_matches_torchvision(monkeypatch, with_torch):
     """Noise-like texture, where rounding between passes shows (Pillow's uint8 resize is 0.16 levels off)."""
-    from qwen_vl_utils import video as v
+    from qwen_vl_utils._frame_resize import resize_frame
 
     rng = np.random.default_rng(0)
     frame = np.clip(rng.normal(128, 60, (540, 960, 3)), 0, 255).astype(np.uint8)
     if not with_torch:  # the numpy path (CLI, decode_video), when torch is not loaded
         monkeypatch.delitem(sys.modules, "torch")
     for h, w in [(320, 576), (224, 448), (640, 1152), (540, 448), (320, 960), (1080, 1920), (37, 1000), (540, 960)]:
-        got = v._resize(frame, w, h)
+        got = resize_frame(frame, w, h)
         for dtype in (np.float32, np.uint8):  # written channels-first into an output: the same values
             out = np.full((3, h, w), 7, dtype=dtype)
-            assert v._resize(frame, w, h, out) is None
+            assert resize_frame(frame, w, h, out) is None
             assert np.array_equal(out, got.transpose(2, 0, 1)), (h, w, dtype)
             assert not np.signbit(out).any()  # no -0.0: the same bytes as through uint8
         monkeypatch.setitem(sys.modules, "torch", torch)

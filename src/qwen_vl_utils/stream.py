@@ -419,10 +419,10 @@ class _Run:
         self.out_size = (0, 0)
 
     def run(self) -> None:
+        from ._frame_resize import resize_threads
         from ._live import open_input
-        from .video import _resize_threads
 
-        self.pool = ThreadPoolExecutor(max_workers=_resize_threads(), thread_name_prefix="qwen-vl-stream-resize")
+        self.pool = ThreadPoolExecutor(max_workers=resize_threads(), thread_name_prefix="qwen-vl-stream-resize")
         try:
             inp = open_input(self.s.value, self.s.policy, self.producer.token)
             self.producer.input = _Handle(inp)
@@ -499,14 +499,14 @@ class _Run:
         """On a pool thread: the frame in RGB, resized, turned upright, written into ``out`` (3xHxW)."""
         import torch
 
-        from .video import _resize
+        from ._frame_resize import resize_frame
 
         coded_w, coded_h, k = self.size
         rgb = frame.to_ndarray(format="rgb24")
         if not k:  # straight into the chunk's tensor
-            _resize(rgb, coded_w, coded_h, out.numpy())
+            resize_frame(rgb, coded_w, coded_h, out.numpy())
             return
-        chw = torch.from_numpy(_resize(rgb, coded_w, coded_h)).permute(2, 0, 1)
+        chw = torch.from_numpy(resize_frame(rgb, coded_w, coded_h)).permute(2, 0, 1)
         out.copy_(torch.rot90(chw, k, dims=(1, 2)))
 
     # -- files ------------------------------------------------------------------------------------------------------
