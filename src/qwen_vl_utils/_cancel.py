@@ -46,10 +46,6 @@ class Token:
         if self.event.is_set():
             transfer.abort()
 
-    def unregister(self, transfer: Any) -> None:
-        with self._lock:
-            self._live.discard(transfer)
-
 
 _local = threading.local()
 

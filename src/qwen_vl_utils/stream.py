@@ -544,13 +544,13 @@ class _Run:
     def _decode_file(self, source: Any, info: Any, skip: bool) -> int:
         """One pass over the file; returns the last frame's index. Raises _Inexact to be run again."""
         from ._probe import open_container
+        from .backends._pyav import _configure
         from .video import _decoder_threads
 
         container = open_container(source)
         try:
             stream = container.streams.video[0]
-            cc = stream.codec_context
-            cc.thread_type, cc.thread_count = "AUTO", _decoder_threads()
+            _configure(stream, _decoder_threads(), single=False)
             index, packets = self._seek(container, stream, source, info)
             frames = (_Skipping if skip else _Counting)(self, stream, packets, index)
             last = -1
@@ -608,10 +608,10 @@ class _Run:
             if not container.streams.video:
                 raise DecodeError(f"{inp.name} has no video stream; give a stream with video")
             stream = container.streams.video[0]
+            from .backends._pyav import _configure
             from .video import _decoder_threads
 
-            stream.codec_context.thread_type = "AUTO"
-            stream.codec_context.thread_count = _decoder_threads()
+            _configure(stream, _decoder_threads(), single=False)
             rate = _rate(stream)
             self.fps = float(rate) if rate else 1000.0  # no rate: a millisecond timeline
             header_frames = int(stream.frames or 0)
