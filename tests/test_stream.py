@@ -25,6 +25,7 @@ import pytest
 
 import qwen_vl_utils as q
 from httpfiles import FileServer
+from qwen_vl_utils import _stream_file as sf
 from qwen_vl_utils import stream as st
 from qwen_vl_utils._policy import get_fetch_policy
 from qwen_vl_utils._probe import probe_video
@@ -251,36 +252,72 @@ def test_skipping_is_exact_and_skips(files, monkeypatch):
     """Non-targets go undecoded (dropped up to the next closed GOP, or left to the decoder as non-reference
     frames); the frames that come out are still exactly the targets, with no second pass."""
     decisions, passes = [], []
-    leave, decode = st._Lookahead._leave, st._Run._decode_file
+    leave, decode = sf._Lookahead._leave, st._Run._decode_file
     monkeypatch.setattr(
-        st._Lookahead, "_leave", lambda self, final: decisions.append(leave(self, final)) or decisions[-1]
+        sf._Lookahead, "_leave", lambda self, final: decisions.append(leave(self, final)) or decisions[-1]
     )
     monkeypatch.setattr(st._Run, "_decode_file", lambda self, *a: passes.append(a[-1]) or decode(self, *a))
     path = files["h264-bframes.mp4"]
     chunks = collect(q.stream_video({"video": str(path), "fps": 2.0}))
     assert passes == [True]  # one pass, skipping
-    assert [r for _, r, want in decisions if want] == indices_of(chunks) == list(range(0, 240, 12))
-    assert sum(want is None for _, _, want in decisions) > 60  # whole runs of packets never decoded
+    assert [r for _, r, want, _ in decisions if want] == indices_of(chunks) == list(range(0, 240, 12))
+    assert sum(want is None for _, _, want, _ in decisions) > 60  # whole runs of packets never decoded
     assert [frame_number(f) for _, f in unpadded(chunks)] == list(range(0, 240, 12))
 
 
 def test_a_file_skipping_cannot_handle_is_decoded_again_in_full(files, monkeypatch):
     """When the lookahead cannot prove its ordinals (here: made to give up mid-file), the file is decoded again
     without skipping; chunks already handed over are not repeated and the rest are the same."""
-    push, count = st._Lookahead.push, []
+    push, count = sf._Lookahead.push, []
 
     def failing(self, packet):
         count.append(1)
         if len(count) == 100:
-            raise st._Inexact("test")
+            raise sf._Inexact("test")
         return push(self, packet)
 
-    monkeypatch.setattr(st._Lookahead, "push", failing)
+    monkeypatch.setattr(sf._Lookahead, "push", failing)
     path = files["h264-bframes.mp4"]
     chunks = collect(q.stream_video({"video": str(path), "fps": 2.0}))
     assert [c.index for c in chunks] == list(range(10))
     assert indices_of(chunks) == list(range(0, 240, 12))
     assert [frame_number(f) for _, f in unpadded(chunks)] == list(range(0, 240, 12))
+
+
+def test_closed_gops_are_decoded_in_parallel_from_one_read(files, monkeypatch):
+    """With two workers, segments (closed GOPs) go to two decoders on two threads while one thread reads the file
+    once; the chunks are the same, to the bit, as with the stream's own decoder alone."""
+    fed, opened, decode = [], [], st._Run._decode_file
+    feed = sf._SegmentDecoder.feed
+    monkeypatch.setattr(
+        sf._SegmentDecoder,
+        "feed",
+        lambda self, p, *a: fed.append((threading.get_ident(), id(self))) or feed(self, p, *a),
+    )
+    monkeypatch.setattr(st._Run, "_decode_file", lambda self, *a: opened.append(a[-1]) or decode(self, *a))
+    path = files["h264-bframes.mp4"]  # a keyframe every 12 frames: segments of 36
+    monkeypatch.setattr(st, "usable_cpus", lambda: 2)
+    parallel = collect(q.stream_video({"video": str(path), "fps": 2.0}))
+    threads, decoders = {t for t, _ in fed}, {d for _, d in fed}
+    assert opened == [True] and len(threads) == 2 and len(decoders) == 2 and threading.get_ident() not in threads
+    fed.clear()
+    monkeypatch.setattr(st, "usable_cpus", lambda: 1)
+    alone = collect(q.stream_video({"video": str(path), "fps": 2.0}))
+    assert len({d for _, d in fed}) == 1
+    assert indices_of(parallel) == indices_of(alone) == list(range(0, 240, 12))
+    assert all(torch.equal(a.frames, b.frames) for a, b in zip(parallel, alone, strict=True))
+    assert [frame_number(f) for _, f in unpadded(parallel)] == list(range(0, 240, 12))
+
+
+def test_a_worker_decoder_that_fails_is_a_typed_error_and_no_thread_stays(files, monkeypatch):
+    def broken(self):
+        raise RuntimeError("no decoder here")
+
+    monkeypatch.setattr(sf._Skipping, "_decoder", broken)
+    monkeypatch.setattr(st, "usable_cpus", lambda: 2)
+    with pytest.raises(q.DecodeError, match=r"a\.mp4 could not be decoded \(RuntimeError: no decoder here\)"):
+        collect(q.stream_video({"video": str(files["h264-bframes.mp4"]), "fps": 2.0}))
+    assert _resources()[0] == []
 
 
 # --- options ---------------------------------------------------------------------------------------------------------

@@ -19,8 +19,6 @@ Two timelines:
 
 from __future__ import annotations
 
-import bisect
-import collections
 import contextlib
 import itertools
 import math
@@ -35,6 +33,15 @@ from . import _cancel
 from ._errors import DecodeError, FetchTimeoutError, InvalidOptionError, QwenVLError, SourceTooLargeError, describe
 from ._options import check_backend, patch_factor, video_options
 from ._policy import FetchPolicy, get_fetch_policy
+from ._stream_file import (
+    _ONE_FRAME_PER_PACKET,
+    _Counting,
+    _from_keyframe,
+    _Inexact,
+    _shown_packets,
+    _Skipping,
+)
+from ._util import usable_cpus
 
 __all__ = ["READ_AHEAD", "VideoChunk", "VideoStream", "stream_video"]
 
@@ -397,10 +404,6 @@ class _Producer:
 # --- decoding ------------------------------------------------------------------------------------------------------
 
 
-class _Inexact(Exception):
-    """Skipping could not be proven exact for this file: decode it again without skipping."""
-
-
 class _Run:
     """One stream's decoding on the producer thread."""
 
@@ -552,7 +555,10 @@ class _Run:
             stream = container.streams.video[0]
             _configure(stream, _decoder_threads(), single=False)
             index, packets = self._seek(container, stream, source, info)
-            frames = (_Skipping if skip else _Counting)(self, stream, packets, index)
+            if skip:
+                frames: Any = _Skipping(self, stream, packets, index, workers=min(_MAX_DECODERS, usable_cpus()))
+            else:
+                frames = _Counting(self, stream, packets, index)
             last = -1
             for ordinal, frame in frames:
                 last = max(last, ordinal)
@@ -690,6 +696,8 @@ def _live_error(inp: Any, exc: BaseException) -> QwenVLError:
     return DecodeError(f"video source {inp.name} is not a decodable video stream ({type(exc).__name__}: {exc})")
 
 
+#: decoders working on a file's GOPs in parallel, at most (one per core)
+_MAX_DECODERS = 4
 #: frames a file may end short of its header's count (as the PyAV backend allows) before it is truncated
 _END_TOLERANCE = 2
 
@@ -720,214 +728,3 @@ class _LiveClock:
         self.t = max(t, self.t)
         self.index = max(self.index + 1, round(self.t * self.fps))
         return self.index, self.t
-
-
-# --- reading a file: every frame, or skipping exactly ------------------------------------------------------------
-
-
-#: codecs whose packets each hold one frame and which honour ``skip_frame`` packet by packet (as in the PyAV
-#: backend); other codecs are decoded in full
-_ONE_FRAME_PER_PACKET = frozenset({"h264", "hevc"})
-
-
-def _from_keyframe(packets: Iterator[Any]) -> Iterator[Any]:
-    """The packets from the first keyframe on (after a seek, a demuxer may start inside a GOP)."""
-    for packet in packets:
-        if packet.is_keyframe and packet.size:
-            yield packet
-            yield from packets
-            return
-
-
-def _shown_packets(packets: Iterator[Any]) -> Iterator[Any]:
-    return (p for p in packets if p.size)
-
-
-class _Counting:
-    """Every frame, in display order; index = display ordinal (after a seek: from the file's index)."""
-
-    def __init__(self, run: _Run, stream: Any, packets: Iterator[Any], index: Any) -> None:
-        self.stream, self.packets, self.index = stream, packets, index
-        self.last_shown = -1
-
-    def __iter__(self) -> Iterator[tuple]:
-        cc = self.stream.codec_context
-        for packet in itertools.chain(self.packets, [None]):  # None: flush the decoder at the end
-            for frame in cc.decode(packet):
-                ordinal = self.index.ordinal_of(frame.pts) if self.index is not None else self.last_shown + 1
-                if ordinal is None or ordinal <= self.last_shown:  # no timestamp, or one out of order
-                    ordinal = self.last_shown + 1
-                self.last_shown = ordinal
-                yield ordinal, frame
-
-
-class _Skipping:
-    """Only what the targets need: non-reference frames that are not targets are dropped by the decoder
-    (``skip_frame=NONREF``, decided per packet), and packets after a GOP's last target up to the next keyframe
-    that starts a closed GOP are not decoded at all. Decisions need each packet's display ordinal before it is
-    decoded: :class:`_Lookahead` holds packets back until it is known. Anything it cannot prove raises
-    _Inexact, and the file is decoded again without skipping."""
-
-    #: packets held back at least (the ordinal of a packet needs those reordered around it)
-    MIN_DEPTH = 64
-
-    def __init__(self, run: _Run, stream: Any, packets: Iterator[Any], index: Any) -> None:
-        self.stream, self.packets = stream, packets
-        src_fps, grid = run.fps, run.grid
-        depth = max(self.MIN_DEPTH, min(512, math.ceil(2 * src_fps / grid.fps) + 32))
-        self.look = _Lookahead(depth, lambda r: grid.covers((r - 1) / src_fps if r else None, r / src_fps), index)
-        self.last_shown = -1
-
-    def __iter__(self) -> Iterator[tuple]:
-        cc = self.stream.codec_context
-        ranks: dict = {}  # pts -> display ordinal, for the packets fed and not yet out of the decoder
-        wanted: collections.deque = collections.deque()  # ordinals of the targets fed, in order
-        skipping, dropping = None, False
-        for packet, rank, want in self._decisions():
-            if want is None:  # not decoded: nothing from here to the next (closed) keyframe is needed
-                if not dropping:  # the frames still in the decoder come out now, not a GOP later
-                    yield from self._out(cc.decode(None), ranks, wanted)
-                    cc.flush_buffers()
-                    dropping = True
-                continue
-            dropping = False
-            if rank is not None:
-                ranks[packet.pts] = rank
-                if want:
-                    wanted.append(rank)
-            if (not want) != skipping:
-                skipping = not want
-                cc.skip_frame = "NONREF" if skipping else "DEFAULT"
-            yield from self._out(cc.decode(packet), ranks, wanted)
-        cc.skip_frame = "DEFAULT"
-        yield from self._out(cc.decode(None), ranks, wanted)
-        if wanted:
-            raise _Inexact(f"frame {wanted[0]} did not come out of the decoder")
-        self.last_shown = self.look.last_ordinal
-
-    def _decisions(self) -> Iterator[tuple]:
-        for packet in self.packets:
-            yield from self.look.push(packet)
-        yield from self.look.flush()
-
-    @staticmethod
-    def _out(frames: Any, ranks: dict, wanted: collections.deque) -> Iterator[tuple]:
-        for frame in frames:
-            rank = ranks.pop(frame.pts, None)
-            if rank is None:
-                raise _Inexact(f"a frame came out that no packet announced (pts {frame.pts})")
-            if wanted and wanted[0] < rank:  # a target that never came out: decode again without skipping
-                raise _Inexact(f"frame {wanted[0]} did not come out of the decoder")
-            if wanted and wanted[0] == rank:
-                wanted.popleft()
-            if len(ranks) > 4096:  # frames dropped by the decoder never come out: forget those before this one
-                for pts in [p for p in ranks if p < frame.pts]:
-                    del ranks[pts]
-            yield rank, frame
-
-
-class _Lookahead:
-    """Packets in decode order, held back ``depth`` packets so that each one's display ordinal is known when it
-    is fed: the ordinal of a shown packet is the number of shown packets with a smaller timestamp, and with
-    frames reordered by fewer than ``depth`` packets all of those have been read by then.
-
-    Each packet leaves as ``(packet, ordinal or None, want)``: ``want`` True for a target, False for a frame
-    the decoder may drop if nothing refers to it, None for a packet not to decode at all: one before a keyframe
-    that starts a closed GOP (none of the packets read after it shows before it), with no target in between.
-    A timestamp that breaks these assumptions (missing, repeated, reordered too far) raises _Inexact."""
-
-    #: packets after a keyframe that must show after it for its GOP to count as closed
-    CLOSED_AFTER = 16
-
-    def __init__(self, depth: int, wanted: Callable[[int], bool], index: Any = None) -> None:
-        self.depth = depth
-        self.wanted = wanted
-        self.window: collections.deque = collections.deque()  # packets read, not yet fed
-        self.active: list = []  # sorted timestamps of shown packets, but those retired
-        self.retired = 0  # shown packets whose timestamps are below every later one
-        self.retired_max: Optional[int] = None
-        self.index = index  # after a seek: the file's index, for the ordinal of the first packet
-        self.base: Optional[int] = None if index is not None else 0
-        self.clean = 0  # leading packets of the window known to be neither targets nor keyframes
-        self.drop_until: Any = None  # the keyframe before which packets are not decoded
-        self.keep_until: Any = None  # a target ahead: nothing before it is dropped
-
-    @property
-    def last_ordinal(self) -> int:
-        return (self.base or 0) + self.retired + len(self.active) - 1
-
-    def push(self, packet: Any) -> Iterator[tuple]:
-        if packet.pts is None:
-            raise _Inexact("a packet without a timestamp")
-        if not packet.is_discard:
-            pts = packet.pts
-            i = bisect.bisect_left(self.active, pts)
-            if (i < len(self.active) and self.active[i] == pts) or (
-                self.retired_max is not None and pts <= self.retired_max
-            ):
-                raise _Inexact(f"packet timestamp {pts} repeats, or is reordered further than {self.depth} packets")
-            self.active.insert(i, pts)
-        self.window.append(packet)
-        while len(self.window) > self.depth:
-            yield self._leave(final=False)
-
-    def flush(self) -> Iterator[tuple]:
-        while self.window:
-            yield self._leave(final=True)
-
-    def _rank(self, pts: int) -> int:
-        if self.base is None:  # the first packet after a seek: its place in the whole file
-            self.base = bisect.bisect_left(self.index.pts, self.active[0]) if self.active else 0
-            self.index = None
-        return self.base + self.retired + bisect.bisect_left(self.active, pts)
-
-    def _leave(self, final: bool) -> tuple:
-        packet = self.window.popleft()
-        self.clean = max(0, self.clean - 1)
-        rank = None if packet.is_discard else self._rank(packet.pts)
-        if packet is self.keep_until:
-            self.keep_until, self.clean = None, 0
-        if packet is self.drop_until:  # decoding resumes here
-            self.drop_until, self.clean = None, 0
-        if rank is not None and self.wanted(rank):
-            decision: Optional[bool] = True
-        else:
-            decision = None if self._droppable(final) else False
-        self._retire()
-        return packet, rank, decision
-
-    def _droppable(self, final: bool) -> bool:
-        """May the packet that just left go undecoded? Scans the window up to a target or a keyframe."""
-        if self.drop_until is not None:
-            return True
-        if self.keep_until is not None or final:
-            return False
-        window = self.window
-        for i in range(self.clean, len(window)):
-            p = window[i]
-            if p.is_keyframe and not p.is_discard:
-                if self._closed(i):
-                    self.drop_until = p
-                    return True
-                self.clean = i
-                return False
-            if not p.is_discard and self.wanted(self._rank(p.pts)):
-                self.keep_until = p
-                return False
-        self.clean = len(window)
-        return False
-
-    def _closed(self, i: int) -> bool:
-        window, key = self.window, self.window[i]
-        if len(window) - i - 1 < self.CLOSED_AFTER:
-            return False
-        return all(window[j].pts > key.pts for j in range(i + 1, i + 1 + self.CLOSED_AFTER))
-
-    def _retire(self) -> None:
-        """Keep ``active`` short: timestamps below every packet still in the window are final."""
-        if len(self.active) <= 3 * self.depth:
-            return
-        low = min((p.pts for p in self.window if not p.is_discard), default=None)
-        while len(self.active) > 2 * self.depth and (low is None or self.active[0] < low):
-            self.retired_max = self.active.pop(0)
-            self.retired += 1
