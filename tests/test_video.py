@@ -3,6 +3,7 @@ import io
 import logging
 import subprocess
 import sys
+import threading
 import warnings
 from fractions import Fraction
 
@@ -310,6 +311,30 @@ def test_resize_of_textured_frames_matches_torchvision(monkeypatch, with_torch):
         diff = np.abs(got.astype(np.int16) - ref)
         # torch's weights, summed in another order: a rounding tie falls the other way once in ~100,000 values
         assert diff.max() <= 1 and diff.mean() <= (1e-4 if with_torch else 0.01), (h, w, diff.mean())
+    crop = frame[3:-2, 5:-4:2]  # a strided, read-only view: the same as its contiguous copy
+    crop.flags.writeable = False
+    assert np.array_equal(resize_frame(crop, 200, 96), resize_frame(np.ascontiguousarray(crop), 200, 96))
+
+
+def test_resize_pool_threads_run_torch_on_one_thread_and_leave_everyone_elses(monkeypatch):
+    """Each resize thread runs torch single-threaded (the pool is the parallelism); the calling thread and
+    threads started later keep the process's setting."""
+    from qwen_vl_utils._frame_resize import resize_pool
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("QWENVL_RESIZE_THREADS", "2")
+    try:
+        torch.set_num_threads(3)
+        with resize_pool("qwen-vl-test") as pool:
+            assert {pool.submit(torch.get_num_threads).result() for _ in range(8)} == {1}
+        assert torch.get_num_threads() == 3
+        later: list = []
+        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert later == [3]
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_pixel_budgets(h264):

@@ -422,10 +422,10 @@ class _Run:
         self.out_size = (0, 0)
 
     def run(self) -> None:
-        from ._frame_resize import resize_threads
+        from ._frame_resize import resize_pool
         from ._live import open_input
 
-        self.pool = ThreadPoolExecutor(max_workers=resize_threads(), thread_name_prefix="qwen-vl-stream-resize")
+        self.pool = resize_pool("qwen-vl-stream-resize")
         try:
             inp = open_input(self.s.value, self.s.policy, self.producer.token)
             self.producer.input = _Handle(inp)

@@ -34,6 +34,7 @@ from ._errors import (
     describe,
 )
 from ._frame_resize import resize_frame as _resize
+from ._frame_resize import resize_pool as _resize_pool
 from ._frame_resize import resize_threads as _resize_threads
 from ._options import VideoOptions, check_backend, check_dtype, patch_factor, video_options
 from ._policy import FetchPolicy, get_fetch_policy
@@ -342,7 +343,7 @@ def _read_frames(
     workers = _resize_threads()
     seen = 0
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qwen-vl-resize") as pool:
+        with _resize_pool("qwen-vl-resize") as pool:
             pending: deque = deque()
             frames = contextlib.closing(module.read(source, info, expected, _decoder_threads()))
             with frames as decoded:  # closed at once on error: a backend's decoder threads stop with it
