@@ -76,13 +76,22 @@ _scratch = threading.local()
 
 def _buffer(name: str, shape: tuple[int, int]) -> Any:
     """A float32 scratch tensor of ``shape``, from storage kept per thread and grown as needed: fresh 25 MB
-    temporaries per 1080p frame cost more in page faults than the arithmetic."""
-    buffers = _scratch.__dict__.setdefault("buffers", {})
-    n = shape[0] * shape[1]
-    buf = buffers.get(name)
-    if buf is None or buf.numel() < n:
-        buf = buffers[name] = sys.modules["torch"].empty(n)
-    return buf[:n].view(shape)
+    temporaries per 1080p frame cost more in page faults than the arithmetic. Views are kept too (a strip's
+    buffers are asked for thousands of times a second)."""
+    views = _scratch.__dict__.setdefault("views", {})
+    view = views.get((name, shape))
+    if view is None:
+        if len(views) > 64:  # many sizes seen: start over
+            views.clear()
+        buffers = _scratch.__dict__.setdefault("buffers", {})
+        n = shape[0] * shape[1]
+        buf = buffers.get(name)
+        if buf is None or buf.numel() < n:
+            buf = buffers[name] = sys.modules["torch"].empty(n)
+            for key in [k for k in views if k[0] == name]:  # views of the old storage: let it go
+                del views[key]
+        view = views[(name, shape)] = buf[:n].view(shape)
+    return view
 
 
 def resize_frame(frame: np.ndarray, width: int, height: int, out: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
