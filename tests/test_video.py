@@ -337,6 +337,41 @@ def test_resize_pool_threads_run_torch_on_one_thread_and_leave_everyone_elses(mo
         torch.set_num_threads(before)
 
 
+def test_resize_pools_starting_together_leave_the_process_setting(monkeypatch):
+    """Pool threads of several pools starting at once: none reads another's 1 as the default and keeps it."""
+    from qwen_vl_utils._frame_resize import resize_pool
+
+    def count_on_a_new_thread() -> int:
+        seen: list = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        return seen[0]
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("QWENVL_RESIZE_THREADS", "2")
+    try:
+        torch.set_num_threads(3)
+        for _ in range(15):
+            gate = threading.Barrier(6)
+            counts: list = []
+
+            def start_a_pool() -> None:
+                with resize_pool("qwen-vl-test") as pool:
+                    gate.wait()
+                    counts.extend(f.result() for f in [pool.submit(torch.get_num_threads) for _ in range(4)])
+
+            starters = [threading.Thread(target=start_a_pool) for _ in range(6)]
+            for t in starters:
+                t.start()
+            for t in starters:
+                t.join()
+            assert set(counts) == {1} and len(counts) == 24
+            assert count_on_a_new_thread() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_pixel_budgets(h264):
     video = fetch_video({"video": str(h264), "resized_height": 64, "resized_width": 100}, 14)
     assert video.shape[2:] == (56, 112)

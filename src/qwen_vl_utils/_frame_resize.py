@@ -176,8 +176,14 @@ def _torch_on_one_thread() -> None:
     torch = sys.modules.get("torch")
     if torch is None:
         return
-    default = torch.get_num_threads()  # what threads get by default (the process's setting, or the cores)
-    torch.set_num_threads(1)  # this thread's own setting; it also becomes the default of threads started later,
-    restore = threading.Thread(target=torch.set_num_threads, args=(default,), name="qwen-vl-torch-threads")
-    restore.start()  # which a passing thread puts back (its own setting goes with it)
-    restore.join()
+    # One pool thread at a time: another one starting in between would read the 1 set here as the default
+    # and put it back for good.
+    with _TORCH_THREADS_LOCK:
+        default = torch.get_num_threads()  # what threads get by default (the process's setting, or the cores)
+        torch.set_num_threads(1)  # this thread's own setting; it also becomes the default of later threads,
+        restore = threading.Thread(target=torch.set_num_threads, args=(default,), name="qwen-vl-torch-threads")
+        restore.start()  # which a passing thread puts back (its own setting goes with it)
+        restore.join()
+
+
+_TORCH_THREADS_LOCK = threading.Lock()
