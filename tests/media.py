@@ -106,8 +106,8 @@ def make_video(
 ) -> Path:
     """Encode ``frames`` frames of ``pattern(i, width, height)``. ``pts`` (in 1/1000 s) makes a variable-frame-rate
     file; ``options`` are added to the codec's options."""
-    options = {"movflags": "+faststart"} if faststart else {}
-    with av.open(str(path), "w", format=container, options=options) as out:
+    mux_options = {"movflags": "+faststart"} if faststart else {}
+    with av.open(str(path), "w", format=container, options=mux_options) as out:
         stream = out.add_stream(codec, rate=rate or fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = dict(CODEC_OPTIONS.get(codec, {}))
@@ -135,6 +135,48 @@ def make_video(
         if astream is not None:
             _encode_audio(out, astream, seconds=frames / fps)
     return path
+
+
+def make_intra_refresh(path: Path, frames: int = 240, width: int = 320, height: int = 192) -> Path:
+    """H.264 with x264's intra refresh (as low-latency encoders write it): one IDR frame, then every 24 frames a
+    keyframe that is only a recovery point. Noise that moves, so that a frame decoded without its references
+    is visibly wrong."""
+    base = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+    def textured(i: int, w: int, h: int) -> np.ndarray:
+        frame = np.roll(base, i * 3, axis=1)
+        frame[: 20 + i % 150, :40] = (i * 5) % 256
+        return frame
+
+    options = {"x264-params": "intra-refresh=1:keyint=24", "bf": "0", "g": "24"}
+    return make_video(path, frames=frames, width=width, height=height, pattern=textured, options=options)
+
+
+def played_frames(path: Path) -> list[np.ndarray]:
+    """Every frame of ``path`` as RGB, decoded from the first packet to the last (as a player shows them)."""
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+def keyframe_starts(path: Path) -> list[bool]:
+    """For each keyframe packet of ``path``: does its picture start as an IDR frame (H.264, read independently
+    of the library: length-prefixed NAL units as MP4 stores them, else Annex B start codes)?"""
+    out = []
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        for packet in container.demux(stream):
+            if not (packet.size and packet.is_keyframe):
+                continue
+            data = bytes(packet)
+            if container.format.name.startswith("mov"):
+                kinds, i = [], 0
+                while i + 4 < len(data):
+                    kinds.append(data[i + 4] & 0x1F)
+                    i += 4 + int.from_bytes(data[i : i + 4], "big")
+            else:
+                kinds = [nal[0] & 0x1F for nal in data.split(b"\x00\x00\x01")[1:] if nal]
+            out.append(next(k for k in kinds if 1 <= k <= 5) == 5)
+    return out
 
 
 def _encode_audio(out: av.container.OutputContainer, astream: av.AudioStream, seconds: float) -> None:
