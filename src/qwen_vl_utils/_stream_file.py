@@ -110,6 +110,7 @@ class _Skipping:
             if value is not None:
                 setattr(cc, name, value)
         cc.color_trc = template.color_trc
+        cc.options = {"has_b_frames": str(template.reorder_depth)}  # the container's reorder delay, as the stream's
         cc.thread_type = "AUTO"
         cc.thread_count = _decoder_threads() or max(1, usable_cpus() // self.workers)
         return _SegmentDecoder(cc)
@@ -239,13 +240,16 @@ class _Parallel:
                     t.join()
 
     def _put(self, q: queue.Queue, item: Any) -> None:
-        while not (self.stop.is_set() or self.token.cancelled):
+        while True:
+            self._check()
             try:
-                q.put(item, timeout=0.1)
-                return
+                return q.put(item, timeout=0.1)
             except queue.Full:
                 continue
-        raise _Stopped
+
+    def _check(self) -> None:
+        if self.stop.is_set() or self.token.cancelled:
+            raise _Stopped
 
     def _get(self, q: queue.Queue, consumer: bool = False) -> Any:
         while True:
@@ -254,8 +258,8 @@ class _Parallel:
             except queue.Empty:
                 if consumer:  # a close: the stream's Cancelled
                     _cancel.check(self.token)
-                elif self.stop.is_set() or self.token.cancelled:
-                    raise _Stopped from None
+                else:
+                    self._check()
 
     def _deal(self) -> None:
         """The demux thread: reads and decides on the file's packets (under the stream's cancellation)."""
@@ -264,6 +268,7 @@ class _Parallel:
                 dealt = 0
                 box = None
                 for event in self.events:
+                    self._check()
                     if box is None:
                         segment = _Segment()
                         self._put(self.order, segment)
@@ -291,6 +296,7 @@ class _Parallel:
         failure: Optional[BaseException] = None
         try:
             while (event := self._get(inbox)) is not _DONE:
+                self._check()  # a close: not one more packet decoded
                 if isinstance(event, _Segment):
                     segment = event
                     if failure is not None:
