@@ -33,7 +33,15 @@ from qwen_vl_utils._sources import library_tmpdir, resolve_source
 from qwen_vl_utils.backends import load_backend
 from qwen_vl_utils.video import FramePlan, _read_frames
 
-from media import displayed_frame_numbers, frame_number, make_video, numbered_frame
+from media import (
+    displayed_frame_numbers,
+    frame_number,
+    keyframe_starts,
+    make_intra_refresh,
+    make_video,
+    numbered_frame,
+    played_frames,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -318,6 +326,118 @@ def test_a_worker_decoder_that_fails_is_a_typed_error_and_no_thread_stays(files,
     with pytest.raises(q.DecodeError, match=r"a\.mp4 could not be decoded \(RuntimeError: no decoder here\)"):
         collect(q.stream_video({"video": str(files["h264-bframes.mp4"]), "fps": 2.0}))
     assert _resources()[0] == []
+
+
+def test_a_demux_failure_mid_segment_is_a_typed_error_and_no_thread_stays(files, monkeypatch):
+    """The reading thread fails while a segment is being decoded in parallel: the segments before it come out,
+    then the error, naming the file; every thread is gone when the iteration ends."""
+    push, count = sf._Lookahead.push, []
+
+    def failing(self, packet):
+        count.append(1)
+        if len(count) == 150:
+            raise RuntimeError("the disk went away")
+        return push(self, packet)
+
+    monkeypatch.setattr(sf._Lookahead, "push", failing)
+    monkeypatch.setattr(st, "usable_cpus", lambda: 2)
+    got = []
+    stream = q.stream_video({"video": str(files["h264-bframes.mp4"]), "fps": 2.0})
+    broken = r"a\.mp4 could not be decoded \(RuntimeError: the disk went away\)"
+    with pytest.raises(q.DecodeError, match=broken), stream:
+        got.extend(stream)
+    assert 0 < len(got) < 10 and indices_of(got) == list(range(0, 24 * len(got), 12))
+    assert _resources()[0] == []
+
+
+def test_a_close_during_parallel_decode_does_not_wait_for_queued_packets(tmp_path, monkeypatch):
+    """Packets dealt to a worker and still queued are not decoded after a close: at most the one in hand."""
+    path = make_video(tmp_path / "long-gop.mp4", frames=240, width=192, height=112, gop=240)
+    feed, fed, closing = sf._SegmentDecoder.feed, [], threading.Event()
+
+    def slow(self, *a):
+        fed.append(closing.is_set())
+        time.sleep(0.04)  # 47 packets from one target to the next: 1.9 s
+        return feed(self, *a)
+
+    monkeypatch.setattr(sf._SegmentDecoder, "feed", slow)
+    monkeypatch.setattr(st, "usable_cpus", lambda: 2)
+    stream = q.stream_video({"video": str(path), "fps": 0.5}, chunk_seconds=4.0)
+    assert next(stream).metadata["frames_indices"] == [0, 48]
+    time.sleep(0.5)  # the reading thread fills the worker's inbox meanwhile
+    began = time.monotonic()
+    closing.set()
+    stream.close()
+    assert time.monotonic() - began < 0.5 and sum(fed) <= 1
+    assert _resources()[0] == []
+
+
+@pytest.fixture(scope="module")
+def intra_refresh(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("intra-refresh")
+    return {ext: make_intra_refresh(folder / f"refresh.{ext}") for ext in ("mp4", "ts")}
+
+
+@pytest.mark.parametrize(
+    ("codec", "container", "options"),
+    [
+        ("libx264", "mp4", {}),
+        ("libx264", "mpegts", {}),
+        ("libx265", "mp4", {"x265-params": "log-level=none:keyint=12:open-gop=0"}),
+        ("libx265", "matroska", {"x265-params": "log-level=none:keyint=12:open-gop=0"}),
+        ("libx265", "mpegts", {"x265-params": "log-level=none:keyint=12:open-gop=0"}),
+    ],
+)
+def test_idr_keyframes_are_fresh_starts(tmp_path, codec, container, options):
+    """Every keyframe of a closed-GOP H.264 or HEVC stream is an IDR picture, length-prefixed or Annex B."""
+    import av
+
+    from qwen_vl_utils._nal import fresh_start_check
+
+    path = make_video(tmp_path / "v", codec=codec, container=container, frames=60, options=options)
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        check = fresh_start_check(stream.codec_context)
+        verdicts = [check(p) for p in c.demux(stream) if p.size and p.is_keyframe]
+    assert len(verdicts) >= 4 and all(verdicts)
+
+
+def test_recovery_point_keyframes_are_not_fresh_starts(intra_refresh):
+    import av
+
+    from qwen_vl_utils._nal import fresh_start_check
+
+    for path in intra_refresh.values():
+        with av.open(str(path)) as c:
+            stream = c.streams.video[0]
+            check = fresh_start_check(stream.codec_context)
+            verdicts = [check(p) for p in c.demux(stream) if p.size and p.is_keyframe]
+        assert verdicts == keyframe_starts(path) and verdicts[0] and len(verdicts) >= 8 and not any(verdicts[1:])
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+@pytest.mark.parametrize("ext", ["mp4", "ts"])
+@pytest.mark.parametrize("start", [None, 5.2])
+def test_intra_refresh_is_read_in_one_pass_and_exactly(intra_refresh, monkeypatch, cpus, ext, start):
+    """Keyframes that are only recovery points (x264's intra refresh) are neither where decoding resumes after
+    skipped packets nor where a parallel segment starts: one pass, every frame as a player shows it."""
+    path = intra_refresh[ext]
+    assert not any(keyframe_starts(path)[1:]), "the file must have recovery-point keyframes"
+    passes, decode = [], st._Run._decode_file
+    monkeypatch.setattr(st._Run, "_decode_file", lambda self, *a: passes.append(a[-1]) or decode(self, *a))
+    monkeypatch.setattr(st, "usable_cpus", lambda: cpus)
+    ele = {"video": str(path), "fps": 2.0, "dtype": "uint8", "resized_height": 192, "resized_width": 320}
+    if start is not None:
+        ele["video_start"] = start
+    chunks = collect(q.stream_video(ele, image_patch_size=16))
+    assert passes == [True]
+    first = math.ceil(2 * (start or 0))
+    assert [i for i, _ in unpadded(chunks)] == [k * 12 for k in range(first, 20)]
+    played = played_frames(path)
+    for chunk in chunks:
+        for frame, i in zip(chunk.frames, chunk.metadata["frames_indices"], strict=True):
+            diff = np.abs(frame.permute(1, 2, 0).numpy().astype(int) - played[i].astype(int)).max()
+            assert diff <= 2, f"frame {i} differs by up to {diff} from the frame a player shows"
 
 
 # --- options ---------------------------------------------------------------------------------------------------------

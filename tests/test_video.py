@@ -16,7 +16,7 @@ from qwen_vl_utils import BackendFallbackWarning, DecodeError, InvalidOptionErro
 from qwen_vl_utils.video import linspace_round
 
 from conftest import BACKEND_MODULES, BACKENDS, DECORD, REQUIRE, TORCHCODEC, _loads
-from media import frame_pattern, make_audio_only, make_video
+from media import frame_pattern, keyframe_starts, make_audio_only, make_intra_refresh, make_video, played_frames
 from reference_0014 import nframes_0014, smart_resize_0014
 
 torch = pytest.importorskip("torch")
@@ -356,7 +356,7 @@ def test_resize_pools_starting_together_leave_the_process_setting(monkeypatch):
             gate = threading.Barrier(6)
             counts: list = []
 
-            def start_a_pool() -> None:
+            def start_a_pool(gate=gate, counts=counts) -> None:
                 with resize_pool("qwen-vl-test") as pool:
                     gate.wait()
                     counts.extend(f.result() for f in [pool.submit(torch.get_num_threads) for _ in range(4)])
@@ -466,6 +466,57 @@ def test_torchvision_backend_says_it_uses_pyav(h264, caplog, monkeypatch):
             _, meta = fetch_video({"video": str(h264)}, return_video_metadata=True, backend="torchvision")
     assert meta["video_backend"] == "torchvision"
     assert caplog.text.count("decodes through PyAV") == 1, "said once, not on every call"
+
+
+@pytest.fixture(scope="module")
+def intra_refresh(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("intra-refresh")
+    return {ext: make_intra_refresh(folder / f"refresh.{ext}") for ext in ("mp4", "ts")}
+
+
+def _assert_played(video, meta, played):
+    """Each output frame is the source frame its index names, as decoding from the start gives it."""
+    for k, i in enumerate(meta["frames_indices"]):
+        diff = np.abs(video[k].permute(1, 2, 0).numpy().astype(int) - played[i].astype(int)).max()
+        assert diff <= 2, f"frame {i} differs by up to {diff} from the frame a player shows"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_intra_refresh_keyframes_are_not_where_decoding_starts(intra_refresh, backend):
+    """x264's intra refresh flags recovery points as keyframes: decoding from one gives wrong frames (decord 0.6
+    returned them, PyAV's seek did too) or none (torchcodec 0.13). Every target comes out as a player shows it;
+    the backends that seek to flagged keyframes hand the file to PyAV with one warning."""
+    path = intra_refresh["mp4"]
+    starts = keyframe_starts(path)
+    assert starts[0] and len(starts) >= 8 and not any(starts[1:]), "the file must have recovery-point keyframes"
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        video, meta = fetch_video(
+            {"video": str(path), "fps": 5.5, "dtype": "uint8", "resized_height": 192, "resized_width": 320},
+            16,
+            return_video_metadata=True,
+            backend=backend,
+        )
+    fallbacks = [str(w.message) for w in record if issubclass(w.category, BackendFallbackWarning)]
+    if backend in ("decord", "torchcodec"):
+        assert meta["video_backend"] == "pyav" and len(fallbacks) == 1 and "recovery points" in fallbacks[0]
+    else:
+        assert fallbacks == []
+    assert len(meta["frames_indices"]) >= 50
+    _assert_played(video, meta, played_frames(path))
+
+
+@pytest.mark.parametrize("ext", ["mp4", "ts"])
+@pytest.mark.parametrize("start", [None, 5.2, 9.0])
+def test_intra_refresh_windows_and_containers_on_pyav(intra_refresh, ext, start):
+    """Length-prefixed (MP4) and Annex B (MPEG-TS) packets; a window that starts past recovery points."""
+    path = intra_refresh[ext]
+    ele = {"video": str(path), "nframes": 6, "dtype": "uint8", "resized_height": 192, "resized_width": 320}
+    if start is not None:
+        ele["video_start"] = start
+    video, meta = fetch_video(ele, 16, return_video_metadata=True, backend="pyav")
+    assert meta["video_backend"] == "pyav" and (start is None or meta["frames_indices"][0] >= 24 * start - 1)
+    _assert_played(video, meta, played_frames(path))
 
 
 @pytest.mark.skipif(not DECORD, reason="decord is not installed")

@@ -5,6 +5,7 @@ Every backend is planned from this same probe, so ``frames_indices`` cannot diff
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Optional
@@ -132,6 +133,33 @@ def probe_video(source: Source) -> VideoInfo:
             size_changes=size_changes,
             length_in_header=length_in_header,
         )
+    finally:
+        container.close()
+
+
+def recovery_point_keyframes(source: Source) -> bool:
+    """Are the keyframes after the first mere recovery points (:mod:`_nal`: x264's intra refresh), judged by the
+    second keyframe of the container's index? One seek and one packet; False where there is no index to ask."""
+    from ._nal import fresh_start_check
+
+    container = open_container(source)
+    try:
+        stream = container.streams.video[0]
+        if stream.codec_context.name not in ("h264", "hevc"):
+            return False
+        entries = getattr(stream, "index_entries", None) or ()
+        keys = list(itertools.islice((e for e in entries if e.is_keyframe and not e.is_discard), 2))
+        if len(keys) < 2:
+            return False
+        container.seek(keys[1].timestamp, stream=stream, backward=True, any_frame=False)
+        packet = next((p for p in container.demux(stream) if p.size), None)
+        if packet is None or packet.dts != keys[1].timestamp or not packet.is_keyframe:  # (the index holds dts)
+            return False
+        return not fresh_start_check(stream.codec_context)(packet)
+    except QwenVLError:
+        raise
+    except Exception:  # an index that cannot be followed: nothing to say
+        return False
     finally:
         container.close()
 

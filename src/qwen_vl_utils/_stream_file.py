@@ -77,12 +77,15 @@ class _Skipping:
         self.stream, self.packets, self.workers = stream, packets, workers
         src_fps, grid = run.fps, run.grid
         depth = max(self.MIN_DEPTH, min(512, math.ceil(2 * src_fps / grid.fps) + 32))
-        self.look = _Lookahead(depth, lambda r: grid.covers((r - 1) / src_fps if r else None, r / src_fps), index)
+        from ._nal import fresh_start_check
+
+        wanted = lambda r: grid.covers((r - 1) / src_fps if r else None, r / src_fps)  # noqa: E731
+        self.look = _Lookahead(depth, wanted, index, fresh_start_check(stream.codec_context))
         self.token = run.producer.token
         self.last_shown = -1
 
     def __iter__(self) -> Iterator[tuple]:
-        events = _segments(self._decisions())
+        events = _segments(self._decisions(), cut=self.workers > 1)
         if self.workers > 1:
             yield from _Parallel(events, self._decoder, self.workers, self.token)
         else:
@@ -122,11 +125,12 @@ _END_SEGMENT = object()
 MIN_SEGMENT = 32
 
 
-def _segments(decisions: Iterator[tuple]) -> Iterator[Any]:
+def _segments(decisions: Iterator[tuple], cut: bool) -> Iterator[Any]:
     """The packets to decode as ``(packet, ordinal, want)``, with :data:`_END_SEGMENT` where a segment ends: at
-    the first packet not to decode (the frames before it come out now, not a GOP later), and before a keyframe
-    that starts a closed GOP once the segment holds :data:`MIN_SEGMENT` packets. Where decoding resumes after
-    undecoded packets is always such a keyframe, so every segment can start on a fresh decoder."""
+    the first packet not to decode (the frames before it come out now, not a GOP later), and, with ``cut`` (for
+    decoders in parallel), before a keyframe that starts a closed GOP once the segment holds
+    :data:`MIN_SEGMENT` packets. Where decoding resumes after undecoded packets is always such a keyframe, so
+    every segment can start on a fresh decoder."""
     fed = 0
     for packet, rank, want, restart in decisions:
         if want is None:
@@ -134,7 +138,7 @@ def _segments(decisions: Iterator[tuple]) -> Iterator[Any]:
                 yield _END_SEGMENT
                 fed = 0
             continue
-        if fed and restart and fed >= MIN_SEGMENT:
+        if cut and restart and fed >= MIN_SEGMENT:
             yield _END_SEGMENT
             fed = 0
         fed += 1
@@ -336,16 +340,22 @@ class _Lookahead:
 
     Each packet leaves as ``(packet, ordinal or None, want, restart)``: ``want`` True for a target, False for a
     frame the decoder may drop if nothing refers to it, None for a packet not to decode at all: one before a
-    keyframe that starts a closed GOP (none of the packets read after it shows before it), with no target in
-    between; ``restart`` True for such a keyframe (a fresh decoder may start there).
+    keyframe that starts a closed GOP (none of the packets read after it shows before it, and ``fresh`` says a
+    fresh decoder gets it right: not a mere recovery point), with no target in between; ``restart`` True for
+    such a keyframe (a fresh decoder may start there).
     A timestamp that breaks these assumptions (missing, repeated, reordered too far) raises _Inexact."""
 
     #: packets after a keyframe that must show after it for its GOP to count as closed
     CLOSED_AFTER = 16
 
-    def __init__(self, depth: int, wanted: Callable[[int], bool], index: Any = None) -> None:
+    def __init__(
+        self, depth: int, wanted: Callable[[int], bool], index: Any = None, fresh: Optional[Callable] = None
+    ) -> None:
         self.depth = depth
         self.wanted = wanted
+        # does a keyframe packet start a picture that a fresh decoder gets right (_nal)?
+        self.fresh = fresh or (lambda packet: True)
+        self.checked: tuple = (None, False)  # the last keyframe checked by fresh, and the answer
         self.window: collections.deque = collections.deque()  # packets read, not yet fed
         self.active: list = []  # sorted timestamps of shown packets, but those retired
         self.retired = 0  # shown packets whose timestamps are below every later one
@@ -428,7 +438,11 @@ class _Lookahead:
         window = self.window
         if len(window) - first < self.CLOSED_AFTER:
             return False
-        return all(window[j].pts > key.pts for j in range(first, first + self.CLOSED_AFTER))
+        if not all(window[j].pts > key.pts for j in range(first, first + self.CLOSED_AFTER)):
+            return False
+        if self.checked[0] is not key:
+            self.checked = (key, self.fresh(key))
+        return self.checked[1]
 
     def _retire(self) -> None:
         """Keep ``active`` short: timestamps below every packet still in the window are final."""

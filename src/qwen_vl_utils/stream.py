@@ -585,12 +585,13 @@ class _Run:
             target = math.ceil((self.grid.first / self.grid.fps - _EPS / self.grid.fps) * self.fps)
             key = index.keyframe_before(min(max(0, target), len(index.pts) - 1))
             for _ in range(3):  # a seek by timestamp can land past the keyframe (MPEG-TS): then one further back
-                if key == 0:
+                if key == 0:  # (and a keyframe that is a mere recovery point is struck: one further back)
                     break
                 container.seek(index.keyframe_pts(key), stream=stream, backward=True, any_frame=False)
                 packets = _from_keyframe(container.demux(stream))
                 first = next(packets, None)
-                if first is not None and first.pts is not None and first.pts <= index.keyframe_pts(key):
+                landed = first is not None and first.pts is not None and first.pts <= index.keyframe_pts(key)
+                if landed and index.fresh_start(first):
                     return index, _shown_packets(itertools.chain([first], packets))
                 key = index.keyframe_before(key - 1)
         container.seek(0)

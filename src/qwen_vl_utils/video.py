@@ -270,13 +270,21 @@ _warned_lock = threading.Lock()
 _warned: set = set()
 
 
-def _backend_for(name: str, info: VideoInfo, source_name: str) -> Any:
+def _backend_for(name: str, info: VideoInfo, source: Any) -> Any:
     module = _backends.load_backend(name)
     reason = module.unsupported(info)
+    if reason is None and getattr(module, "SEEKS_TO_FLAGGED_KEYFRAMES", False) and info.codec in ("h264", "hevc"):
+        from ._probe import recovery_point_keyframes
+
+        if recovery_point_keyframes(source):
+            reason = (
+                "its keyframes after the first are recovery points (intra refresh), not IDR frames: decoding "
+                "from them gives wrong frames (decord 0.6 returns them) or none (torchcodec 0.13 fails)"
+            )
     if reason is None:
         return module
     warnings.warn(
-        f"qwen-vl-utils: the {name} backend cannot decode {source_name}: {reason}. Decoding it with pyav instead "
+        f"qwen-vl-utils: the {name} backend cannot decode {source.name}: {reason}. Decoding it with pyav instead "
         "(set FORCE_QWENVL_VIDEO_READER or the element's 'video_reader' to choose a backend).",
         BackendFallbackWarning,
         stacklevel=4,
@@ -560,7 +568,7 @@ def decode_video(
             )
         except AspectRatioError as exc:
             raise AspectRatioError(f"video {source.name}: {exc}") from None
-        module = _backend_for(name, info, source.name)
+        module = _backend_for(name, info, source)
         frames = _read_frames(module, source, info, plan, size, on_frame, allocate)
     metadata = {
         "fps": info.fps,

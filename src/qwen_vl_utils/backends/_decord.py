@@ -19,6 +19,10 @@ NAME = "decord"
 APPLIES_ROTATION = False
 
 
+#: it seeks to the keyframes the container flags, mere recovery points too (see video._backend_for)
+SEEKS_TO_FLAGGED_KEYFRAMES = True
+
+
 def unsupported(info: VideoInfo) -> Optional[str]:
     if info.codec in ("av1", "libdav1d", "libaom-av1"):
         return "decord 0.6 bundles an FFmpeg that cannot decode AV1"

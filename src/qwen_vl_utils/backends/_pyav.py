@@ -12,6 +12,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .._mp4 import sample_table
+from .._nal import fresh_start_check
 from .._probe import VideoInfo, open_container
 from .._sources import Source
 from .._util import usable_cpus
@@ -52,6 +53,8 @@ class _Index:
         self.key_pts = [starts[o] for o in self.keyframes] if starts else self.pts[:1]
         # hidden packets between shown ones (an edit list of several edits): decode straight through instead
         self.hidden_inside = bool(self.pts) and any(self.pts[0] < h < self.pts[-1] for h in hidden)
+        self.check_start = fresh_start_check(stream.codec_context)
+        self.struck: set = set()  # pts of keyframes found to be mere recovery points: no decode starts there
 
     def byte_ranges(self, targets: list, slack: int = 4) -> list:
         """Byte ranges of the packets that decoding ``targets`` reads: from each target's keyframe to the
@@ -85,7 +88,18 @@ class _Index:
         return o
 
     def keyframe_before(self, target: int) -> int:
-        return self.keyframes[max(0, bisect.bisect_right(self.keyframes, target) - 1)]
+        i = max(0, bisect.bisect_right(self.keyframes, target) - 1)
+        while i > 0 and self.key_pts[i] in self.struck:
+            i -= 1
+        return self.keyframes[i]
+
+    def fresh_start(self, packet: Any) -> bool:
+        """Does a fresh decoder get the frames right from this keyframe packet on? If not, the keyframe is
+        struck: decoding never starts there again (found when first sought, not by reading every keyframe)."""
+        if self.check_start(packet):
+            return True
+        self.struck.add(packet.pts)
+        return False
 
     def keyframe_pts(self, key: int) -> int:
         """The pts of the keyframe that decoding from ordinal ``key`` (a ``keyframe_before``) starts at."""
@@ -318,9 +332,11 @@ SEEK_RETRIES = 4
 
 def _packets_from(container: Any, stream: Any, index: _Index, key: int) -> Iterator[Any]:
     """Packets from a keyframe at or before ordinal ``key``. A seek that lands after it (an MPEG-TS seek can
-    overshoot to a later keyframe) is retried from an earlier keyframe, finally from the first."""
+    overshoot to a later keyframe) is retried from an earlier keyframe, finally from the first. A keyframe that
+    is only a recovery point (:mod:`_nal`) is struck from the index and decoding starts at an earlier one."""
     start: Optional[int] = key
-    for attempt in range(SEEK_RETRIES + 2):
+    overshoots = 0
+    while True:
         if start is None:  # the last resort: the container's very beginning
             container.seek(0)
         else:
@@ -328,10 +344,16 @@ def _packets_from(container: Any, stream: Any, index: _Index, key: int) -> Itera
         packets = container.demux(stream)
         first = next((p for p in packets if p.size and p.pts is not None), None)
         landed = None if first is None else index.ordinal_of(first.pts)
-        if first is None or landed is None or landed <= key or start is None:
+        if first is None or landed is None or start is None:
             break
-        earlier = index.keyframe_before(start - 1) if start > index.keyframes[0] else None
-        start = None if earlier is None or attempt + 1 >= SEEK_RETRIES else earlier
+        if landed > key:
+            overshoots += 1
+            past = start if overshoots < SEEK_RETRIES else index.keyframes[0]
+        elif first.is_keyframe and not index.fresh_start(first):
+            past = min(start, landed)
+        else:
+            break
+        start = index.keyframe_before(past - 1) if past > index.keyframes[0] else None
     if first is not None:
         yield first
     yield from packets

@@ -17,6 +17,10 @@ NAME = "torchcodec"
 APPLIES_ROTATION = True  # torchcodec >= 0.8 turns frames upright from the display matrix
 
 
+#: it seeks to the keyframes the container flags, mere recovery points too (see video._backend_for)
+SEEKS_TO_FLAGGED_KEYFRAMES = True
+
+
 def unsupported(info: VideoInfo) -> Optional[str]:
     return timeline_gaps(info, "torchcodec 0.13")
 
