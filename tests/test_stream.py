@@ -147,8 +147,11 @@ FILES = ["h264-bframes.mp4", "h264.ts", "hevc.mkv", "vp9.webm", "mpeg4.avi", "ro
 # --- files: the same frames as fetch_video ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("cpus", [1, 2])
 @pytest.mark.parametrize("name", FILES)
-def test_file_chunks_equal_fetch_video_frames(files, name):
+def test_file_chunks_equal_fetch_video_frames(files, name, cpus, monkeypatch):
+    """One decoder, or segments decoded in parallel: the same frames."""
+    monkeypatch.setattr(st, "usable_cpus", lambda: cpus)
     path = files[name]
     chunks = collect(q.stream_video({"video": str(path), "fps": 2.0}, 1.0, 14))
     info = probe_video(resolve_source(str(path), "video", get_fetch_policy()))
