@@ -7,7 +7,7 @@ import subprocess
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import av
 import numpy as np
@@ -137,7 +137,9 @@ def make_video(
     return path
 
 
-def make_intra_refresh(path: Path, frames: int = 240, width: int = 320, height: int = 192) -> Path:
+def make_intra_refresh(
+    path: Path, frames: int = 240, width: int = 320, height: int = 192, bframes: int = 0, container: Any = None
+) -> Path:
     """H.264 with x264's intra refresh (as low-latency encoders write it): one IDR frame, then every 24 frames a
     keyframe that is only a recovery point. Noise that moves, so that a frame decoded without its references
     is visibly wrong."""
@@ -148,8 +150,10 @@ def make_intra_refresh(path: Path, frames: int = 240, width: int = 320, height: 
         frame[: 20 + i % 150, :40] = (i * 5) % 256
         return frame
 
-    options = {"x264-params": "intra-refresh=1:keyint=24", "bf": "0", "g": "24"}
-    return make_video(path, frames=frames, width=width, height=height, pattern=textured, options=options)
+    options = {"x264-params": "intra-refresh=1:keyint=24", "bf": str(bframes), "g": "24"}
+    return make_video(
+        path, frames=frames, width=width, height=height, pattern=textured, options=options, container=container
+    )
 
 
 def played_frames(path: Path) -> list[np.ndarray]:
@@ -168,7 +172,7 @@ def keyframe_starts(path: Path) -> list[bool]:
             if not (packet.size and packet.is_keyframe):
                 continue
             data = bytes(packet)
-            if container.format.name.startswith("mov"):
+            if container.format.name.startswith(("mov", "matroska")):
                 kinds, i = [], 0
                 while i + 4 < len(data):
                     kinds.append(data[i + 4] & 0x1F)

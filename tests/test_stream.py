@@ -405,6 +405,25 @@ def test_idr_keyframes_are_fresh_starts(tmp_path, codec, container, options):
     assert len(verdicts) >= 4 and all(verdicts)
 
 
+@pytest.mark.parametrize("container", ["mp4", "mpegts"])
+def test_h264_open_gop_keyframes_are_fresh_starts(tmp_path, container):
+    """x264's open GOPs: keyframes that are non-IDR I-frames whose recovery point SEI says they are exact at once
+    (recovery_frame_cnt 0): fresh starts, so the PyAV backend still seeks to them (striking them would make
+    it decode every file of this kind from the start)."""
+    import av
+
+    from qwen_vl_utils._nal import fresh_start_check
+
+    options = {"x264-params": "open-gop=1:keyint=24", "bf": "3"}
+    path = make_video(tmp_path / "v", container=container, frames=120, options=options)
+    assert not all(keyframe_starts(path)[1:]), "the file must have non-IDR keyframes"
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        check = fresh_start_check(stream.codec_context)
+        verdicts = [check(p) for p in c.demux(stream) if p.size and p.is_keyframe]
+    assert len(verdicts) >= 4 and all(verdicts)
+
+
 def test_recovery_point_keyframes_are_not_fresh_starts(intra_refresh):
     import av
 

@@ -471,7 +471,10 @@ def test_torchvision_backend_says_it_uses_pyav(h264, caplog, monkeypatch):
 @pytest.fixture(scope="module")
 def intra_refresh(tmp_path_factory):
     folder = tmp_path_factory.mktemp("intra-refresh")
-    return {ext: make_intra_refresh(folder / f"refresh.{ext}") for ext in ("mp4", "ts")}
+    made = {ext: make_intra_refresh(folder / f"refresh.{ext}") for ext in ("mp4", "ts", "mkv")}
+    for ext in ("mp4", "ts"):  # B-frames: an MPEG-TS seek (by dts) lands on a B-frame after the keyframe
+        made[f"{ext}-b"] = make_intra_refresh(folder / f"refresh-b.{ext}", bframes=3)
+    return made
 
 
 def _assert_played(video, meta, played):
@@ -482,11 +485,12 @@ def _assert_played(video, meta, played):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_intra_refresh_keyframes_are_not_where_decoding_starts(intra_refresh, backend):
+@pytest.mark.parametrize("kind", ["mp4", "mkv", "mp4-b"])
+def test_intra_refresh_keyframes_are_not_where_decoding_starts(intra_refresh, backend, kind):
     """x264's intra refresh flags recovery points as keyframes: decoding from one gives wrong frames (decord 0.6
     returned them, PyAV's seek did too) or none (torchcodec 0.13). Every target comes out as a player shows it;
     the backends that seek to flagged keyframes hand the file to PyAV with one warning."""
-    path = intra_refresh["mp4"]
+    path = intra_refresh[kind]
     starts = keyframe_starts(path)
     assert starts[0] and len(starts) >= 8 and not any(starts[1:]), "the file must have recovery-point keyframes"
     with warnings.catch_warnings(record=True) as record:
@@ -506,7 +510,7 @@ def test_intra_refresh_keyframes_are_not_where_decoding_starts(intra_refresh, ba
     _assert_played(video, meta, played_frames(path))
 
 
-@pytest.mark.parametrize("ext", ["mp4", "ts"])
+@pytest.mark.parametrize("ext", ["mp4", "ts", "mkv", "ts-b"])
 @pytest.mark.parametrize("start", [None, 5.2, 9.0])
 def test_intra_refresh_windows_and_containers_on_pyav(intra_refresh, ext, start):
     """Length-prefixed (MP4) and Annex B (MPEG-TS) packets; a window that starts past recovery points."""

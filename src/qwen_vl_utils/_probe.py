@@ -137,9 +137,14 @@ def probe_video(source: Source) -> VideoInfo:
         container.close()
 
 
+#: keyframes after the first that :func:`recovery_point_keyframes` reads, and packets it reads at most
+RECOVERY_KEYFRAMES, RECOVERY_PACKETS = 3, 3000
+
+
 def recovery_point_keyframes(source: Source) -> bool:
-    """Are the keyframes after the first mere recovery points (:mod:`_nal`: x264's intra refresh), judged by the
-    second keyframe of the container's index? One seek and one packet; False where there is no index to ask."""
+    """Are the keyframes after the first mere recovery points (:mod:`_nal`: x264's intra refresh)? Judged by the
+    next :data:`RECOVERY_KEYFRAMES` keyframe packets, read from the start without decoding (container indexes
+    do not list them all: MPEG-TS has none, Matroska's cues few): True when none of them is a fresh start."""
     from ._nal import fresh_start_check
 
     container = open_container(source)
@@ -147,18 +152,13 @@ def recovery_point_keyframes(source: Source) -> bool:
         stream = container.streams.video[0]
         if stream.codec_context.name not in ("h264", "hevc"):
             return False
-        entries = getattr(stream, "index_entries", None) or ()
-        keys = list(itertools.islice((e for e in entries if e.is_keyframe and not e.is_discard), 2))
-        if len(keys) < 2:
-            return False
-        container.seek(keys[1].timestamp, stream=stream, backward=True, any_frame=False)
-        packet = next((p for p in container.demux(stream) if p.size), None)
-        if packet is None or packet.dts != keys[1].timestamp or not packet.is_keyframe:  # (the index holds dts)
-            return False
-        return not fresh_start_check(stream.codec_context)(packet)
+        check = fresh_start_check(stream.codec_context)
+        keys = (p for p in itertools.islice(container.demux(stream), RECOVERY_PACKETS) if p.size and p.is_keyframe)
+        verdicts = [check(p) for p in itertools.islice(keys, 1 + RECOVERY_KEYFRAMES)][1:]
+        return bool(verdicts) and not any(verdicts)
     except QwenVLError:
         raise
-    except Exception:  # an index that cannot be followed: nothing to say
+    except Exception:  # packets that cannot be read: the backend will say so itself
         return False
     finally:
         container.close()

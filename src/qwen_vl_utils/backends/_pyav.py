@@ -50,6 +50,7 @@ class _Index:
         # each keyframe as (ordinal of the first shown frame at or after it, its pts); of two, the later
         starts = {bisect.bisect_left(self.pts, k): k for k in sorted(keys)}
         self.keyframes = sorted(starts) or [0]
+        self.flagged = bool(starts)  # the container flags keyframes (else decoding starts wherever a seek lands)
         self.key_pts = [starts[o] for o in self.keyframes] if starts else self.pts[:1]
         # hidden packets between shown ones (an edit list of several edits): decode straight through instead
         self.hidden_inside = bool(self.pts) and any(self.pts[0] < h < self.pts[-1] for h in hidden)
@@ -342,11 +343,13 @@ def _packets_from(container: Any, stream: Any, index: _Index, key: int) -> Itera
         else:
             container.seek(index.keyframe_pts(start), stream=stream, backward=True, any_frame=False)
         packets = container.demux(stream)
-        first = next((p for p in packets if p.size and p.pts is not None), None)
-        landed = None if first is None else index.ordinal_of(first.pts)
-        if first is None or landed is None or start is None:
+        # from the first keyframe packet: a seek by dts (MPEG-TS) can land on a B-frame just after the keyframe
+        any_packet = start is None or not index.flagged
+        first = next((p for p in packets if p.size and p.pts is not None and (p.is_keyframe or any_packet)), None)
+        if start is None:
             break
-        if landed > key:
+        landed = None if first is None else index.ordinal_of(first.pts)
+        if landed is None or landed > key:  # past the keyframe asked for, or no keyframe after the landing
             overshoots += 1
             past = start if overshoots < SEEK_RETRIES else index.keyframes[0]
         elif first.is_keyframe and not index.fresh_start(first):
@@ -354,9 +357,9 @@ def _packets_from(container: Any, stream: Any, index: _Index, key: int) -> Itera
         else:
             break
         start = index.keyframe_before(past - 1) if past > index.keyframes[0] else None
-    if first is not None:
+    if first is not None:  # (an exhausted PyAV demuxer raises StopIteration again: not followed)
         yield first
-    yield from packets
+        yield from packets
 
 
 def _seek(container: Any, stream: Any, index: _Index, key: int, wanted: set, careful_until: int) -> Iterator[Any]:
