@@ -14,12 +14,15 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Optional
 
+#: the codecs whose keyframes are checked; every keyframe of another codec counts as a fresh start
+CHECKED = frozenset({"h264", "hevc"})
+
 
 def fresh_start_check(cc: Any) -> Callable[[Any], bool]:
     """For a stream's codec context: a test of whether a keyframe packet starts a picture that a fresh decoder
     decodes exactly as one that started at the beginning. True for every packet of codecs not checked here."""
     name = cc.name
-    if name not in ("h264", "hevc"):
+    if name not in CHECKED:
         return lambda packet: True
     extradata = bytes(cc.extradata or b"")
     length = 0  # the size of the NAL length prefix in MP4/MKV (avcC/hvcC); 0: Annex B start codes

@@ -145,12 +145,12 @@ def recovery_point_keyframes(source: Source) -> bool:
     """Are the keyframes after the first mere recovery points (:mod:`_nal`: x264's intra refresh)? Judged by the
     next :data:`RECOVERY_KEYFRAMES` keyframe packets, read from the start without decoding (container indexes
     do not list them all: MPEG-TS has none, Matroska's cues few): True when none of them is a fresh start."""
-    from ._nal import fresh_start_check
+    from ._nal import CHECKED, fresh_start_check
 
     container = open_container(source)
     try:
         stream = container.streams.video[0]
-        if stream.codec_context.name not in ("h264", "hevc"):
+        if stream.codec_context.name not in CHECKED:
             return False
         check = fresh_start_check(stream.codec_context)
         keys = (p for p in itertools.islice(container.demux(stream), RECOVERY_PACKETS) if p.size and p.is_keyframe)

@@ -273,10 +273,11 @@ _warned: set = set()
 def _backend_for(name: str, info: VideoInfo, source: Any) -> Any:
     module = _backends.load_backend(name)
     reason = module.unsupported(info)
-    if reason is None and getattr(module, "SEEKS_TO_FLAGGED_KEYFRAMES", False) and info.codec in ("h264", "hevc"):
+    if reason is None and getattr(module, "SEEKS_TO_FLAGGED_KEYFRAMES", False):
+        from ._nal import CHECKED
         from ._probe import recovery_point_keyframes
 
-        if recovery_point_keyframes(source):
+        if info.codec in CHECKED and recovery_point_keyframes(source):
             reason = (
                 "its keyframes after the first are recovery points (intra refresh), not IDR frames: decoding "
                 "from them gives wrong frames (decord 0.6 returns them) or none (torchcodec 0.13 fails)"
