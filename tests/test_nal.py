@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from qwen_vl_utils._nal import fresh_start_check
+from qwen_vl_utils._nal import fresh_start_check, recovery_point_check
 
 SPS, PPS, AUD = b"\x67\x64\x00\x1f\xac", b"\x68\xee\x3c\x80", b"\x09\xf0"
 IDR, SLICE = b"\x65\x88\x84\x00\x21", b"\x41\x9a\x02\x04\x30"  # nal_unit_type 5, 1
@@ -81,6 +81,17 @@ def test_h264_recovery_point_sei(count, fresh):
     over later frames (intra refresh) is not."""
     assert check("h264", avcc(4), prefixed([recovery_point(count), SLICE])) is fresh
     assert check("h264", b"", annex_b([AUD, recovery_point(count), SLICE])) is fresh
+
+
+def test_only_a_recovery_point_that_recovers_later_counts_as_one():
+    """What makes decord and torchcodec hand a file to PyAV: a recovery point SEI with a count above 0 (intra
+    refresh), not a non-IDR keyframe without one (x264 scene cuts with one reference frame), nor an IDR."""
+    cc = SimpleNamespace(name="h264", extradata=avcc(4))
+    assert recovery_point_check(cc)(prefixed([recovery_point(18), SLICE]))
+    assert not recovery_point_check(cc)(prefixed([recovery_point(0), SLICE]))
+    assert not recovery_point_check(cc)(prefixed([SLICE]))
+    assert not recovery_point_check(cc)(prefixed([recovery_point(18), IDR]))
+    assert not recovery_point_check(SimpleNamespace(name="vp9", extradata=b""))(b"\x00")
 
 
 def hevc_nal(kind: int) -> bytes:

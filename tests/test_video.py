@@ -510,6 +510,31 @@ def test_intra_refresh_keyframes_are_not_where_decoding_starts(intra_refresh, ba
     _assert_played(video, meta, played_frames(path))
 
 
+@pytest.mark.parametrize("backend", ["decord", "torchcodec"])
+def test_non_idr_keyframes_without_a_recovery_point_stay_on_their_backend(tmp_path, backend):
+    """x264 with one reference frame flags scene-cut I-frames that are not IDR as keyframes, with no recovery
+    point SEI: decoding from them is exact, so decord and torchcodec keep such files (no fallback)."""
+    if not (DECORD if backend == "decord" else TORCHCODEC) and not REQUIRE:
+        pytest.skip(f"{backend} is not installed")
+    scenes = [np.random.default_rng(k).integers(0, 256, (112, 224, 3), dtype=np.uint8) for k in range(10)]
+    options = {"bf": "0", "g": "300", "x264-params": "ref=1:min-keyint=151:scenecut=40:keyint=300"}
+    path = make_video(
+        tmp_path / "scenes.mp4",
+        frames=300,
+        width=224,
+        height=112,
+        fps=30,
+        pattern=lambda i, w, h: np.roll(scenes[i // 30 % 10], i * 2, axis=1),
+        options=options,
+    )
+    starts = keyframe_starts(path)
+    assert len(starts) >= 5 and not any(starts[1:4]), "the keyframes read by the check must be non-IDR"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackendFallbackWarning)
+        _, meta = fetch_video({"video": str(path), "nframes": 8}, return_video_metadata=True, backend=backend)
+    assert meta["video_backend"] == backend
+
+
 @pytest.mark.parametrize("ext", ["mp4", "ts", "mkv", "ts-b"])
 @pytest.mark.parametrize("start", [None, 5.2, 9.0])
 def test_intra_refresh_windows_and_containers_on_pyav(intra_refresh, ext, start):

@@ -21,9 +21,32 @@ CHECKED = frozenset({"h264", "hevc"})
 def fresh_start_check(cc: Any) -> Callable[[Any], bool]:
     """For a stream's codec context: a test of whether a keyframe packet starts a picture that a fresh decoder
     decodes exactly as one that started at the beginning. True for every packet of codecs not checked here."""
+    inspect = _inspector(cc)
+    if inspect is None:
+        return lambda packet: True
+    return lambda packet: inspect(packet)[0]
+
+
+def recovery_point_check(cc: Any) -> Callable[[Any], bool]:
+    """A test of whether a keyframe packet is a picture that a recovery point SEI says recovers only frames later
+    (x264's intra refresh). Narrower than ``not fresh``: a non-IDR I-frame flagged as a keyframe without any
+    such SEI (x264 with one reference frame and scene cuts) is no fresh start here, but is not one either."""
+    inspect = _inspector(cc)
+    if inspect is None:
+        return lambda packet: False
+
+    def check(packet: Any) -> bool:
+        fresh, frames = inspect(packet)
+        return not fresh and bool(frames)
+
+    return check
+
+
+def _inspector(cc: Any) -> Optional[Callable[[Any], tuple]]:
+    """For H.264 and HEVC: packet -> (fresh start?, the recovery_frame_cnt of its recovery point SEI or None)."""
     name = cc.name
     if name not in CHECKED:
-        return lambda packet: True
+        return None
     extradata = bytes(cc.extradata or b"")
     length = 0  # the size of the NAL length prefix in MP4/MKV (avcC/hvcC); 0: Annex B start codes
     # (FFmpeg's own tests: avcC starts with version 1; hvcC is anything but a start code, version 0 included)
@@ -33,19 +56,20 @@ def fresh_start_check(cc: Any) -> Callable[[Any], bool]:
         length = (extradata[4] & 3) + 1
     first_picture = _h264_first_picture if name == "h264" else _hevc_first_picture
 
-    def check(packet: Any) -> bool:
+    def inspect(packet: Any) -> tuple:
         data = memoryview(packet) if length else bytes(packet)
-        exact_recovery = False  # an H.264 recovery point SEI with recovery_frame_cnt 0 (an open GOP's I-frame)
+        recovery: Optional[int] = None  # an open GOP's I-frame says 0; an intra refresh wave, its length
         for nal in _length_prefixed(data, length) if length else _annex_b(data):
             if name == "h264" and nal[0] & 0x1F == 6:
-                exact_recovery = exact_recovery or _recovery_frame_count(nal) == 0
+                found = _recovery_frame_count(nal)
+                recovery = found if recovery is None else recovery
                 continue
-            verdict = first_picture(nal[0], exact_recovery)
+            verdict = first_picture(nal[0], recovery == 0)
             if verdict is not None:
-                return verdict
-        return False  # no picture found in the packet: do not start there
+                return verdict, recovery
+        return False, recovery  # no picture found in the packet: do not start there
 
-    return check
+    return inspect
 
 
 def _h264_first_picture(header: int, exact_recovery: bool) -> Optional[bool]:

@@ -144,18 +144,19 @@ RECOVERY_KEYFRAMES, RECOVERY_PACKETS = 3, 3000
 def recovery_point_keyframes(source: Source) -> bool:
     """Are the keyframes after the first mere recovery points (:mod:`_nal`: x264's intra refresh)? Judged by the
     next :data:`RECOVERY_KEYFRAMES` keyframe packets, read from the start without decoding (container indexes
-    do not list them all: MPEG-TS has none, Matroska's cues few): True when none of them is a fresh start."""
-    from ._nal import CHECKED, fresh_start_check
+    do not list them all: MPEG-TS has none, Matroska's cues few): True when each of them is a picture that a
+    recovery point SEI says recovers only frames later."""
+    from ._nal import CHECKED, recovery_point_check
 
     container = open_container(source)
     try:
         stream = container.streams.video[0]
         if stream.codec_context.name not in CHECKED:
             return False
-        check = fresh_start_check(stream.codec_context)
+        check = recovery_point_check(stream.codec_context)
         keys = (p for p in itertools.islice(container.demux(stream), RECOVERY_PACKETS) if p.size and p.is_keyframe)
         verdicts = [check(p) for p in itertools.islice(keys, 1 + RECOVERY_KEYFRAMES)][1:]
-        return bool(verdicts) and not any(verdicts)
+        return bool(verdicts) and all(verdicts)
     except QwenVLError:
         raise
     except Exception:  # packets that cannot be read: the backend will say so itself
