@@ -146,14 +146,12 @@ def recovery_point_keyframes(source: Source) -> bool:
     next :data:`RECOVERY_KEYFRAMES` keyframe packets, read from the start without decoding (container indexes
     do not list them all: MPEG-TS has none, Matroska's cues few): True when each of them is a picture that a
     recovery point SEI says recovers only frames later."""
-    from ._nal import CHECKED, recovery_point_check
+    from ._nal import recovery_point_check
 
     container = open_container(source)
     try:
         stream = container.streams.video[0]
-        if stream.codec_context.name not in CHECKED:
-            return False
-        check = recovery_point_check(stream.codec_context)
+        check = recovery_point_check(stream.codec_context)  # False for every packet of codecs it does not check
         keys = (p for p in itertools.islice(container.demux(stream), RECOVERY_PACKETS) if p.size and p.is_keyframe)
         verdicts = [check(p) for p in itertools.islice(keys, 1 + RECOVERY_KEYFRAMES)][1:]
         return bool(verdicts) and all(verdicts)
