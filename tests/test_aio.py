@@ -16,7 +16,8 @@ import pytest
 
 import qwen_vl_utils as q
 from httpfiles import FileServer
-from qwen_vl_utils import NetworkError, SourceNotFoundError, _sources, aio
+from qwen_vl_utils import NetworkError, SourceNotFoundError, aio
+from qwen_vl_utils.sources import _resolve as _sources
 from test_remote import textured_video
 
 from concurrency import InFlight

@@ -17,9 +17,10 @@ from PIL import Image
 
 import qwen_vl_utils as q
 from httpfiles import FileServer
-from qwen_vl_utils import FetchPolicy, _sources
-from qwen_vl_utils._cache import LOW_WATER, MediaCache
+from qwen_vl_utils import FetchPolicy
 from qwen_vl_utils._errors import describe
+from qwen_vl_utils.sources import _resolve as _sources
+from qwen_vl_utils.sources._cache import LOW_WATER, MediaCache
 
 from media import gradient, image_bytes, make_video
 
@@ -233,7 +234,7 @@ def test_describe_and_error_messages_hide_passwords(files):
 
 OTHER_PROCESS_STORES = """
 import sys, time
-from qwen_vl_utils._cache import LOW_WATER, MediaCache
+from qwen_vl_utils.sources._cache import LOW_WATER, MediaCache
 cache = MediaCache(sys.argv[1], int(sys.argv[2]), 3600)
 for i in range(int(sys.argv[3])):
     cache.store(f"http://other/{i}", None, bytes([i]) * 1000, '"o"', None)

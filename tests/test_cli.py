@@ -177,11 +177,11 @@ class _TTY:
 
 @pytest.mark.parametrize(("tty", "quiet", "shown"), [(True, False, True), (True, True, False), (False, False, False)])
 def test_progress_bar_only_on_a_terminal_after_a_second(monkeypatch, tty, quiet, shown):
-    from qwen_vl_utils import _cli
+    from qwen_vl_utils import _progress
 
     fake = _TTY(tty)
     monkeypatch.setattr(sys, "stderr", fake)
-    progress = _cli.Progress(not quiet)
+    progress = _progress.Progress(not quiet)
     progress.update(1, 4, "a")
     assert fake.text == "", "nothing in the first second"
     progress.start -= 2

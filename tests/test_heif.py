@@ -13,7 +13,7 @@ from PIL import Image, features
 
 import qwen_vl_utils as q
 from qwen_vl_utils import DecodeError, fetch_image
-from qwen_vl_utils._sources import sniff_media
+from qwen_vl_utils.sources._resolve import sniff_media
 
 from conftest import REQUIRE
 from media import EXIF_STORED, exif_stored

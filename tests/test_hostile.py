@@ -26,13 +26,12 @@ from qwen_vl_utils import (
     SourceNotAllowedError,
     SourceNotFoundError,
     SourceTooLargeError,
-    _http,
-    _policy,
-    _sources,
     fetch_image,
     fetch_video,
 )
 from qwen_vl_utils._util import usable_cpus
+from qwen_vl_utils.sources import _http, _policy
+from qwen_vl_utils.sources import _resolve as _sources
 
 from concurrency import InFlight, track_decodes
 from conftest import time_bound
@@ -759,7 +758,7 @@ def test_nothing_written_outside_the_library_tmpdir(tmp_path, server):
     tmp.mkdir()
     code = f"""
 import os, qwen_vl_utils as q
-from qwen_vl_utils import _sources
+from qwen_vl_utils.sources import _resolve as _sources
 q.fetch_video({{"video": {url!r}}})
 try:
     q.fetch_video({{"video": {bad!r}}})

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from qwen_vl_utils._nal import fresh_start_check, recovery_point_check
+from qwen_vl_utils.container._nal import fresh_start_check, recovery_point_check
 
 SPS, PPS, AUD = b"\x67\x64\x00\x1f\xac", b"\x68\xee\x3c\x80", b"\x09\xf0"
 IDR, SLICE = b"\x65\x88\x84\x00\x21", b"\x41\x9a\x02\x04\x30"  # nal_unit_type 5, 1

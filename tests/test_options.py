@@ -262,3 +262,66 @@ def test_rates_beyond_any_video_are_refused(key):
     frames = np.zeros((4, 8, 8, 3), np.uint8)
     with pytest.raises(q.InvalidOptionError, match=f"{key}.*<= 1e"):
         q.fetch_video({"video": frames, key: 1e308})
+
+
+# --- checked once, where the element enters ---------------------------------------------------------------------
+
+
+class _Counting(dict):
+    """An element that counts the reads of each key."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reads = {}
+
+    def get(self, key, default=None):
+        self.reads[key] = self.reads.get(key, 0) + 1
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.reads[key] = self.reads.get(key, 0) + 1
+        return super().__getitem__(key)
+
+
+def _stream_first_chunk(ele):
+    with q.stream_video(ele, 1.0) as stream:
+        return next(stream)
+
+
+ONCE_CALLS = {
+    "fetch_video": lambda ele: q.fetch_video(ele, return_video_metadata=True),
+    "fetch_image": q.fetch_image,
+    "count_visual_tokens": q.count_visual_tokens,
+    "process_vision_info": _process,
+    "stream_video": _stream_first_chunk,
+}
+
+
+@pytest.mark.parametrize(
+    ("call", "form", "keys"),
+    [
+        ("fetch_video", "file", {"fps": 4, "min_frames": 2, "max_pixels": 150000, "video_end": 0.9}),
+        ("fetch_video", "frames", {"sample_fps": 3, "min_pixels": 3000, "max_pixels": 20000}),
+        ("fetch_video", "array", {"fps": 3, "min_pixels": 3000, "max_pixels": 20000, "dtype": "uint8"}),
+        ("count_visual_tokens", "file", {"nframes": 4, "total_pixels": 90000, "video_start": 0.1}),
+        ("count_visual_tokens", "frames", {"fps": 3, "min_pixels": 3000, "max_pixels": 20000}),
+        ("count_visual_tokens", "image", {"min_pixels": 3136, "max_pixels": 40000}),
+        ("fetch_image", "image", {"min_pixels": 3136, "max_pixels": 40000, "jpeg_draft": False}),
+        ("process_vision_info", "file", {"fps": 4, "max_pixels": 150000}),
+        ("process_vision_info", "image", {"resized_height": 56, "resized_width": 84}),
+        ("stream_video", "file", {"fps": 2, "max_pixels": 150000, "video_start": 0.0}),
+    ],
+)
+def test_each_option_is_read_once_per_call(video, call, form, keys):
+    """An element's options are checked where it enters and travel inward as checked values: each key is read
+    exactly once per call (the video path read some keys six times: in fetch_video, decode_video, plan_frames,
+    smart_nframes, video_frame_size and the frame-list metadata)."""
+    sources = {
+        "file": {"video": video},
+        "frames": {"video": [PNG, PNG, PNG]},
+        "array": {"video": np.zeros((3, 32, 48, 3), np.uint8)},
+        "image": {"image": PNG},
+    }
+    ele = _Counting({"type": "image" if form == "image" else "video", **sources[form], **keys})
+    ONCE_CALLS[call](ele)
+    assert {key: ele.reads.get(key, 0) for key in keys} == dict.fromkeys(keys, 1)

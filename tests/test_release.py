@@ -84,8 +84,8 @@ def release_check(source: Path, tools: Path) -> str:
 BREAKS = {
     # a module only the console script imports: `import qwen_vl_utils` alone would not notice
     "module removed": (
-        lambda tree: (tree / "src/qwen_vl_utils/_cli.py").unlink(),
-        "No module named 'qwen_vl_utils._cli'",
+        lambda tree: (tree / "src/qwen_vl_utils/cli/_main.py").unlink(),
+        "No module named 'qwen_vl_utils.cli._main'",
     ),
     # imported by `import qwen_vl_utils`
     "pillow in an extra": (lambda tree: move_dependency_to_extra(tree, "pillow"), "No module named 'PIL'"),

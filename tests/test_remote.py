@@ -23,10 +23,10 @@ from qwen_vl_utils import (
     NetworkError,
     SourceNotAllowedError,
     SourceTooLargeError,
-    _http,
-    _remote,
-    _sources,
 )
+from qwen_vl_utils.sources import _http
+from qwen_vl_utils.sources import _ranges as _remote
+from qwen_vl_utils.sources import _resolve as _sources
 
 from media import gradient, image_bytes, make_video
 
@@ -460,7 +460,7 @@ def test_a_composition_offset_table_that_claims_too_many_samples_allocates_nothi
     import resource
     import struct
 
-    from qwen_vl_utils import _mp4
+    from qwen_vl_utils.container import _mp4
 
     good = textured_video(tmp_path / "b.mp4", frames=48)
     data = bytearray(good.read_bytes())

@@ -25,12 +25,13 @@ import pytest
 
 import qwen_vl_utils as q
 from httpfiles import FileServer
-from qwen_vl_utils import _stream_file as sf
-from qwen_vl_utils import stream as st
-from qwen_vl_utils._policy import get_fetch_policy
-from qwen_vl_utils._probe import probe_video
-from qwen_vl_utils._sources import library_tmpdir, resolve_source
 from qwen_vl_utils.backends import load_backend
+from qwen_vl_utils.container._probe import probe_video
+from qwen_vl_utils.sources import _resolve
+from qwen_vl_utils.sources._policy import get_fetch_policy
+from qwen_vl_utils.sources._resolve import library_tmpdir, resolve_source
+from qwen_vl_utils.stream import _file as sf
+from qwen_vl_utils.stream import _video_stream as st
 from qwen_vl_utils.video import FramePlan, _read_frames
 
 from media import (
@@ -395,7 +396,7 @@ def test_idr_keyframes_are_fresh_starts(tmp_path, codec, container, options):
     """Every keyframe of a closed-GOP H.264 or HEVC stream is an IDR picture, length-prefixed or Annex B."""
     import av
 
-    from qwen_vl_utils._nal import fresh_start_check
+    from qwen_vl_utils.container._nal import fresh_start_check
 
     path = make_video(tmp_path / "v", codec=codec, container=container, frames=60, options=options)
     with av.open(str(path)) as c:
@@ -412,7 +413,7 @@ def test_h264_open_gop_keyframes_are_fresh_starts(tmp_path, container):
     it decode every file of this kind from the start)."""
     import av
 
-    from qwen_vl_utils._nal import fresh_start_check
+    from qwen_vl_utils.container._nal import fresh_start_check
 
     options = {"x264-params": "open-gop=1:keyint=24", "bf": "3"}
     path = make_video(tmp_path / "v", container=container, frames=120, options=options)
@@ -427,7 +428,7 @@ def test_h264_open_gop_keyframes_are_fresh_starts(tmp_path, container):
 def test_recovery_point_keyframes_are_not_fresh_starts(intra_refresh):
     import av
 
-    from qwen_vl_utils._nal import fresh_start_check
+    from qwen_vl_utils.container._nal import fresh_start_check
 
     for path in intra_refresh.values():
         with av.open(str(path)) as c:
@@ -659,7 +660,7 @@ def test_without_range_support_chunks_come_before_the_whole_body(web, tmp_path):
         rest = list(stream)
     assert sent_at_first < len(data) * 0.8, "the first chunk came before most of the body had been sent"
     assert indices_of([first, *rest]) == grid_indices(120, 24, 2)
-    assert served.requests == [f"bytes=0-{q._sources.FIRST_BYTES - 1}"]  # one request: no download first
+    assert served.requests == [f"bytes=0-{_resolve.FIRST_BYTES - 1}"]  # one request: no download first
 
 
 def test_an_mp4_with_its_index_at_the_end_over_http_without_ranges(files, web):

@@ -19,9 +19,9 @@ import pytest
 
 import qwen_vl_utils as q
 from qwen_vl_utils import BackendFallbackWarning, fetch_video
-from qwen_vl_utils._policy import get_fetch_policy
-from qwen_vl_utils._probe import probe_video
-from qwen_vl_utils._sources import resolve_source
+from qwen_vl_utils.container._probe import probe_video
+from qwen_vl_utils.sources._policy import get_fetch_policy
+from qwen_vl_utils.sources._resolve import resolve_source
 from qwen_vl_utils.video import linspace_round
 
 from conftest import BACKENDS, DECORD, REQUIRE

@@ -16,8 +16,8 @@ from ._errors import (
     SourceNotFoundError,
     SourceTooLargeError,
 )
-from ._policy import FetchPolicy, get_fetch_policy, set_fetch_policy
 from ._version import __version__
+from .sources._policy import FetchPolicy, get_fetch_policy, set_fetch_policy
 from .video import BackendFallbackWarning
 from .vision_process import (
     FPS,

@@ -1,8 +1,8 @@
-"""``python -m qwen_vl_utils``: the command line (see ``qwen_vl_utils._cli``)."""
+"""``python -m qwen_vl_utils``: the command line (see ``qwen_vl_utils.cli``)."""
 
 import sys
 
-from ._cli import main
+from .cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

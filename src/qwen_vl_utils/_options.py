@@ -12,6 +12,11 @@ any download or decode) with an :class:`InvalidOptionError` that names the key, 
     check_backend(value, key) -> str | None   a backend name from ``backends.BACKENDS``
     check_number(value, key) -> number | None one numeric key, by the table below
 
+Options are checked once, where an element enters the library (``fetch_image``, ``fetch_video``,
+``count_visual_tokens``, ``stream_video``, the asyncio twins); the checked object travels inward. Both readers
+return an options object they are given unchanged, so a function that takes an element also takes its checked
+options, and checking again costs nothing.
+
 The options objects are frozen dataclasses holding the checked values, ``None`` for a key that is absent (a key
 whose value is ``None``, JSON's ``null``, counts as absent); defaults are applied by the readers, which know the
 patch factor. Numbers are ``int``/``float`` (numpy scalars too, never ``bool`` or strings, never NaN or
@@ -264,7 +269,10 @@ class VideoOptions:
 
 
 def image_options(ele: Any) -> ImageOptions:
-    """The checked options of an image element (``InvalidOptionError`` for a bad value)."""
+    """The checked options of an image element (``InvalidOptionError`` for a bad value); checked options are
+    returned as they are."""
+    if isinstance(ele, ImageOptions):
+        return ele
     ele = _element(ele, "an image")
     return ImageOptions(
         min_pixels=check_number(ele.get("min_pixels"), "min_pixels"),
@@ -290,7 +298,10 @@ _VIDEO_NUMBERS = (
 
 
 def video_options(ele: Any) -> VideoOptions:
-    """The checked options of a video element, for every video form (``InvalidOptionError`` for a bad value)."""
+    """The checked options of a video element, for every video form (``InvalidOptionError`` for a bad value);
+    checked options are returned as they are."""
+    if isinstance(ele, VideoOptions):
+        return ele
     ele = _element(ele, "a video")
     return VideoOptions(
         **{key: check_number(ele.get(key), key) for key in _VIDEO_NUMBERS},

@@ -29,11 +29,11 @@ from typing import Any, Callable, Optional, Union
 
 from . import _cancel
 from ._errors import InvalidOptionError, describe
-from ._options import patch_factor
-from ._policy import FetchPolicy, get_fetch_policy
-from ._sources import Source, resolve_source
+from ._options import image_options, patch_factor
 from ._util import usable_cpus
 from .image import load_image, resolve_image
+from .sources._policy import FetchPolicy, get_fetch_policy
+from .sources._resolve import Source, resolve_source
 from .video import fetch_video
 from .vision_process import assemble, count_visual_tokens, split_elements
 
@@ -250,10 +250,11 @@ async def afetch_image(
     ele: dict[str, Any], image_patch_size: int = 14, *, policy: Optional[FetchPolicy] = None
 ) -> Any:
     """:func:`~qwen_vl_utils.fetch_image`, awaited: the download, then the decode, each under its limit."""
+    options = image_options(ele)  # a bad option fails here, before any download
     factor = patch_factor(image_patch_size)
     policy = get_fetch_policy(policy)
     source = await _download(resolve_image, ele, policy)
-    return await _decode(source, load_image, source, ele, factor, policy)
+    return await _decode(source, load_image, source, options, factor, policy)
 
 
 async def afetch_video(

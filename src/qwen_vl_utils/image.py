@@ -10,17 +10,17 @@ import io
 import math
 import threading
 import warnings
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 from PIL import Image
 
 from . import _cancel
 from ._errors import AspectRatioError, DecodeError, InvalidOptionError, QwenVLError, SourceTooLargeError
-from ._options import SPATIAL_MERGE_SIZE, image_options, patch_factor
-from ._policy import FetchPolicy, get_fetch_policy
-from ._sources import HEIF_BRANDS, Source, resolve_source, sniff_media
+from ._options import SPATIAL_MERGE_SIZE, ImageOptions, image_options, patch_factor
 from ._util import env_flag, usable_cpus
+from .sources._policy import FetchPolicy, get_fetch_policy
+from .sources._resolve import HEIF_BRANDS, Source, resolve_source, sniff_media
 
 __all__ = [
     "IMAGE_MAX_TOKEN_NUM",
@@ -330,8 +330,8 @@ def decode_rgb(img: Image.Image, name: str) -> Image.Image:
     return rgb
 
 
-def image_target_size(ele: dict, width: int, height: int, factor: int) -> tuple[int, int]:
-    """(resized_height, resized_width) for an image element, as 0.0.14 computes it."""
+def image_target_size(ele: Union[dict, ImageOptions], width: int, height: int, factor: int) -> tuple[int, int]:
+    """(resized_height, resized_width) for an image element (or its checked options), as 0.0.14 computes it."""
     options = image_options(ele)
     if options.resized is not None:
         return smart_resize(*options.resized, factor=factor)
@@ -343,9 +343,9 @@ def image_target_size(ele: dict, width: int, height: int, factor: int) -> tuple[
 _patch_factor = patch_factor  # the name the rest of the package imports
 
 
-def _draft(img: Image.Image, ele: dict, rh: int, rw: int) -> None:
+def _draft(img: Image.Image, options: ImageOptions, rh: int, rw: int) -> None:
     """Opt-in JPEG draft decoding (DCT scaling) to at least the target size: faster, slightly different."""
-    draft = image_options(ele).jpeg_draft
+    draft = options.jpeg_draft
     if img.format != "JPEG" or not (env_flag("QWENVL_JPEG_DRAFT") if draft is None else draft):
         return
     if exif_orientation(img) in (5, 6, 7, 8):
@@ -365,27 +365,29 @@ def fetch_image(
     ``max_pixels``, ``resized_height``/``resized_width`` and ``jpeg_draft``. Returns an RGB PIL image whose
     sides are multiples of ``image_patch_size * 2``.
     """
+    options = image_options(ele)  # a bad option fails here, before any download
     factor = _patch_factor(image_patch_size)
     policy = get_fetch_policy(policy)
     with resolve_image(ele, policy) as source:
-        return load_image(source, ele, factor, policy)
+        return load_image(source, options, factor, policy)
 
 
-def resolve_image(ele: Any, policy: FetchPolicy) -> Source:
-    """The I/O half of ``fetch_image``: check the element and resolve (download, read) its source."""
-    image_options(ele)  # a bad option fails here, before any download
+def resolve_image(ele: dict, policy: FetchPolicy) -> Source:
+    """The I/O half of ``fetch_image``: resolve (download, read) the element's source. Its options are checked
+    before, by the caller (:func:`~qwen_vl_utils._options.image_options`), so a bad one fails before any
+    download."""
     return resolve_source(_image_source(ele), "image", policy)
 
 
-def load_image(source: Source, ele: dict, factor: int, policy: FetchPolicy) -> Image.Image:
+def load_image(source: Source, options: ImageOptions, factor: int, policy: FetchPolicy) -> Image.Image:
     """The CPU half of ``fetch_image``: size from the header, then decode and resize in a decode slot."""
     img = open_image(source, policy)
     width, height = oriented_size(img)
     try:
-        rh, rw = image_target_size(ele, width, height, factor)
+        rh, rw = image_target_size(options, width, height, factor)
     except AspectRatioError as exc:
         raise AspectRatioError(f"image {source.name}: {exc}") from None
-    _draft(img, ele, rh, rw)
+    _draft(img, options, rh, rw)
     with _DECODE_SLOTS:
         _cancel.check()  # a cancelled caller's images are not decoded
         rgb = decode_rgb(img, source.name)
@@ -397,14 +399,32 @@ def visual_tokens(height: int, width: int, factor: int, frames: int = 1, tempora
     return -(-frames // temporal_patch) * (height // factor) * (width // factor)
 
 
+class ImageFacts(NamedTuple):
+    """What :func:`fetch_image` would return for an element, known from the image's header."""
+
+    tokens: int
+    resized_height: int
+    resized_width: int
+    width: int  # the source's displayed (EXIF-oriented) size
+    height: int
+
+
+def describe_image(
+    ele: dict[str, Any], image_patch_size: int = 14, *, policy: Optional[FetchPolicy] = None
+) -> ImageFacts:
+    """Tokens and sizes of ``ele``'s output, from the image's header only (nothing is decoded)."""
+    options = image_options(ele)
+    factor = _patch_factor(image_patch_size)
+    policy = get_fetch_policy(policy)
+    with resolve_image(ele, policy) as source:
+        width, height = oriented_size(open_image(source, policy))
+    rh, rw = image_target_size(options, width, height, factor)
+    return ImageFacts(visual_tokens(rh, rw, factor), rh, rw, width, height)
+
+
 def image_token_count(
     ele: dict[str, Any], image_patch_size: int = 14, *, policy: Optional[FetchPolicy] = None
 ) -> tuple[int, int, int]:
     """(tokens, resized_height, resized_width) for an image element, from its header only."""
-    factor = _patch_factor(image_patch_size)
-    policy = get_fetch_policy(policy)
-    with resolve_image(ele, policy) as source:
-        img = open_image(source, policy)
-        width, height = oriented_size(img)
-    rh, rw = image_target_size(ele, width, height, factor)
-    return visual_tokens(rh, rw, factor), rh, rw
+    facts = describe_image(ele, image_patch_size, policy=policy)
+    return facts.tokens, facts.resized_height, facts.resized_width

@@ -18,7 +18,7 @@ import threading
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import numpy as np
@@ -37,10 +37,8 @@ from ._frame_resize import resize_frame as _resize
 from ._frame_resize import resize_pool as _resize_pool
 from ._frame_resize import resize_threads as _resize_threads
 from ._options import VideoOptions, check_backend, check_dtype, patch_factor, video_options
-from ._policy import FetchPolicy, get_fetch_policy
-from ._probe import VideoInfo, probe_video
-from ._sources import Source, resolve_source
 from ._util import env_int
+from .container._probe import VideoInfo, probe_video
 from .image import (
     array_to_pil,
     ceil_by_factor,
@@ -52,6 +50,8 @@ from .image import (
     smart_resize,
     visual_tokens,
 )
+from .sources._policy import FetchPolicy, get_fetch_policy
+from .sources._resolve import Source, resolve_source
 
 __all__ = [
     "FPS",
@@ -94,7 +94,7 @@ def _model_seq_len() -> int:
 # --- the frame plan ---------------------------------------------------------------------------------------
 
 
-def smart_nframes(ele: dict[str, Any], total_frames: int, video_fps: Union[int, float]) -> int:
+def smart_nframes(ele: Union[dict[str, Any], VideoOptions], total_frames: int, video_fps: Union[int, float]) -> int:
     """How many frames to sample, with qwen-vl-utils 0.0.14's rules (``fps`` or ``nframes``, ``min_frames``,
     ``max_frames``, an even count, at most ``FPS_MAX_FRAMES``).
 
@@ -170,10 +170,10 @@ class FramePlan:
 
 
 def plan_frames(
-    info: VideoInfo, ele: dict[str, Any], policy: Optional[FetchPolicy] = None, name: str = ""
+    info: VideoInfo, ele: Union[dict[str, Any], VideoOptions], policy: Optional[FetchPolicy] = None, name: str = ""
 ) -> FramePlan:
-    """Choose the source frames for ``ele`` (``fps``/``nframes``/``min_frames``/``max_frames``/
-    ``video_start``/``video_end``) from a probe. Indices are absolute source frame indices."""
+    """Choose the source frames for ``ele`` or its checked options (``fps``/``nframes``/``min_frames``/
+    ``max_frames``/``video_start``/``video_end``) from a probe. Indices are absolute source frame indices."""
     fps, total = info.fps, info.num_frames
     start_frame, end_frame = 0, total - 1
     options = video_options(ele)
@@ -204,7 +204,7 @@ def plan_frames(
             f"video {name} is {window / fps:.1f} s long, over the limit of {policy.max_video_seconds:g} s "
             "(set video_start/video_end, or raise FetchPolicy.max_video_seconds)"
         )
-    nframes = smart_nframes(ele, total_frames=window, video_fps=fps)
+    nframes = smart_nframes(options, total_frames=window, video_fps=fps)
     indices = linspace_round(start_frame, end_frame, nframes)
     return FramePlan(
         indices=indices,
@@ -217,7 +217,12 @@ def plan_frames(
 
 
 def video_frame_size(
-    ele: dict[str, Any], nframes: int, height: int, width: int, factor: int, policy: Optional[FetchPolicy] = None
+    ele: Union[dict[str, Any], VideoOptions],
+    nframes: int,
+    height: int,
+    width: int,
+    factor: int,
+    policy: Optional[FetchPolicy] = None,
 ) -> tuple[int, int]:
     """(resized_height, resized_width) for every frame, under 0.0.14's per-frame and total pixel budgets; a
     frame larger than the decompression-bomb limit (``max_image_pixels``) is refused before anything is decoded
@@ -274,8 +279,8 @@ def _backend_for(name: str, info: VideoInfo, source: Any) -> Any:
     module = _backends.load_backend(name)
     reason = module.unsupported(info)
     if reason is None and getattr(module, "SEEKS_TO_FLAGGED_KEYFRAMES", False):
-        from ._nal import CHECKED
-        from ._probe import recovery_point_keyframes
+        from .container._nal import CHECKED
+        from .container._probe import recovery_point_keyframes
 
         if info.codec in CHECKED and recovery_point_keyframes(source):
             reason = (
@@ -415,10 +420,9 @@ def _torch_dtype(torch: Any, dtype: Any) -> Any:
 # --- frame lists and decoded arrays --------------------------------------------------------------------------
 
 
-def _frame_list_metadata(ele: dict, n_given: int, n_out: int) -> tuple[dict, float]:
+def _frame_list_metadata(options: VideoOptions, n_given: int, n_out: int) -> tuple[dict, float]:
     """0.0.14's fps/raw_fps convention, with frame indices on the source's timeline so that the Qwen3-VL
     processor's timestamps (index / fps) are right; explicit per-frame ``timestamps`` win."""
-    options = video_options(ele)
     sample_fps = options.sample_fps or options.fps or FPS
     if options.timestamps is not None:
         ts = list(options.timestamps)
@@ -448,11 +452,13 @@ def _load_frame(value: Any, policy: FetchPolicy, size: Optional[tuple[int, int]]
     return rgb if size is None else _resize(rgb, size[1], size[0])
 
 
-def _fetch_frames(ele: dict, frames: Any, factor: int, policy: FetchPolicy) -> tuple[np.ndarray, dict, float]:
+def _fetch_frames(
+    options: VideoOptions, frames: Any, factor: int, policy: FetchPolicy
+) -> tuple[np.ndarray, dict, float]:
     n_out = _padded_count(len(frames))
     first = _load_frame(frames[0], policy, None)
     try:
-        size = video_frame_size(ele, n_out, first.shape[0], first.shape[1], factor, policy)
+        size = video_frame_size(options, n_out, first.shape[0], first.shape[1], factor, policy)
     except AspectRatioError as exc:
         raise AspectRatioError(f"video frames {describe(frames[0])}: {exc}") from None
     out = np.empty((n_out, size[0], size[1], 3), dtype=np.uint8)
@@ -464,7 +470,7 @@ def _fetch_frames(ele: dict, frames: Any, factor: int, policy: FetchPolicy) -> t
             for i, arr in enumerate(pool.map(lambda v: _load_frame(v, policy, size), rest), start=1):
                 out[i] = arr
     out[len(frames) :] = out[len(frames) - 1]
-    metadata, sample_fps = _frame_list_metadata(ele, len(frames), n_out)
+    metadata, sample_fps = _frame_list_metadata(options, len(frames), n_out)
     return out, metadata, sample_fps
 
 
@@ -547,23 +553,46 @@ def decode_video(
 ) -> DecodedVideo:
     """The numpy core of :func:`fetch_video`, used by it and by the command line."""
     options = _checked_element(ele)  # a bad option fails here, before any download or decode
+    return _decode(
+        ele["video"],
+        options,
+        image_patch_size,
+        backend=backend,
+        policy=policy,
+        resize=resize,
+        on_frame=on_frame,
+        allocate=allocate,
+    )
+
+
+def _decode(
+    value: Any,
+    options: VideoOptions,
+    image_patch_size: int,
+    *,
+    backend: Optional[str],
+    policy: Optional[FetchPolicy],
+    resize: bool = True,
+    on_frame: Optional[Callable[[int, int], None]] = None,
+    allocate: Allocate = _numpy_frames,
+) -> DecodedVideo:
+    """:func:`decode_video` for an element's source and its checked options."""
     factor = patch_factor(image_patch_size)
     policy = get_fetch_policy(policy)
-    value = ele["video"]
     if isinstance(value, (list, tuple)):
-        return DecodedVideo(*_fetch_frames(ele, value, factor, policy), None)
+        return DecodedVideo(*_fetch_frames(options, value, factor, policy), None)
     if _is_array(value):
-        frames_ele = {**ele, "sample_fps": options.sample_fps or options.fps or FPS}
-        return DecodedVideo(*_fetch_frames(frames_ele, _array_frames(value), factor, policy), None)
+        array_options = replace(options, sample_fps=options.sample_fps or options.fps or FPS)
+        return DecodedVideo(*_fetch_frames(array_options, _array_frames(value), factor, policy), None)
     name = get_video_reader_backend(check_backend(backend, "backend") or options.video_reader)
     with resolve_source(value, "video", policy) as source:
         _check_encoded(source)
         info = probe_video(source)
-        plan = plan_frames(info, ele, policy, source.name)
+        plan = plan_frames(info, options, policy, source.name)
         display_w, display_h = info.display_size
         try:
             size = (
-                video_frame_size(ele, plan.nframes, display_h, display_w, factor, policy)
+                video_frame_size(options, plan.nframes, display_h, display_w, factor, policy)
                 if resize
                 else (display_h, display_w)
             )
@@ -606,25 +635,25 @@ def describe_video(
     value = ele["video"]
     if isinstance(value, (list, tuple)) or _is_array(value):
         if isinstance(value, (list, tuple)):
-            n_given, frames_ele = len(value), ele
+            n_given, frames_options = len(value), options
             nframes = _padded_count(n_given)
             with resolve_source(value[0], "image", policy) as source:
                 width, height = oriented_size(open_image(source, policy))
         else:
             n_given, height, width = _array_shape(value)
-            frames_ele = {**ele, "sample_fps": options.sample_fps or options.fps or FPS}
+            frames_options = replace(options, sample_fps=options.sample_fps or options.fps or FPS)
             nframes = _padded_count(n_given)
-        metadata, sample_fps = _frame_list_metadata(frames_ele, n_given, nframes)
+        metadata, sample_fps = _frame_list_metadata(frames_options, n_given, nframes)
         indices, fps, duration = metadata["frames_indices"], metadata["fps"], n_given / sample_fps
     else:
         with resolve_source(value, "video", policy) as source:
             _check_encoded(source)
             info = probe_video(source)
-            plan = plan_frames(info, ele, policy, source.name)
+            plan = plan_frames(info, options, policy, source.name)
         nframes, (width, height) = plan.nframes, info.display_size
         indices, fps, duration = list(plan.indices), info.fps, info.duration
     try:
-        rh, rw = video_frame_size(ele, nframes, height, width, factor, policy)
+        rh, rw = video_frame_size(options, nframes, height, width, factor, policy)
     except AspectRatioError as exc:
         raise AspectRatioError(f"video {describe(value)}: {exc}") from None
     tokens = visual_tokens(rh, rw, factor, nframes, FRAME_FACTOR)
@@ -664,7 +693,7 @@ def fetch_video(
     ``dtype`` key for 4x less memory), optionally with the metadata dict (``fps``, ``frames_indices``,
     ``total_num_frames``, ``video_backend``) and the sample fps, in 0.0.14's nesting.
     """
-    options = video_options(ele)
+    options = _checked_element(ele)  # a bad option fails here, before any download or decode
     dtype = check_dtype(dtype) or options.dtype
     torch = _require_torch()
     torch_dtype = _torch_dtype(torch, dtype)
@@ -674,8 +703,8 @@ def fetch_video(
         tensors.append(torch.empty((t, 3, h, w), dtype=torch_dtype))
         return tensors[0].numpy()
 
-    frames, metadata, sample_fps, _ = decode_video(
-        ele, image_patch_size, backend=backend, policy=policy, allocate=allocate
+    frames, metadata, sample_fps, _ = _decode(
+        ele["video"], options, image_patch_size, backend=backend, policy=policy, allocate=allocate
     )
     video = tensors[0] if tensors else _to_tensor(frames, torch_dtype)
     del frames

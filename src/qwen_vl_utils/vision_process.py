@@ -9,9 +9,7 @@ from typing import Any, Optional, Union
 from PIL import Image
 
 from ._errors import InvalidOptionError, describe
-from ._options import patch_factor
-from ._policy import FetchPolicy, get_fetch_policy
-from ._sources import Source
+from ._options import ImageOptions, image_options, patch_factor
 from ._util import usable_cpus
 from .image import (
     IMAGE_MAX_TOKEN_NUM,
@@ -27,6 +25,8 @@ from .image import (
     round_by_factor,
     smart_resize,
 )
+from .sources._policy import FetchPolicy, get_fetch_policy
+from .sources._resolve import Source
 from .video import (
     FPS,
     FPS_MAX_FRAMES,
@@ -181,18 +181,19 @@ def _fetch_images(eles: list[dict], image_patch_size: int, policy: FetchPolicy) 
     arenas, about twice the page faults and 15% slower on 2 cores, while downloads need the concurrency."""
     if len(eles) <= 1:
         return [fetch_image(ele, image_patch_size, policy=policy) for ele in eles]
+    options = [image_options(ele) for ele in eles]  # a bad option fails here, before any download
     factor = patch_factor(image_patch_size)
     decodes: list[Optional[Future]] = [None] * len(eles)
 
-    def load(source: Source, ele: dict) -> Image.Image:
+    def load(source: Source, options: ImageOptions) -> Image.Image:
         with source:
-            return load_image(source, ele, factor, policy)
+            return load_image(source, options, factor, policy)
 
     with ThreadPoolExecutor(min(usable_cpus(), len(eles)), thread_name_prefix="qwen-vl-decode") as cpu:
 
         def queue_decode(i: int, fetched: Future) -> None:
             if fetched.exception() is None:
-                decodes[i] = cpu.submit(load, fetched.result(), eles[i])
+                decodes[i] = cpu.submit(load, fetched.result(), options[i])
 
         with ThreadPoolExecutor(min(MAX_NUM_WORKERS_FETCH_IMAGE, len(eles)), thread_name_prefix="qwen-vl-fetch") as io:
             fetches = [io.submit(resolve_image, ele, policy) for ele in eles]

@@ -9,7 +9,9 @@ A backend module defines::
         # yield (index, HxWx3 uint8 RGB frame, or a callable returning one) for each of the sorted,
         # unique ``indices``, in order
 
-Backends never choose frames: ``video.plan_frames`` does, from the one probe in ``_probe``.
+Backends only decode: they never choose frames (``video.plan_frames`` does, from the one probe in
+``container/_probe``) and never resize. They import ``container/``, ``sources/`` and the leaf modules; never
+planning, streaming or the command line.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Optional
 
-from .._probe import VideoInfo
+from ..container._probe import VideoInfo
 
 #: frames decoded per batch: large enough to amortise a call, small enough to bound full-resolution memory
 BATCH = 8

@@ -11,8 +11,8 @@ from typing import Optional
 import decord
 import numpy as np
 
-from .._probe import VideoInfo
-from .._sources import Source
+from ..container._probe import VideoInfo
+from ..sources._resolve import Source
 from ._chunks import batches, timeline_gaps
 
 NAME = "decord"

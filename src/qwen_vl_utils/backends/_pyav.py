@@ -11,11 +11,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .._mp4 import sample_table
-from .._nal import fresh_start_check
-from .._probe import VideoInfo, open_container
-from .._sources import Source
 from .._util import usable_cpus
+from ..container._mp4 import sample_table
+from ..container._nal import fresh_start_check
+from ..container._probe import VideoInfo, open_container
+from ..sources._resolve import Source
 
 NAME = "pyav"
 APPLIES_ROTATION = False
@@ -334,7 +334,8 @@ SEEK_RETRIES = 4
 def _packets_from(container: Any, stream: Any, index: _Index, key: int) -> Iterator[Any]:
     """Packets from a keyframe at or before ordinal ``key``. A seek that lands after it (an MPEG-TS seek can
     overshoot to a later keyframe) is retried from an earlier keyframe, finally from the first. A keyframe that
-    is only a recovery point (:mod:`_nal`) is struck from the index and decoding starts at an earlier one."""
+    is only a recovery point (:mod:`~qwen_vl_utils.container._nal`) is struck from the index and decoding starts
+    at an earlier one."""
     start: Optional[int] = key
     overshoots = 0
     while True:

@@ -9,8 +9,8 @@ from typing import Optional
 import numpy as np
 from torchcodec.decoders import VideoDecoder
 
-from .._probe import VideoInfo
-from .._sources import Source
+from ..container._probe import VideoInfo
+from ..sources._resolve import Source
 from ._chunks import batches, timeline_gaps
 
 NAME = "torchcodec"

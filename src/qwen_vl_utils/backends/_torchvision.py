@@ -15,8 +15,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any, Optional
 
-from .._probe import VideoInfo
-from .._sources import Source
+from ..container._probe import VideoInfo
+from ..sources._resolve import Source
 from . import _pyav
 
 NAME = "torchvision"

@@ -4,6 +4,9 @@
 Counts are exact: ``visual_tokens`` is what :func:`~qwen_vl_utils.process_vision_info` produces for the
 sample's media under the same settings, computed from headers and the container probe (``deep=True``
 decodes fully). See the README's "Datasets" section.
+
+Imports the core (``vision_process``, ``image``, ``video``) and ``sources/``; never the command line, whose
+``dataset`` commands (``cli/_dataset``) are thin faces over these functions.
 """
 
 from ._pack import PackSummary, best_fit_decreasing, pack

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .._errors import InvalidOptionError
-from .._policy import FetchPolicy, get_fetch_policy
+from .._progress import Progress
+from ..sources._policy import FetchPolicy, get_fetch_policy
 from ._engines import local_engine, ray_engine
 from ._output import JsonlOutput, check_settings
-from ._records import detect_format, iter_records
+from ._records import detect_format, iter_records, jsonl_chunks
 from ._samples import Settings
 from ._work import load_text_counter
 
@@ -164,22 +165,28 @@ def _stream(
     valid: JsonlOutput,
     bad: JsonlOutput,
 ) -> None:
-    from .._cli import Progress
-
-    bar = Progress(progress)
-    position = [0]
+    bar = Progress(progress, unit="sample")
+    total: Any = None  # samples to go: Ray counts them; a JSONL file's lines are counted once a bar shows
     if engine == "ray":
-        total = [0]
-        batches = ray_engine(data, start, settings, mode, address, on_total=lambda n: total.__setitem__(0, n))
+
+        def count_total(n: int) -> None:
+            nonlocal total
+            total = n
+
+        batches = ray_engine(data, start, settings, mode, address, on_total=count_total)
     else:
-        total = [max(1, os.path.getsize(data))]
-        batches = local_engine(iter_records(data, start, fmt, progress=position), settings, mode, jobs)
+
+        def count_lines() -> int:
+            return sum(n for _, _, n in jsonl_chunks(data, start, 1 << 20))
+
+        total = count_lines if fmt == "jsonl" else None
+        batches = local_engine(iter_records(data, start, fmt), settings, mode, jobs)
     done = 0
     try:
         for batch in batches:
             _write_in_order(batch, valid, bad)
             done += len(batch)
-            bar.update(done if engine == "ray" else position[0], total[0], f"{done} samples")
+            bar.update(done, total)
     finally:
         bar.close()
 

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .._policy import FetchPolicy
+from ..sources._policy import FetchPolicy
 
 __all__ = ["Problem", "Sample", "Settings", "parse_sample", "to_messages"]
 

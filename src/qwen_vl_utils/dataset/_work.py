@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from .. import _errors as errors
 from .._errors import InvalidOptionError
-from .._policy import get_fetch_policy
+from ..sources._policy import get_fetch_policy
 from ._samples import Problem, Settings, parse_sample, plain_text, template_messages
 
 __all__ = ["PROBLEM_CODES", "classify", "load_text_counter", "process_batch"]
@@ -87,23 +87,20 @@ def measure(kind: str, ele: dict, settings: Settings) -> dict:
 
 
 def _measure(kind: str, ele: dict, settings: Settings) -> dict:
-    from ..vision_process import count_visual_tokens
-
     policy = get_fetch_policy(settings.policy)
-    facts = _image_facts(ele, policy) if kind == "image" else _video_facts(ele, policy, settings.patch_size)
+    measure = _image_facts if kind == "image" else _video_facts
+    facts = measure(ele, policy, settings.patch_size)
     if settings.deep:
         facts["tokens"] = _decoded_tokens(kind, ele, settings.patch_size, policy)
-    elif "tokens" not in facts:
-        facts["tokens"] = count_visual_tokens(ele, settings.patch_size, policy=policy)
     return facts
 
 
-def _image_facts(ele: dict, policy: Any) -> dict:
-    from ..image import open_image, oriented_size, resolve_image
+def _image_facts(ele: dict, policy: Any, patch_size: int) -> dict:
+    """Size and tokens from the image's header, read once (what ``count_visual_tokens`` reads)."""
+    from ..image import describe_image
 
-    with resolve_image(ele, policy) as source:
-        width, height = oriented_size(open_image(source, policy))
-    return {"kind": "image", "width": width, "height": height}
+    facts = describe_image(ele, patch_size, policy=policy)
+    return {"kind": "image", "width": facts.width, "height": facts.height, "tokens": facts.tokens}
 
 
 def _video_facts(ele: dict, policy: Any, patch_size: int) -> dict:

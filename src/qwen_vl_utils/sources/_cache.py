@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Optional
 
-from ._errors import describe, redact_url
+from .._errors import describe, redact_url
 from ._policy import FetchPolicy
 
 __all__ = ["Entry", "MediaCache", "cache_for"]

@@ -64,7 +64,7 @@ def _guard(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
 
 @_guard
 def cmd_check(args: argparse.Namespace) -> int:
-    from . import check
+    from ..dataset import check
 
     summary = check(args.data, args.output, **_options(args))
     print(summary.describe())
@@ -74,7 +74,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_count(args: argparse.Namespace) -> int:
-    from . import count
+    from ..dataset import count
 
     if args.tokenizer is None:
         print("note: no --tokenizer: num_tokens counts the visual tokens only", file=sys.stderr)
@@ -86,7 +86,7 @@ def cmd_count(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_pack(args: argparse.Namespace) -> int:
-    from . import pack
+    from ..dataset import pack
 
     summary = pack(args.counted, args.output, args.max_len, problems=args.problems)
     print(summary.describe())
@@ -95,7 +95,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_stats(args: argparse.Namespace) -> int:
-    from ._stats import INSTALL_HINT, stats, to_text
+    from ..dataset._stats import INSTALL_HINT, stats, to_text
 
     summary = stats(args.counted, args.output)
     print(to_text(summary), end="")

@@ -26,14 +26,15 @@ import numbers
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
-from . import _cancel
-from ._errors import DecodeError, FetchTimeoutError, InvalidOptionError, QwenVLError, SourceTooLargeError, describe
-from ._options import check_backend, patch_factor, video_options
-from ._policy import FetchPolicy, get_fetch_policy
-from ._stream_file import (
+from .. import _cancel
+from .._errors import DecodeError, FetchTimeoutError, InvalidOptionError, QwenVLError, SourceTooLargeError, describe
+from .._options import VideoOptions, check_backend, patch_factor, video_options
+from .._util import usable_cpus
+from ..sources._policy import FetchPolicy, get_fetch_policy
+from ._file import (
     _ONE_FRAME_PER_PACKET,
     _Counting,
     _from_keyframe,
@@ -41,7 +42,6 @@ from ._stream_file import (
     _shown_packets,
     _Skipping,
 )
-from ._util import usable_cpus
 
 __all__ = ["READ_AHEAD", "VideoChunk", "VideoStream", "stream_video"]
 
@@ -105,7 +105,7 @@ class VideoStream:
 
 @dataclass(frozen=True)
 class _Settings:
-    ele: dict
+    options: VideoOptions  # the element's, checked once by stream_video
     value: Any
     fps: float  # grid points per second
     per_chunk: int  # grid points per chunk
@@ -137,8 +137,8 @@ def stream_video(
 
 
 def _settings(ele: Any, chunk_seconds: Any, image_patch_size: Any, policy: Any, backend: Any) -> _Settings:
+    from ..video import FPS, _require_torch, _torch_dtype
     from ._live import check_source
-    from .video import FPS, _require_torch, _torch_dtype
 
     options = video_options(ele)
     if "video" not in ele:
@@ -172,7 +172,7 @@ def _settings(ele: Any, chunk_seconds: Any, image_patch_size: Any, policy: Any, 
     policy = get_fetch_policy(policy)
     check_source(ele["video"], policy)
     return _Settings(
-        ele=dict(ele),
+        options=options,
         value=ele["video"],
         fps=fps,
         per_chunk=per_chunk,
@@ -219,7 +219,7 @@ class _Chunk:
 
     def video_chunk(self) -> VideoChunk:
         """On the consumer's thread: wait for the frames to be in place, pad, describe."""
-        from .video import FRAME_FACTOR
+        from ..video import FRAME_FACTOR
 
         out = self.out
         for pos, slot in enumerate(self.frames):
@@ -422,7 +422,7 @@ class _Run:
         self.out_size = (0, 0)
 
     def run(self) -> None:
-        from ._frame_resize import resize_pool
+        from .._frame_resize import resize_pool
         from ._live import open_input
 
         self.pool = resize_pool("qwen-vl-stream-resize")
@@ -463,7 +463,7 @@ class _Run:
         if out is None:
             import torch
 
-            from .video import FRAME_FACTOR
+            from ..video import FRAME_FACTOR
 
             h, w = self.out_size
             t = self.s.per_chunk + (-self.s.per_chunk) % FRAME_FACTOR
@@ -484,15 +484,15 @@ class _Run:
 
     def set_size(self, width: int, height: int, rotation: int, name: str) -> None:
         """The one output size of the stream, from the first frame's (displayed) size and the pixel budget."""
-        from ._errors import AspectRatioError
-        from .video import FRAME_FACTOR, VIDEO_MAX_TOKEN_NUM, video_frame_size
+        from .._errors import AspectRatioError
+        from ..video import FRAME_FACTOR, VIDEO_MAX_TOKEN_NUM, video_frame_size
 
         k = (rotation // 90) % 4
         shown_w, shown_h = (height, width) if k % 2 else (width, height)
         # a two-frame clip's budget: the per-frame limits of fetch_video, no whole-clip total
-        ele = {**self.s.ele, "total_pixels": VIDEO_MAX_TOKEN_NUM * self.s.factor**2}
+        options = replace(self.s.options, total_pixels=VIDEO_MAX_TOKEN_NUM * self.s.factor**2)
         try:
-            h, w = video_frame_size(ele, FRAME_FACTOR, shown_h, shown_w, self.s.factor, self.s.policy)
+            h, w = video_frame_size(options, FRAME_FACTOR, shown_h, shown_w, self.s.factor, self.s.policy)
         except AspectRatioError as exc:
             raise AspectRatioError(f"video {name}: {exc}") from None
         self.size = (h, w, k) if k % 2 else (w, h, k)
@@ -502,7 +502,7 @@ class _Run:
         """On a pool thread: the frame in RGB, resized, turned upright, written into ``out`` (3xHxW)."""
         import torch
 
-        from ._frame_resize import resize_frame
+        from .._frame_resize import resize_frame
 
         coded_w, coded_h, k = self.size
         rgb = frame.to_ndarray(format="rgb24")
@@ -515,14 +515,14 @@ class _Run:
     # -- files ------------------------------------------------------------------------------------------------------
 
     def _file(self, inp: Any) -> None:
-        from ._probe import probe_video
-        from .video import plan_frames
+        from ..container._probe import probe_video
+        from ..video import plan_frames
 
         source = inp.source
         if source.obj is not None:
             raise InvalidOptionError(f"cannot decode {source.name} as a video; give a file, URL, bytes or a stream")
         info = probe_video(source)
-        plan_frames(info, self.s.ele, self.s.policy, source.name)  # the window and the policy's limits
+        plan_frames(info, self.s.options, self.s.policy, source.name)  # the window and the policy's limits
         self.fps, self.total = info.fps, info.num_frames
         width, height = info.width, info.height
         self.set_size(width, height, info.rotation, source.name)
@@ -546,9 +546,9 @@ class _Run:
 
     def _decode_file(self, source: Any, info: Any, skip: bool) -> int:
         """One pass over the file; returns the last frame's index. Raises _Inexact to be run again."""
-        from ._probe import open_container
-        from .backends._pyav import _configure
-        from .video import _decoder_threads
+        from ..backends._pyav import _configure
+        from ..container._probe import open_container
+        from ..video import _decoder_threads
 
         container = open_container(source)
         try:
@@ -578,7 +578,7 @@ class _Run:
         the first target (the index then numbers the frames after it); else from the beginning."""
         if not self.s.start or info.container == "avi":  # AVI: no timestamps to seek by (as the PyAV backend)
             return None, _shown_packets(container.demux(stream))
-        from .backends._pyav import _Index
+        from ..backends._pyav import _Index
 
         index = _Index(container, stream, source)
         if index.usable:
@@ -602,7 +602,7 @@ class _Run:
     def _live(self, inp: Any) -> None:
         import av
 
-        from ._probe import _rate
+        from ..container._probe import _rate
 
         reader = inp.reader
         try:
@@ -615,8 +615,8 @@ class _Run:
             if not container.streams.video:
                 raise DecodeError(f"{inp.name} has no video stream; give a stream with video")
             stream = container.streams.video[0]
-            from .backends._pyav import _configure
-            from .video import _decoder_threads
+            from ..backends._pyav import _configure
+            from ..video import _decoder_threads
 
             _configure(stream, _decoder_threads(), single=False)
             rate = _rate(stream)

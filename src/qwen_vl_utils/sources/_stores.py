@@ -5,7 +5,7 @@ endpoints come from each filesystem's own standard configuration (environment va
 from the library. A protocol must be in the fetch policy's ``allowed_schemes``: none is by default.
 
 Objects are read exactly like HTTP sources: images whole, videos by range behind a seekable file object
-(:class:`~._remote.RangedFile`), under one :class:`~._http.Transfer` (bytes received against the byte limit,
+(:class:`~._ranges.RangedFile`), under one :class:`~._http.Transfer` (bytes received against the byte limit,
 network time against the deadline, cancellation between reads).
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any, Callable
 
-from ._errors import (
+from .._errors import (
     FetchTimeoutError,
     InvalidOptionError,
     NetworkError,

@@ -9,7 +9,8 @@ import sys
 import time
 from typing import Any
 
-from ._errors import QwenVLError
+from .._errors import QwenVLError
+from ._common import EXIT_OK, EXIT_SOURCE_FAILED, add_element_flags, element_from_args, error_line
 
 
 def add_stream_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -21,21 +22,18 @@ def add_stream_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     cmd.add_argument("--chunk", type=float, default=1.0, help="seconds per chunk (default 1.0)")
     cmd.add_argument("--json", action="store_true", help="one JSON object per line")
-    from ._cli import _add_element_flags  # the element keys, as for inspect (those a stream has no use for fail)
-
-    _add_element_flags(cmd)
+    add_element_flags(cmd)  # the element keys, as for inspect (those a stream has no use for fail)
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    from ._cli import EXIT_OK, EXIT_SOURCE_FAILED, _error_line, element_from_args
-    from .stream import stream_video
+    from ..stream import stream_video
 
     source: Any = sys.stdin.buffer if args.source == "-" else args.source
     ele = element_from_args(args, "video", source)
     try:
         stream = stream_video(ele, args.chunk, args.patch_size)
     except (QwenVLError, ValueError) as exc:
-        print(_error_line(args.source, exc, args.debug), file=sys.stderr)
+        print(error_line(args.source, exc, args.debug), file=sys.stderr)
         return EXIT_SOURCE_FAILED
     last = time.perf_counter()
     with stream:
@@ -45,7 +43,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
                 print(_line(chunk, now - last, args.json), flush=True)
                 last = now
         except (QwenVLError, OSError) as exc:
-            print(_error_line(args.source, exc, args.debug), file=sys.stderr)
+            print(error_line(args.source, exc, args.debug), file=sys.stderr)
             return EXIT_SOURCE_FAILED
     return EXIT_OK
 

@@ -1,9 +1,9 @@
 """Sources for :func:`~qwen_vl_utils.stream.stream_video`: seekable files, and live byte streams read once.
 
 :func:`open_input` turns an element's ``video`` value into a :class:`StreamInput`: either a resolved
-:class:`~._sources.Source` (anything seekable: paths, URLs read by range, object stores, bytes, seekable file
-objects), which is probed and then decoded in one pass, or a non-seekable *reader* that FFmpeg demuxes as the
-bytes arrive:
+:class:`~qwen_vl_utils.sources._resolve.Source` (anything seekable: paths, URLs read by range, object stores,
+bytes, seekable file objects), which is probed and then decoded in one pass, or a non-seekable *reader* that
+FFmpeg demuxes as the bytes arrive:
 
 - :class:`PipeReader`: a binary file object or pipe (MPEG-TS, fragmented MP4, Matroska, ...);
 - :class:`BodyReader`: the body of an HTTP response from a server without range support;
@@ -12,8 +12,8 @@ bytes arrive:
 
 Every reader raises the library's typed errors naming the source: :class:`FetchTimeoutError` when no byte
 arrives for the policy's ``read_timeout``, and stops at once (``Cancelled``) when its token is cancelled, which
-is how closing a stream unblocks the thread that demuxes it. HTTP goes through ``_http.request`` only (the fetch
-policy checks every hop); FFmpeg never sees a URL.
+is how closing a stream unblocks the thread that demuxes it. HTTP goes through ``sources._http.request`` only
+(the fetch policy checks every hop); FFmpeg never sees a URL.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ._cancel import Cancelled, Token
-from ._errors import (
+from .._cancel import Cancelled, Token
+from .._errors import (
     DecodeError,
     FetchTimeoutError,
     InvalidOptionError,
@@ -41,9 +41,9 @@ from ._errors import (
     SourceError,
     describe,
 )
-from ._http import Transfer, check_host, check_scheme, request
-from ._policy import FetchPolicy
-from ._sources import (
+from ..sources._http import Transfer, check_host, check_scheme, request
+from ..sources._policy import FetchPolicy
+from ..sources._resolve import (
     FIRST_BYTES,
     Source,
     _range_fetcher,

@@ -1,76 +1,20 @@
-"""``qwen-vl-utils`` / ``python -m qwen_vl_utils``: see what the model will receive before running it.
-
-Every number comes from the library's own functions; the flags become element keys in one place
-(:func:`element_from_args`), so the CLI has no second implementation of sampling or resizing.
-
-Exit codes: 0 success, 1 when a source failed (the others are still reported), 2 for a usage error.
-"""
+"""``inspect``, ``preview`` and ``demo``: what the model receives from each source, decoded for real."""
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
 import sys
 import tempfile
 import time
-import traceback
 from typing import Any, Callable, Optional
 
-from ._errors import QwenVLError
-from ._version import __version__
-
-EXIT_OK, EXIT_SOURCE_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-# --- flags -> element keys (the one place) -------------------------------------------------------------------
-
-
-def _add_element_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--patch-size", type=int, choices=(14, 16), default=14, help="14: Qwen2.5-VL, 16: Qwen3-VL")
-    rate = p.add_mutually_exclusive_group()
-    rate.add_argument("--fps", type=float, help="frames sampled per second (default 2)")
-    rate.add_argument("--nframes", type=int, help="exact number of frames")
-    p.add_argument("--min-frames", type=int)
-    p.add_argument("--max-frames", type=int)
-    p.add_argument("--min-pixels", type=int)
-    p.add_argument("--max-pixels", type=int)
-    p.add_argument("--total-pixels", type=int)
-    p.add_argument("--resized-height", type=int)
-    p.add_argument("--resized-width", type=int)
-    p.add_argument("--start", type=float, help="video_start, seconds")
-    p.add_argument("--end", type=float, help="video_end, seconds")
-    p.add_argument("--backend", choices=("pyav", "torchcodec", "decord", "torchvision"))
-
-
-_KEYS = {
-    "fps": "fps",
-    "nframes": "nframes",
-    "min_frames": "min_frames",
-    "max_frames": "max_frames",
-    "min_pixels": "min_pixels",
-    "max_pixels": "max_pixels",
-    "total_pixels": "total_pixels",
-    "resized_height": "resized_height",
-    "resized_width": "resized_width",
-    "start": "video_start",
-    "end": "video_end",
-    "backend": "video_reader",
-}
-_IMAGE_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
-
-
-def element_from_args(args: argparse.Namespace, kind: str, source: Any) -> dict[str, Any]:
-    """The element dict the library receives for these flags."""
-    ele: dict[str, Any] = {kind: source}
-    for flag, key in _KEYS.items():
-        value = getattr(args, flag, None)
-        if value is not None and (kind == "video" or key in _IMAGE_KEYS):
-            ele[key] = value
-    return ele
-
+from .._errors import QwenVLError
+from .._progress import Progress
+from .._version import __version__
+from ._common import EXIT_OK, EXIT_SOURCE_FAILED, element_from_args, error_line
 
 # --- inspecting one source -----------------------------------------------------------------------------------
 
@@ -79,8 +23,8 @@ def inspect_source(
     source: str, args: argparse.Namespace, on_frame: Optional[Callable[[int, int], None]] = None
 ) -> dict:
     """Everything the model will receive from one source, as a JSON-able dict (decodes it for real)."""
-    from ._policy import get_fetch_policy
-    from ._sources import resolve_source, sniff_media
+    from ..sources._policy import get_fetch_policy
+    from ..sources._resolve import resolve_source, sniff_media
 
     start = time.perf_counter()
     # resolve once (a URL is downloaded once, under the fetch policy), then decide image or video from the bytes
@@ -92,10 +36,10 @@ def inspect_source(
 def _inspect_resolved(
     source: str, value: Any, kind: str, args: argparse.Namespace, on_frame: Any, start: float
 ) -> dict:
-    from ._policy import get_fetch_policy
-    from ._sources import resolve_source
-    from .image import fetch_image, open_image, visual_tokens
-    from .video import FRAME_FACTOR, decode_video, qwen3_timestamps
+    from ..image import fetch_image, open_image, visual_tokens
+    from ..sources._policy import get_fetch_policy
+    from ..sources._resolve import resolve_source
+    from ..video import FRAME_FACTOR, decode_video, qwen3_timestamps
 
     patch = args.patch_size
     factor = patch * 2
@@ -182,34 +126,6 @@ def _table(result: dict) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
-class Progress:
-    """A progress bar on stderr, shown only once work has taken over a second, only on a terminal."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
-        self.start = time.monotonic()
-        self.shown = False
-
-    def update(self, done: int, total: int, label: str = "") -> None:
-        if not self.enabled or time.monotonic() - self.start < 1.0:
-            return
-        filled = int(30 * done / max(total, 1))
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {label[:40]}\x1b[K")
-        sys.stderr.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
-
-
-def _error_line(source: str, exc: BaseException, debug: bool) -> str:
-    if debug:
-        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-    return f"error: {source}: {type(exc).__name__}: {exc}"
-
-
 def _run_sources(args: argparse.Namespace, sources: list, each: Callable[[str, dict], None]) -> int:
     progress = Progress(not args.quiet)
     status = EXIT_OK
@@ -219,7 +135,7 @@ def _run_sources(args: argparse.Namespace, sources: list, each: Callable[[str, d
             result = inspect_source(source, args, on_frame=lambda d, t, s=source: progress.update(d, t, s))
         except (QwenVLError, OSError, ValueError) as exc:
             progress.close()
-            print(_error_line(source, exc, args.debug), file=sys.stderr)
+            print(error_line(source, exc, args.debug), file=sys.stderr)
             status = EXIT_SOURCE_FAILED
             continue
         progress.close()
@@ -332,51 +248,3 @@ def make_sample_image(path: str) -> str:
     draw.text((20, 20), "qwen-vl-utils sample", fill=(255, 255, 255))
     img.save(path)
     return path
-
-
-# --- entry point ---------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen-vl-utils", description="See what a Qwen-VL model receives.")
-    p.add_argument("--version", action="version", version=f"qwen-vl-utils {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--quiet", action="store_true", help="no progress bar")
-    common.add_argument("--debug", action="store_true", help="print tracebacks")
-
-    def command(name: str, text: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
-        cmd = sub.add_parser(name, parents=[common], help=text, description=text[0].upper() + text[1:] + ".")
-        cmd.set_defaults(func=func)
-        return cmd
-
-    ins = command("inspect", "what the model receives from each source", cmd_inspect)
-    ins.add_argument("sources", nargs="+", metavar="SOURCE", help="path, file://, http(s)://, or data: URI")
-    ins.add_argument("--json", action="store_true", help="machine-readable output")
-    _add_element_flags(ins)
-    pre = command("preview", "a contact sheet of the sampled frames", cmd_preview)
-    pre.add_argument("source", metavar="SOURCE")
-    pre.add_argument("-o", "--output", required=True, help="PNG file to write")
-    _add_element_flags(pre)
-    _add_element_flags(command("demo", "inspect and preview a generated sample", cmd_demo))
-    from .dataset._cli import add_dataset_parser  # dataset check|count|pack|stats
-
-    add_dataset_parser(sub, common)
-    from ._stream_cli import add_stream_parser  # stream SOURCE: chunks as they are decoded
-
-    add_stream_parser(sub, common)
-    return p
-
-
-def main(argv: Optional[list] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)  # exits with 2 on a usage error
-    if getattr(args, "resized_height", None) is not None and getattr(args, "resized_width", None) is None:
-        parser.error("--resized-height needs --resized-width")
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        sys.stderr = io.StringIO()
-        return EXIT_OK

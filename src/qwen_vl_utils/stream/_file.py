@@ -19,7 +19,7 @@ import queue
 import threading
 from typing import Any, Callable, Iterator, Optional
 
-from . import _cancel
+from .. import _cancel
 
 
 class _Inexact(Exception):
@@ -77,7 +77,7 @@ class _Skipping:
         self.stream, self.packets, self.workers = stream, packets, workers
         src_fps, grid = run.fps, run.grid
         depth = max(self.MIN_DEPTH, min(512, math.ceil(2 * src_fps / grid.fps) + 32))
-        from ._nal import fresh_start_check
+        from ..container._nal import fresh_start_check
 
         wanted = lambda r: grid.covers((r - 1) / src_fps if r else None, r / src_fps)  # noqa: E731
         self.look = _Lookahead(depth, wanted, index, fresh_start_check(stream.codec_context))
@@ -103,8 +103,8 @@ class _Skipping:
         """A decoder of its own for a worker, set up like the stream's (extradata, size, colour signalling)."""
         import av
 
-        from ._util import usable_cpus
-        from .video import _decoder_threads
+        from .._util import usable_cpus
+        from ..video import _decoder_threads
 
         template = self.stream.codec_context
         cc = av.CodecContext.create(template.name, "r")

@@ -22,8 +22,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Optional, Union
 
-from ._cache import cache_for
-from ._errors import (
+from .._errors import (
     DecodeError,
     InvalidOptionError,
     NetworkError,
@@ -33,9 +32,10 @@ from ._errors import (
     SourceTooLargeError,
     describe,
 )
+from ._cache import cache_for
 from ._http import ConnectionBroken, Transfer, check_scheme, request
 from ._policy import FetchPolicy
-from ._remote import RangedFile
+from ._ranges import RangedFile
 from ._stores import is_store_protocol, open_object
 
 __all__ = ["Source", "resolve_source", "sniff_media"]

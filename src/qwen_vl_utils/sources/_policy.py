@@ -13,8 +13,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ._errors import InvalidOptionError
-from ._util import parse_flag
+from .._errors import InvalidOptionError
+from .._util import parse_flag
 
 __all__ = ["FetchPolicy", "get_fetch_policy", "set_fetch_policy"]
 

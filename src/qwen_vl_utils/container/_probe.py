@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Optional
 
-from ._errors import DecodeError, QwenVLError
-from ._sources import Source, sniff_media
+from .._errors import DecodeError, QwenVLError
+from ..sources._resolve import Source, sniff_media
 
 __all__ = ["VideoInfo", "open_container", "probe_video"]
 
@@ -142,7 +142,7 @@ RECOVERY_KEYFRAMES, RECOVERY_PACKETS = 3, 3000
 
 
 def recovery_point_keyframes(source: Source) -> bool:
-    """Are the keyframes after the first mere recovery points (:mod:`_nal`: x264's intra refresh)? Judged by the
+    """Are the keyframes after the first mere recovery points (:mod:`._nal`: x264's intra refresh)? Judged by the
     next :data:`RECOVERY_KEYFRAMES` keyframe packets, read from the start without decoding (container indexes
     do not list them all: MPEG-TS has none, Matroska's cues few): True when each of them is a picture that a
     recovery point SEI says recovers only frames later."""

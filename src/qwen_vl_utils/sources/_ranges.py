@@ -23,8 +23,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Optional
 
-from . import _cancel
-from ._errors import DecodeError, NetworkError
+from .. import _cancel
+from .._errors import DecodeError, NetworkError
 
 __all__ = ["BLOCK", "RangedFile", "merge_ranges"]
 

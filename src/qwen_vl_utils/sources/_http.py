@@ -27,9 +27,9 @@ import urllib.parse
 import urllib.request
 from typing import Any, Optional
 
-from . import _cancel
-from ._cancel import Cancelled
-from ._errors import (
+from .. import _cancel
+from .._cancel import Cancelled
+from .._errors import (
     FetchTimeoutError,
     InvalidOptionError,
     NetworkError,
