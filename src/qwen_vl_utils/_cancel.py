@@ -9,11 +9,13 @@ blocked in a read. Code outside any scope never sees a token: the synchronous AP
 from __future__ import annotations
 
 import threading
-from typing import Any, Optional
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from typing import Any, Callable, Optional
 
 from ._errors import QwenVLError
 
-__all__ = ["Cancelled", "Token", "check", "current", "scope"]
+__all__ = ["Cancelled", "Token", "check", "current", "result", "scope"]
 
 
 class Cancelled(QwenVLError):
@@ -74,3 +76,16 @@ def check(token: Optional[Token] = None) -> None:
     token = token if token is not None else current()
     if token is not None and token.event.is_set():
         raise Cancelled("cancelled by the caller")
+
+
+def result(future: Future, between: Callable[[], None] = check, slice_seconds: float = 0.05) -> Any:
+    """``future.result()``, waited for in slices with ``between()`` run after each unfinished one (it raises to
+    stop waiting: a cancellation, a deadline). The future's own error is raised as it is. Never
+    ``future.result(timeout=...)`` in a loop: since Python 3.11 its timeout is the builtin ``TimeoutError``, of
+    which :class:`FetchTimeoutError` is a subclass, so a future that failed with one would look unfinished for
+    ever."""
+    while not future.done():
+        wait_futures((future,), timeout=slice_seconds)
+        if not future.done():
+            between()
+    return future.result()

@@ -238,7 +238,6 @@ def bounded_call(transfer: Transfer, limit: float, on_timeout: str, func: Any, *
     cannot be interrupted (name resolution, an object store's read): the caller stops waiting at once, the call
     itself finishes on one of a few helper threads."""
     from concurrent.futures import ThreadPoolExecutor
-    from concurrent.futures import TimeoutError as FutureTimeout
 
     with _offload_lock:
         if _offload.get("pid") != os.getpid():
@@ -246,13 +245,13 @@ def bounded_call(transfer: Transfer, limit: float, on_timeout: str, func: Any, *
         pool = _offload["pool"]
     future = pool.submit(func, *args, **kwargs)
     until = time.monotonic() + min(limit, transfer.remaining())
-    while True:
-        try:
-            return future.result(timeout=0.05)
-        except FutureTimeout:
-            transfer.remaining()  # the deadline, or a cancellation
-            if time.monotonic() >= until:
-                raise FetchTimeoutError(f"{transfer.media} source {transfer.name}: {on_timeout}") from None
+
+    def between() -> None:
+        transfer.remaining()  # the deadline, or a cancellation
+        if time.monotonic() >= until:
+            raise FetchTimeoutError(f"{transfer.media} source {transfer.name}: {on_timeout}")
+
+    return _cancel.result(future, between)
 
 
 def _lookup(host: str, port: int, transfer: Optional[Transfer]) -> list:

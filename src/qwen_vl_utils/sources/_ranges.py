@@ -20,7 +20,6 @@ import io
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Optional
 
 from .. import _cancel
@@ -101,7 +100,7 @@ class RangedFile:
                 if waiting is None:
                     first, last = self._claim(k, span)
             if waiting is not None:
-                _wait(waiting)  # its fetcher's error, if it failed
+                _cancel.result(waiting)  # its fetcher's error, if it failed; a cancelled caller stops at once
                 continue
             self._load(first, last)
 
@@ -224,16 +223,6 @@ class RangedFile:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         self._release([(k, k + 1) for k in list(self._pending)], ValueError("the remote file was closed"))
-
-
-def _wait(future: Future) -> None:
-    """Wait for another thread's fetch, in slices, so that a cancelled caller stops waiting at once."""
-    while True:
-        try:
-            future.result(timeout=0.05)
-            return
-        except FutureTimeout:
-            _cancel.check()
 
 
 class RemoteReader(io.RawIOBase):

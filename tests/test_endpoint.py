@@ -1,0 +1,75 @@
+"""A public endpoint (issue 23): servers and stores that stall, fail fast or lie, met with a typed error within
+the deadline, never a hang."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import qwen_vl_utils as q
+from httpfiles import FileServer
+from qwen_vl_utils import FetchPolicy, FetchTimeoutError, NetworkError
+from qwen_vl_utils.sources import _http, _ranges, _resolve, _stores
+from qwen_vl_utils.sources._ranges import BLOCK, RangedFile
+
+from conftest import time_bound
+from media import make_video
+
+# --- waiting on work that failed with a timeout -------------------------------------------------------------
+
+
+def test_a_reader_waiting_on_a_fetch_that_timed_out_gets_its_error():
+    """Since Python 3.11 ``concurrent.futures.TimeoutError`` is the builtin ``TimeoutError``, the base of
+    FetchTimeoutError: a reader waiting for a prefetch that failed with one took the error for "not done yet"
+    and spun for ever, with the prefetch thread."""
+    started, release = threading.Event(), threading.Event()
+
+    def fetch(start: int, end: int) -> bytes:
+        started.set()
+        release.wait(10)
+        raise FetchTimeoutError("video source stalling.mp4: no byte for 0.5 s (FetchPolicy.read_timeout)")
+
+    remote = RangedFile("stalling.mp4", 4 * BLOCK, fetch)
+    try:
+        remote.prefetch([(2 * BLOCK, 3 * BLOCK)])
+        assert started.wait(10), "the prefetch never started"
+        threading.Timer(0.2, release.set).start()
+        with time_bound(10), pytest.raises(FetchTimeoutError, match="no byte for 0.5 s"):
+            remote.block(2)  # in flight on the prefetch thread: this reader waits for it
+    finally:
+        release.set()
+        remote.close()
+
+
+def test_a_store_call_that_times_out_at_once_fails_at_once():
+    """The same confusion made a blocking store call that raised TimeoutError at once wait out the whole
+    read_timeout before failing."""
+
+    def times_out() -> None:
+        raise TimeoutError("read timed out")
+
+    transfer = _http.Transfer(FetchPolicy(read_timeout=60, deadline=300), "video", "s3://bucket/clip.mp4")
+    with time_bound(10), pytest.raises(FetchTimeoutError, match="the store timed out"):
+        _stores._call(transfer, times_out)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    return make_video(tmp_path_factory.mktemp("endpoint") / "v.mp4", frames=240, width=320, height=240).read_bytes()
+
+
+@pytest.mark.parametrize("answered", [1, 2])
+def test_a_server_that_stalls_mid_file_gives_a_timeout_not_a_hang(video, monkeypatch, answered):
+    """A CDN that answers the first ranges, then stalls longer than read_timeout: whichever request meets the
+    stall (the reader's or a prefetch another reader waits on), the call ends with a typed error."""
+    monkeypatch.setattr(_resolve, "FIRST_BYTES", 16 << 10)
+    monkeypatch.setattr(_ranges, "BLOCK", 16 << 10)
+    server = FileServer()
+    try:
+        url = server.add("/stall.mp4", video, delay=30, slow_after=answered)
+        policy = FetchPolicy(read_timeout=0.5, connect_timeout=2, deadline=60)
+        with time_bound(30), pytest.raises((FetchTimeoutError, NetworkError)):
+            q.fetch_video({"video": url, "nframes": 8}, policy=policy)
+    finally:
+        server.close()
