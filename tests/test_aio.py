@@ -395,6 +395,20 @@ def test_the_error_is_the_first_failing_elements_as_in_the_sync_api(files, tmp_p
     assert type(async_error.value) is type(sync_error.value) is q.DecodeError
 
 
+@pytest.mark.parametrize("bad", [{"min_pixels": -1}, {"resized_height": 56}, {"jpeg_draft": 1}])
+def test_a_bad_option_after_a_missing_file_is_the_second_error_in_both_apis(tmp_path, bad):
+    """Options are checked per element, before that element's download: the first failing element's error
+    wins in both APIs, whether it fails on its source or on its options."""
+    good = tmp_path / "good.png"
+    gradient(64, 48).save(good)
+    conv = [{"role": "user", "content": [{"image": str(tmp_path / "missing.png")}, {"image": str(good), **bad}]}]
+    with pytest.raises(q.QwenVLError) as sync_error:
+        q.process_vision_info(conv)
+    with pytest.raises(q.QwenVLError) as async_error:
+        run(q.aprocess_vision_info(conv))
+    assert type(async_error.value) is type(sync_error.value) is q.SourceNotFoundError
+
+
 def test_slots_are_first_come_first_served_across_loops():
     slots = aio.Slots("test", lambda: 1)
     order = []

@@ -190,6 +190,20 @@ def test_progress_bar_only_on_a_terminal_after_a_second(monkeypatch, tty, quiet,
     assert ("2/4" in fake.text) is shown
 
 
+def test_without_tqdm_there_is_no_bar_and_no_failure(monkeypatch):
+    from qwen_vl_utils import _progress
+
+    fake = _TTY(True)
+    monkeypatch.setattr(sys, "stderr", fake)
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    progress = _progress.Progress(True)
+    progress.start -= 2
+    progress.update(2, 4, "b")
+    progress.update(3, 4, "c")
+    progress.close()
+    assert fake.text == ""
+
+
 def test_inspect_http_sources(files, server):
     video, image = files
     vurl = server.add_bytes("/cli.mkv", video.read_bytes(), "video/x-matroska")

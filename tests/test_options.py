@@ -1,6 +1,7 @@
 """Element keys: every key the library reads rejects wrong types, out-of-range values, NaN and infinity with an
 InvalidOptionError naming the key and the value, through every public function; valid spellings keep working."""
 
+import asyncio
 import math
 
 import numpy as np
@@ -195,6 +196,10 @@ def test_options_fail_before_any_download(server):
         q.fetch_image({"image": url, "max_pixels": "x"})
     with pytest.raises(InvalidOptionError):
         q.fetch_video({"video": url, "fps": "x"})
+    with pytest.raises(InvalidOptionError):
+        asyncio.run(q.afetch_image({"image": url, "max_pixels": "x"}))
+    with pytest.raises(InvalidOptionError):
+        asyncio.run(q.afetch_video({"video": url, "fps": -1}))
     assert hits == [], "a bad option is refused before the source is fetched"
 
 

@@ -558,6 +558,24 @@ def test_decord_av1_falls_back_with_one_warning(matrix):
     assert len([w for w in record if issubclass(w.category, BackendFallbackWarning)]) == 1
 
 
+@pytest.mark.skipif(not DECORD, reason="decord is not installed")
+def test_the_fallback_warning_points_at_the_callers_line(matrix):
+    """However deep in the library the backend is chosen (fetch_video, decode_video, 0.0.14's readers), the
+    warning names the caller's line, so that filters by module and once-per-location work."""
+    from qwen_vl_utils.video import VIDEO_READER_BACKENDS, decode_video
+
+    ele = {"video": str(matrix[("libsvtav1", "mp4")]), "nframes": 2}
+    calls = {
+        "fetch_video": lambda: fetch_video(ele, backend="decord"),
+        "decode_video": lambda: decode_video(ele, backend="decord"),
+        "reader": lambda: VIDEO_READER_BACKENDS["decord"](ele),
+    }
+    for name, call in calls.items():
+        with pytest.warns(BackendFallbackWarning) as record:
+            call()
+        assert {w.filename for w in record if issubclass(w.category, BackendFallbackWarning)} == {__file__}, name
+
+
 @pytest.mark.skipif(not TORCHCODEC, reason="torchcodec is not installed")
 def test_torchcodec_needs_no_fallback_for_av1(matrix):
     with warnings.catch_warnings():

@@ -13,9 +13,9 @@ any download or decode) with an :class:`InvalidOptionError` that names the key, 
     check_number(value, key) -> number | None one numeric key, by the table below
 
 Options are checked once, where an element enters the library (``fetch_image``, ``fetch_video``,
-``count_visual_tokens``, ``stream_video``, the asyncio twins); the checked object travels inward. Both readers
-return an options object they are given unchanged, so a function that takes an element also takes its checked
-options, and checking again costs nothing.
+``count_visual_tokens``, ``stream_video``, the asyncio twins); the checked object travels inward. The inner
+functions that also take an element (``image_target_size``, ``smart_nframes``, ``plan_frames``,
+``video_frame_size``) take its checked options as they are (:func:`as_image_options`, :func:`as_video_options`).
 
 The options objects are frozen dataclasses holding the checked values, ``None`` for a key that is absent (a key
 whose value is ``None``, JSON's ``null``, counts as absent); defaults are applied by the readers, which know the
@@ -59,6 +59,8 @@ from ._errors import InvalidOptionError, describe
 __all__ = [
     "ImageOptions",
     "VideoOptions",
+    "as_image_options",
+    "as_video_options",
     "check_backend",
     "check_dtype",
     "check_number",
@@ -269,10 +271,7 @@ class VideoOptions:
 
 
 def image_options(ele: Any) -> ImageOptions:
-    """The checked options of an image element (``InvalidOptionError`` for a bad value); checked options are
-    returned as they are."""
-    if isinstance(ele, ImageOptions):
-        return ele
+    """The checked options of an image element (``InvalidOptionError`` for a bad value)."""
     ele = _element(ele, "an image")
     return ImageOptions(
         min_pixels=check_number(ele.get("min_pixels"), "min_pixels"),
@@ -298,10 +297,7 @@ _VIDEO_NUMBERS = (
 
 
 def video_options(ele: Any) -> VideoOptions:
-    """The checked options of a video element, for every video form (``InvalidOptionError`` for a bad value);
-    checked options are returned as they are."""
-    if isinstance(ele, VideoOptions):
-        return ele
+    """The checked options of a video element, for every video form (``InvalidOptionError`` for a bad value)."""
     ele = _element(ele, "a video")
     return VideoOptions(
         **{key: check_number(ele.get(key), key) for key in _VIDEO_NUMBERS},
@@ -310,3 +306,13 @@ def video_options(ele: Any) -> VideoOptions:
         timestamps=_timestamps(ele.get("timestamps")),
         video_reader=check_backend(ele.get("video_reader")),
     )
+
+
+def as_image_options(ele: Union[dict, ImageOptions]) -> ImageOptions:
+    """Checked options as they are; an element's, checked."""
+    return ele if isinstance(ele, ImageOptions) else image_options(ele)
+
+
+def as_video_options(ele: Union[dict, VideoOptions]) -> VideoOptions:
+    """Checked options as they are; an element's, checked."""
+    return ele if isinstance(ele, VideoOptions) else video_options(ele)

@@ -31,8 +31,11 @@ class Progress:
         if self._bar is None:
             if waited < DELAY:
                 return
-            from tqdm import tqdm
-
+            try:
+                from tqdm import tqdm
+            except ImportError:  # a dependency, but an environment may lack it: no bar rather than a failed run
+                self.enabled = False
+                return
             if callable(total):
                 total = self._total = total()
             self._bar = tqdm(

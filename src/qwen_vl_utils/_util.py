@@ -1,13 +1,16 @@
-"""Small helpers shared across the library: cores, environment variables."""
+"""Small helpers shared across the library: cores, environment variables, warnings' stack levels."""
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable
 
 from ._errors import InvalidOptionError
 
-__all__ = ["env_flag", "env_int", "parse_flag", "usable_cpus"]
+__all__ = ["caller_stacklevel", "env_flag", "env_int", "parse_flag", "usable_cpus"]
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def usable_cpus() -> int:
@@ -52,3 +55,12 @@ def parse_flag(raw: str) -> bool:
 def env_flag(name: str) -> bool:
     """A boolean environment variable (unset: False); a typo is a typed error naming the variable."""
     return _env(name, False, parse_flag, lambda _, exc: f"{name}: {exc}")
+
+
+def caller_stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` in the calling function that points at the first frame outside
+    this package (the user's call), however deep in the library the warning is raised."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional, Union
 
 from . import _cancel
 from ._errors import InvalidOptionError, describe
-from ._options import image_options, patch_factor
+from ._options import image_options, patch_factor, video_options
 from ._util import usable_cpus
 from .image import load_image, resolve_image
 from .sources._policy import FetchPolicy, get_fetch_policy
@@ -250,9 +250,9 @@ async def afetch_image(
     ele: dict[str, Any], image_patch_size: int = 14, *, policy: Optional[FetchPolicy] = None
 ) -> Any:
     """:func:`~qwen_vl_utils.fetch_image`, awaited: the download, then the decode, each under its limit."""
-    options = image_options(ele)  # a bad option fails here, before any download
     factor = patch_factor(image_patch_size)
     policy = get_fetch_policy(policy)
+    options = image_options(ele)  # a bad option fails here, before any download
     source = await _download(resolve_image, ele, policy)
     return await _decode(source, load_image, source, options, factor, policy)
 
@@ -271,6 +271,7 @@ async def afetch_video(
     reads) under the download limit, then decoded under the decode limit."""
     if not isinstance(ele, dict) or "video" not in ele:
         raise InvalidOptionError(f"a video element must be a dict with a 'video' key, got {describe(ele)}")
+    video_options(ele)  # a bad option fails here, before the download (fetch_video checks it again, unawaited)
     policy = get_fetch_policy(policy)
     value = ele["video"]
     args = (image_patch_size, return_video_sample_fps, return_video_metadata)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from . import _cancel
 from ._errors import AspectRatioError, DecodeError, InvalidOptionError, QwenVLError, SourceTooLargeError
-from ._options import SPATIAL_MERGE_SIZE, ImageOptions, image_options, patch_factor
+from ._options import SPATIAL_MERGE_SIZE, ImageOptions, as_image_options, image_options, patch_factor
 from ._util import env_flag, usable_cpus
 from .sources._policy import FetchPolicy, get_fetch_policy
 from .sources._resolve import HEIF_BRANDS, Source, resolve_source, sniff_media
@@ -332,7 +332,7 @@ def decode_rgb(img: Image.Image, name: str) -> Image.Image:
 
 def image_target_size(ele: Union[dict, ImageOptions], width: int, height: int, factor: int) -> tuple[int, int]:
     """(resized_height, resized_width) for an image element (or its checked options), as 0.0.14 computes it."""
-    options = image_options(ele)
+    options = as_image_options(ele)
     if options.resized is not None:
         return smart_resize(*options.resized, factor=factor)
     min_pixels = IMAGE_MIN_TOKEN_NUM * factor**2 if options.min_pixels is None else options.min_pixels
@@ -365,9 +365,9 @@ def fetch_image(
     ``max_pixels``, ``resized_height``/``resized_width`` and ``jpeg_draft``. Returns an RGB PIL image whose
     sides are multiples of ``image_patch_size * 2``.
     """
-    options = image_options(ele)  # a bad option fails here, before any download
     factor = _patch_factor(image_patch_size)
     policy = get_fetch_policy(policy)
+    options = image_options(ele)  # a bad option fails here, before any download
     with resolve_image(ele, policy) as source:
         return load_image(source, options, factor, policy)
 
@@ -413,9 +413,9 @@ def describe_image(
     ele: dict[str, Any], image_patch_size: int = 14, *, policy: Optional[FetchPolicy] = None
 ) -> ImageFacts:
     """Tokens and sizes of ``ele``'s output, from the image's header only (nothing is decoded)."""
-    options = image_options(ele)
     factor = _patch_factor(image_patch_size)
     policy = get_fetch_policy(policy)
+    options = image_options(ele)
     with resolve_image(ele, policy) as source:
         width, height = oriented_size(open_image(source, policy))
     rh, rw = image_target_size(options, width, height, factor)

@@ -36,8 +36,8 @@ from ._errors import (
 from ._frame_resize import resize_frame as _resize
 from ._frame_resize import resize_pool as _resize_pool
 from ._frame_resize import resize_threads as _resize_threads
-from ._options import VideoOptions, check_backend, check_dtype, patch_factor, video_options
-from ._util import env_int
+from ._options import VideoOptions, as_video_options, check_backend, check_dtype, patch_factor, video_options
+from ._util import caller_stacklevel, env_int
 from .container._probe import VideoInfo, probe_video
 from .image import (
     array_to_pil,
@@ -101,7 +101,7 @@ def smart_nframes(ele: Union[dict[str, Any], VideoOptions], total_frames: int, v
     Unlike 0.0.14, a clip of fewer than ``FRAME_FACTOR`` frames gives ``FRAME_FACTOR`` (the last frame is
     repeated) instead of raising.
     """
-    options = video_options(ele)
+    options = as_video_options(ele)
     if options.fps is not None and options.nframes is not None:
         raise InvalidOptionError("give either 'fps' or 'nframes' in a video element, not both")
     if total_frames < FRAME_FACTOR:
@@ -176,7 +176,7 @@ def plan_frames(
     ``max_frames``/``video_start``/``video_end``) from a probe. Indices are absolute source frame indices."""
     fps, total = info.fps, info.num_frames
     start_frame, end_frame = 0, total - 1
-    options = video_options(ele)
+    options = as_video_options(ele)
     start, end = options.video_start, options.video_end
     if start is not None or end is not None:
         max_duration = total / fps
@@ -227,7 +227,7 @@ def video_frame_size(
     """(resized_height, resized_width) for every frame, under 0.0.14's per-frame and total pixel budgets; a
     frame larger than the decompression-bomb limit (``max_image_pixels``) is refused before anything is decoded
     (``min_pixels`` wins over the other budgets, as in 0.0.14, so only this limit bounds it)."""
-    rh, rw = _frame_size(video_options(ele), nframes, height, width, factor)
+    rh, rw = _frame_size(as_video_options(ele), nframes, height, width, factor)
     limit = get_fetch_policy(policy).max_image_pixels
     if rh * rw > limit:
         raise SourceTooLargeError(
@@ -293,7 +293,7 @@ def _backend_for(name: str, info: VideoInfo, source: Any) -> Any:
         f"qwen-vl-utils: the {name} backend cannot decode {source.name}: {reason}. Decoding it with pyav instead "
         "(set FORCE_QWENVL_VIDEO_READER or the element's 'video_reader' to choose a backend).",
         BackendFallbackWarning,
-        stacklevel=4,
+        stacklevel=caller_stacklevel(),
     )
     return _backends.load_backend("pyav")
 
@@ -520,9 +520,13 @@ def _array_frames(value: Any) -> list:
 def _checked_element(ele: Any) -> VideoOptions:
     """The checked options of a video element, which must hold a source."""
     options = video_options(ele)
+    _require_source(ele)
+    return options
+
+
+def _require_source(ele: dict) -> None:
     if "video" not in ele:
         raise InvalidOptionError(f"a video element needs a 'video' key holding the source; got keys {sorted(ele)}")
-    return options
 
 
 def _check_encoded(source: Source) -> None:
@@ -693,9 +697,10 @@ def fetch_video(
     ``dtype`` key for 4x less memory), optionally with the metadata dict (``fps``, ``frames_indices``,
     ``total_num_frames``, ``video_backend``) and the sample fps, in 0.0.14's nesting.
     """
-    options = _checked_element(ele)  # a bad option fails here, before any download or decode
+    options = video_options(ele)  # a bad option fails here, before any download or decode
     dtype = check_dtype(dtype) or options.dtype
     torch = _require_torch()
+    _require_source(ele)
     torch_dtype = _torch_dtype(torch, dtype)
     tensors: list = []
 

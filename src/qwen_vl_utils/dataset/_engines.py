@@ -26,7 +26,7 @@ from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from .._errors import InvalidOptionError, describe
 from .._util import usable_cpus
@@ -356,7 +356,6 @@ def ray_engine(
     settings: Settings,
     mode: str,
     address: Optional[str] = None,
-    on_total: Optional[Callable[[int], None]] = None,
 ) -> Batches:
     """Result batches from Ray Data. Uses the running Ray instance if there is one, else ``ray.init(address)``
     (``None``: ``RAY_ADDRESS`` or a new local instance; ``"auto"``: the cluster this machine belongs to)."""
@@ -368,8 +367,6 @@ def ray_engine(
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
     chunks = [{"first": a, "offset": b, "lines": n} for a, b, n in jsonl_chunks(path, start, RAY_CHUNK_LINES)]
-    if on_total is not None:
-        on_total(sum(c["lines"] for c in chunks))
     if not chunks:
         return
     ds = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), 1000))

@@ -48,25 +48,37 @@ def detect_format(path: str) -> str:
     return "json" if stripped.startswith(b"[") else "jsonl"
 
 
-def iter_records(path: str, start: int = 0, fmt: Optional[str] = None) -> Iterator[RawRecord]:
+def iter_records(
+    path: str, start: int = 0, fmt: Optional[str] = None, progress: Optional[list] = None
+) -> Iterator[RawRecord]:
     """Every record of the data file from index ``start`` on; blank JSONL lines are skipped (they keep their
-    line number)."""
+    line number). ``progress``, when given, is a one-item list updated with the bytes read so far."""
     fmt = fmt or detect_format(path)
     with open(path, "rb") as f:
         if fmt == "jsonl":
-            yield from _jsonl(f, start)
+            yield from _jsonl(f, start, progress)
         else:
-            yield from _json_array(f, path, start)
+            yield from _json_array(f, path, start, progress)
 
 
-def _jsonl(f: BinaryIO, start: int) -> Iterator[RawRecord]:
+def _jsonl(f: BinaryIO, start: int, progress: Optional[list]) -> Iterator[RawRecord]:
+    done = 0
     for index, line in enumerate(f):
+        done += len(line)
         if index == 0 and line.startswith(_BOM):
             line = line[len(_BOM) :]
         if index < start:
             continue
+        if progress is not None:
+            progress[0] = done
         if line.strip():
             yield RawRecord(index, line.rstrip(b"\r\n"))
+
+
+def count_records(path: str, start: int = 0) -> int:
+    """The records of a JSONL file from index ``start`` on (its non-blank lines): one pass, no parsing."""
+    with open(path, "rb") as f:
+        return sum(1 for index, line in enumerate(f) if index >= start and line.strip())
 
 
 def jsonl_chunks(path: str, start: int, lines: int) -> Iterator[tuple[int, int, int]]:
@@ -105,13 +117,14 @@ def read_jsonl_chunk(path: str, first: int, offset: int, lines: int) -> list:
 
 
 class _Chars:
-    """A UTF-8 text buffer over a binary file, filled on demand."""
+    """A UTF-8 text buffer over a binary file, filled on demand, that knows how many bytes it consumed."""
 
     def __init__(self, f: BinaryIO) -> None:
         self.f = f
         self.decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
         self.buf = ""
         self.pos = 0
+        self.bytes_read = 0
         self.eof = False
 
     def fill(self) -> bool:
@@ -119,6 +132,7 @@ class _Chars:
         if self.eof:
             return False
         data = self.f.read(_CHUNK)
+        self.bytes_read += len(data)
         if not data:
             self.eof = True
             self.buf = self.buf[self.pos :] + self.decoder.decode(b"", final=True)
@@ -139,7 +153,7 @@ class _Chars:
                 return ""
 
 
-def _json_array(f: BinaryIO, path: str, start: int) -> Iterator[RawRecord]:
+def _json_array(f: BinaryIO, path: str, start: int, progress: Optional[list]) -> Iterator[RawRecord]:
     """Elements of a top-level JSON array, decoded one at a time with ``raw_decode`` on a sliding buffer."""
     chars = _Chars(f)
     decoder = json.JSONDecoder()
@@ -152,6 +166,8 @@ def _json_array(f: BinaryIO, path: str, start: int) -> Iterator[RawRecord]:
         while True:
             text = _next_element(chars, decoder)
             if index >= start:
+                if progress is not None:
+                    progress[0] = chars.bytes_read
                 yield RawRecord(index, text.encode("utf-8"))
             index += 1
             sep = chars.skip_space()

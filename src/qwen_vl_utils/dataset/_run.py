@@ -13,7 +13,7 @@ from .._progress import Progress
 from ..sources._policy import FetchPolicy, get_fetch_policy
 from ._engines import local_engine, ray_engine
 from ._output import JsonlOutput, check_settings
-from ._records import detect_format, iter_records, jsonl_chunks
+from ._records import count_records, detect_format, iter_records
 from ._samples import Settings
 from ._work import load_text_counter
 
@@ -166,20 +166,11 @@ def _stream(
     bad: JsonlOutput,
 ) -> None:
     bar = Progress(progress, unit="sample")
-    total: Any = None  # samples to go: Ray counts them; a JSONL file's lines are counted once a bar shows
+    # the bar's total: a JSONL file's records, counted once a bar shows; a JSON array has none (count and rate)
+    total = (lambda: count_records(data, start)) if fmt == "jsonl" else None
     if engine == "ray":
-
-        def count_total(n: int) -> None:
-            nonlocal total
-            total = n
-
-        batches = ray_engine(data, start, settings, mode, address, on_total=count_total)
+        batches = ray_engine(data, start, settings, mode, address)
     else:
-
-        def count_lines() -> int:
-            return sum(n for _, _, n in jsonl_chunks(data, start, 1 << 20))
-
-        total = count_lines if fmt == "jsonl" else None
         batches = local_engine(iter_records(data, start, fmt), settings, mode, jobs)
     done = 0
     try:

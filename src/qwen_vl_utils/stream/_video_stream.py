@@ -11,7 +11,7 @@ Two timelines:
 
 - **files** (anything seekable: paths, URLs read by range, object stores, bytes, seekable file objects): a
   frame's index is its display ordinal, the same numbering as ``fetch_video``'s ``frames_indices``, and its
-  time is ``index / fps`` with the container's frame rate; skipping is exact (see :class:`_Lookahead`).
+  time is ``index / fps`` with the container's frame rate; skipping is exact (see :class:`._file._Lookahead`).
 - **live** (pipes, HTTP bodies without range support, HLS, UDP): a frame's time is its presentation
   timestamp relative to the first frame, and its index the frame slot ``round(time * fps)`` at the stream's
   nominal rate, so that ``index / fps`` stays the real time even when frames are lost.
