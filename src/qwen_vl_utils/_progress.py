@@ -22,7 +22,6 @@ class Progress:
         self.unit = unit
         self.start = time.monotonic()
         self._bar: Any = None
-        self._total: Optional[int] = None
 
     def update(self, done: int, total: Union[int, Callable[[], Optional[int]], None] = None, label: str = "") -> None:
         if not self.enabled:
@@ -37,14 +36,14 @@ class Progress:
                 self.enabled = False
                 return
             if callable(total):
-                total = self._total = total()
+                total = total()
             self._bar = tqdm(
                 total=total, initial=done, unit=self.unit, file=sys.stderr, leave=False, dynamic_ncols=True
             )
             self._bar.start_t -= waited  # the rate and the elapsed time count from the start of the work
         bar = self._bar
         if callable(total):
-            total = self._total
+            total = bar.total  # counted once, when the bar appeared
         if label:
             bar.set_postfix_str(label[:40], refresh=False)
         if total != bar.total:

@@ -534,6 +534,11 @@ def _check_encoded(source: Source) -> None:
         raise InvalidOptionError(f"cannot decode {source.name} as a video; give a file, URL, bytes or frames")
 
 
+def _array_options(options: VideoOptions) -> VideoOptions:
+    """A decoded array's options: its frames are taken at ``sample_fps``, else ``fps``, else FPS."""
+    return replace(options, sample_fps=options.sample_fps or options.fps or FPS)
+
+
 def _is_array(value: Any) -> bool:
     return hasattr(value, "__array_interface__") or type(value).__module__.startswith(("torch", "numpy"))
 
@@ -586,8 +591,7 @@ def _decode(
     if isinstance(value, (list, tuple)):
         return DecodedVideo(*_fetch_frames(options, value, factor, policy), None)
     if _is_array(value):
-        array_options = replace(options, sample_fps=options.sample_fps or options.fps or FPS)
-        return DecodedVideo(*_fetch_frames(array_options, _array_frames(value), factor, policy), None)
+        return DecodedVideo(*_fetch_frames(_array_options(options), _array_frames(value), factor, policy), None)
     name = get_video_reader_backend(check_backend(backend, "backend") or options.video_reader)
     with resolve_source(value, "video", policy) as source:
         _check_encoded(source)
@@ -645,7 +649,7 @@ def describe_video(
                 width, height = oriented_size(open_image(source, policy))
         else:
             n_given, height, width = _array_shape(value)
-            frames_options = replace(options, sample_fps=options.sample_fps or options.fps or FPS)
+            frames_options = _array_options(options)
             nframes = _padded_count(n_given)
         metadata, sample_fps = _frame_list_metadata(frames_options, n_given, nframes)
         indices, fps, duration = metadata["frames_indices"], metadata["fps"], n_given / sample_fps

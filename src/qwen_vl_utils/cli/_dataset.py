@@ -12,9 +12,11 @@ import argparse
 import sys
 from typing import Any, Callable
 
+from ._common import EXIT_OK, EXIT_SOURCE_FAILED, EXIT_USAGE
+
 __all__ = ["add_dataset_parser"]
 
-EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+EXIT_PROBLEMS = EXIT_SOURCE_FAILED  # 1: some samples failed, the rest of the output is complete
 
 _ELEMENT_FLAGS = (
     ("--image-min-pixels", int, "image min_pixels (qwen-vl-finetune: min_pixels)"),
