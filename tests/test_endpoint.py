@@ -3,18 +3,21 @@ the deadline, never a hang."""
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import socket
 import threading
 
 import pytest
 
 import qwen_vl_utils as q
 from httpfiles import FileServer
-from qwen_vl_utils import FetchPolicy, FetchTimeoutError, NetworkError
+from qwen_vl_utils import FetchPolicy, FetchTimeoutError, NetworkError, SourceNotAllowedError
 from qwen_vl_utils.sources import _http, _ranges, _resolve, _stores
 from qwen_vl_utils.sources._ranges import BLOCK, RangedFile
 
 from conftest import time_bound
-from media import make_video
+from media import gradient, image_bytes, make_video
 
 # --- waiting on work that failed with a timeout -------------------------------------------------------------
 
@@ -73,3 +76,66 @@ def test_a_server_that_stalls_mid_file_gives_a_timeout_not_a_hang(video, monkeyp
             q.fetch_video({"video": url, "nframes": 8}, policy=policy)
     finally:
         server.close()
+
+
+# --- hosts in every spelling -------------------------------------------------------------------------------------
+
+LOOPBACK_SPELLINGS = ["2130706433", "0x7f.1", "0177.0.0.1", "127.1", "0", "[::]", "[::ffff:127.0.0.1]", "LOCALHOST."]
+
+
+def _fetch(url: str, policy: FetchPolicy, api: str):
+    if api == "async":
+        return asyncio.run(q.afetch_image({"image": url}, policy=policy))
+    return q.fetch_image({"image": url}, policy=policy)
+
+
+@pytest.fixture(scope="module")
+def png_server():
+    server = FileServer()
+    server.add("/x.png", image_bytes(gradient(64, 48), "PNG"), content_type="image/png")
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+@pytest.mark.parametrize("host", [*LOOPBACK_SPELLINGS, "loc\u00aalhost"])
+def test_a_deny_list_holds_for_every_spelling_of_its_hosts(png_server, host, api):
+    """A resolver reads all of these as 127.0.0.1 (or this machine); IDNA maps the look-alike to localhost."""
+    policy = FetchPolicy(denied_hosts=("127.0.0.1", "localhost"))
+    before = len(png_server.files["/x.png"].requests)
+    with pytest.raises(SourceNotAllowedError, match="denied by the fetch policy"):
+        _fetch(f"http://{host}:{png_server.port}/x.png", policy, api)
+    assert len(png_server.files["/x.png"].requests) == before, "refused before any request"
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_cidr_ranges_in_both_lists(png_server, api):
+    url = png_server.url("/x.png")
+    with pytest.raises(SourceNotAllowedError, match="denied"):
+        _fetch(url, FetchPolicy(denied_hosts=("10.0.0.0/8", "127.0.0.0/8")), api)
+    with pytest.raises(SourceNotAllowedError, match="not in the fetch policy's allowed hosts"):
+        _fetch(url, FetchPolicy(allowed_hosts=("10.0.0.0/8", ".example.com")), api)
+    assert _fetch(url, FetchPolicy(allowed_hosts=("127.0.0.0/8",)), api).size == (56, 56)
+    # an allowed range admits every spelling of its addresses
+    spelled = f"http://0x7f.0.0.1:{png_server.port}/x.png"
+    assert _fetch(spelled, FetchPolicy(allowed_hosts=("127.0.0.0/8",)), api).size == (56, 56)
+
+
+def test_a_name_that_resolves_into_a_denied_range_is_refused(png_server):
+    name = socket.gethostname()
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(name, None)}
+    except socket.gaierror:
+        pytest.skip(f"{name} does not resolve here")
+    if not all(ipaddress.ip_address(a).is_loopback for a in addresses):
+        pytest.skip(f"{name} resolves to {addresses}, not to loopback")
+    with pytest.raises(SourceNotAllowedError, match="denied by the fetch policy"):
+        q.fetch_image(
+            {"image": f"http://{name}:{png_server.port}/x.png"}, policy=FetchPolicy(denied_hosts=("127.0.0.0/8",))
+        )
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.0/33", "a..b", "x" * 64 + ".com"])
+def test_a_host_pattern_that_is_none_is_refused_when_the_policy_is_made(bad):
+    with pytest.raises(q.InvalidOptionError, match="denied_hosts"):
+        FetchPolicy(denied_hosts=(bad,))

@@ -37,6 +37,7 @@ from .._errors import (
     SourceNotAllowedError,
     SourceTooLargeError,
 )
+from ._hosts import address_matches, embedded_ipv4, host_matches, literal_address
 from ._policy import FetchPolicy
 
 __all__ = ["Response", "Transfer", "check_scheme", "request"]
@@ -164,20 +165,16 @@ def check_scheme(scheme: str, policy: FetchPolicy, name: str) -> None:
         )
 
 
-def host_matches(host: str, patterns: tuple) -> bool:
-    """``host`` equals a pattern, or a pattern ``.example.com`` names its domain (example.com or a subdomain)."""
-    host = host.rstrip(".").lower()
-    for p in patterns:
-        p = p.rstrip(".").lower()
-        if host == p or (p.startswith(".") and (host == p[1:] or host.endswith(p))):
-            return True
-    return False
-
-
 def check_host(host: str, policy: FetchPolicy, name: str) -> None:
-    if host_matches(host, policy.denied_hosts):
+    """The host (any spelling of it: see ``_hosts``) against the policy's denied and allowed hosts."""
+    try:
+        denied = host_matches(host, policy.denied_hosts)
+        allowed = policy.allowed_hosts is None or host_matches(host, policy.allowed_hosts)
+    except ValueError as exc:
+        raise InvalidOptionError(f"malformed URL {name}: {exc}") from None
+    if denied:
         raise SourceNotAllowedError(f"{name}: the host {host} is denied by the fetch policy")
-    if policy.allowed_hosts is not None and not host_matches(host, policy.allowed_hosts):
+    if not allowed:
         raise SourceNotAllowedError(f"{name}: the host {host} is not in the fetch policy's allowed hosts")
 
 
@@ -199,28 +196,10 @@ def check_url(url: str, policy: FetchPolicy, name: str) -> urllib.parse.SplitRes
     return parts
 
 
-_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
-_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
-
-
-def _embedded_ipv4(addr: ipaddress.IPv6Address) -> Optional[ipaddress.IPv4Address]:
-    """The IPv4 address an IPv6 one reaches through a translation or a tunnel: mapped (::ffff:a.b.c.d), NAT64
-    (64:ff9b::/96, 64:ff9b:1::/48), 6to4 (2002::/16), Teredo, IPv4-compatible (::a.b.c.d)."""
-    if addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    if addr.sixtofour is not None:
-        return addr.sixtofour
-    if addr.teredo is not None:
-        return addr.teredo[1]
-    if any(addr in net for net in _NAT64) or (addr in _IPV4_COMPATIBLE and int(addr) > 1):
-        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
-    return None
-
-
 def _is_public(addr: ipaddress._BaseAddress) -> bool:
     """Global unicast, and so is any IPv4 address it embeds (a NAT64 or 6to4 address can reach 127.0.0.1)."""
     if isinstance(addr, ipaddress.IPv6Address):
-        inner = _embedded_ipv4(addr)
+        inner = embedded_ipv4(addr)
         if inner is not None:
             return _is_public(inner)
         if addr.is_site_local:
@@ -266,10 +245,7 @@ def _lookup(host: str, port: int, transfer: Optional[Transfer]) -> list:
 def resolve(host: str, port: int, policy: FetchPolicy, name: str, transfer: Optional[Transfer] = None) -> list[str]:
     """The addresses to connect to for ``host``, resolved once; with ``block_private_networks`` every one of
     them must be public."""
-    try:
-        literal = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        literal = None
+    literal = literal_address(host)  # every spelling a resolver takes (0x7f.1, 2130706433, [::ffff:...])
     if literal is not None:
         addrs = [str(literal)]
     else:
@@ -278,6 +254,9 @@ def resolve(host: str, port: int, policy: FetchPolicy, name: str, transfer: Opti
         except (socket.gaierror, UnicodeError) as exc:
             raise NetworkError(f"{name}: cannot resolve {host}: {exc}") from exc
         addrs = list(dict.fromkeys(info[4][0].split("%")[0] for info in infos))
+    for a in addrs:
+        if address_matches(ipaddress.ip_address(a), policy.denied_hosts):
+            raise SourceNotAllowedError(f"{name}: {host} resolves to {a}, denied by the fetch policy (denied_hosts)")
     if policy.block_private_networks:
         for a in addrs:
             if not _is_public(ipaddress.ip_address(a)):

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from .._errors import InvalidOptionError
 from .._util import parse_flag
+from ._hosts import check_pattern
 
 __all__ = ["FetchPolicy", "get_fetch_policy", "set_fetch_policy"]
 
@@ -118,7 +119,15 @@ def _validate(policy: FetchPolicy) -> None:
             continue
         if isinstance(value, str) or not all(isinstance(v, str) for v in value):
             raise InvalidOptionError(f"FetchPolicy.{name}={value!r}: must be a tuple of strings")
-        object.__setattr__(policy, name, tuple(v.strip().lower() for v in value))
+        if name == "allowed_schemes":
+            object.__setattr__(policy, name, tuple(v.strip().lower() for v in value))
+            continue
+        try:  # names (IDNA), .domains, addresses in any spelling, CIDR ranges: in one form
+            object.__setattr__(policy, name, tuple(check_pattern(v) for v in value))
+        except ValueError as exc:
+            raise InvalidOptionError(
+                f"FetchPolicy.{name}={value!r}: {exc}; give host names, .domains, addresses or CIDR ranges"
+            ) from None
     for name in ("media_root", "media_cache"):
         value = getattr(policy, name)
         if value is not None and not isinstance(value, (str, os.PathLike)):
