@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import socket
 import threading
 
@@ -139,3 +140,30 @@ def test_a_name_that_resolves_into_a_denied_range_is_refused(png_server):
 def test_a_host_pattern_that_is_none_is_refused_when_the_policy_is_made(bad):
     with pytest.raises(q.InvalidOptionError, match="denied_hosts"):
         FetchPolicy(denied_hosts=(bad,))
+
+
+# --- local paths that are no files -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+@pytest.mark.parametrize("media", ["image", "video"])
+def test_a_fifo_given_as_a_path_is_refused_not_waited_on(tmp_path, media, api):
+    """Opening a FIFO waits for a writer that never comes: a typed error at once instead."""
+    fifo = tmp_path / f"media.{'png' if media == 'image' else 'mp4'}"
+    os.mkfifo(fifo)
+    ele = {media: str(fifo)}
+    calls = {
+        ("image", "sync"): lambda: q.fetch_image(ele),
+        ("image", "async"): lambda: asyncio.run(q.afetch_image(ele)),
+        ("video", "sync"): lambda: q.fetch_video(ele),
+        ("video", "async"): lambda: asyncio.run(q.afetch_video(ele)),
+    }
+    with time_bound(20), pytest.raises(q.SourceError, match="named pipe"):
+        calls[media, api]()
+    with time_bound(20), pytest.raises(q.SourceError, match="named pipe"):
+        q.count_visual_tokens(ele)
+
+
+def test_a_device_is_refused_too():
+    with pytest.raises(q.SourceError, match="device or socket"):
+        q.fetch_image({"image": "/dev/zero"})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
-from concurrent.futures import wait as wait_futures
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Optional
 
 from ._errors import QwenVLError
@@ -80,12 +80,13 @@ def check(token: Optional[Token] = None) -> None:
 
 def result(future: Future, between: Callable[[], None] = check, slice_seconds: float = 0.05) -> Any:
     """``future.result()``, waited for in slices with ``between()`` run after each unfinished one (it raises to
-    stop waiting: a cancellation, a deadline). The future's own error is raised as it is. Never
-    ``future.result(timeout=...)`` in a loop: since Python 3.11 its timeout is the builtin ``TimeoutError``, of
-    which :class:`FetchTimeoutError` is a subclass, so a future that failed with one would look unfinished for
-    ever."""
-    while not future.done():
-        wait_futures((future,), timeout=slice_seconds)
-        if not future.done():
+    stop waiting: a cancellation, a deadline). The future's own error is raised as it is: since Python 3.11 the
+    wait's timeout is the builtin ``TimeoutError``, of which :class:`FetchTimeoutError` is a subclass, so a
+    timeout is the wait's only while the future is not done."""
+    while True:
+        try:
+            return future.result(timeout=slice_seconds)
+        except (TimeoutError, FutureTimeout):
+            if future.done():
+                return future.result()  # its own error (or, finished just now, its value)
             between()
-    return future.result()

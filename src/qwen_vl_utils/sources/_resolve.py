@@ -16,6 +16,7 @@ import io
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import urllib.parse
@@ -33,7 +34,7 @@ from .._errors import (
     describe,
 )
 from ._cache import cache_for
-from ._http import ConnectionBroken, Transfer, check_scheme, request
+from ._http import ConnectionBroken, Transfer, bounded_call, check_scheme, request
 from ._policy import FetchPolicy
 from ._ranges import RangedFile
 from ._stores import is_store_protocol, open_object
@@ -306,12 +307,28 @@ def _local(path: str, media: str, policy: FetchPolicy, name: str) -> Source:
         if os.path.commonpath([root, full]) != root:
             raise SourceNotAllowedError(f"{media} source {name} is outside the allowed media root {root}")
         path = full
-    if not os.path.exists(path):
-        raise SourceNotFoundError(f"{media} source {name}: no such file")
-    if os.path.isdir(path):
+    info = _stat(path, media, policy, name)
+    if stat.S_ISDIR(info.st_mode):
         raise SourceError(f"{media} source {name} is a directory, not a file")
-    _check_bytes(os.path.getsize(path), media, policy, name)
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(info.st_mode) else "a device or socket"
+        raise SourceError(
+            f"{media} source {name} is {kind}, not a regular file: it has no size to check and opening it may wait "
+            "for ever; read it yourself and pass the bytes or an open binary file object"
+        )
+    _check_bytes(info.st_size, media, policy, name)
     return Source(name=name, path=path)
+
+
+def _stat(path: str, media: str, policy: FetchPolicy, name: str) -> os.stat_result:
+    """``os.stat`` under the read timeout: a path on a mount that never answers fails instead of hanging."""
+    why = f"the file system did not answer within {policy.read_timeout:g} s (FetchPolicy.read_timeout)"
+    try:
+        return bounded_call(Transfer(policy, media, name), policy.read_timeout, why, os.stat, path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise SourceNotFoundError(f"{media} source {name}: no such file") from None
+    except OSError as exc:  # a name too long, a parent directory it may not search: not found, as before
+        raise SourceNotFoundError(f"{media} source {name}: no such file ({exc.strerror})") from exc
 
 
 def _read_filelike(f: Any, media: str, policy: FetchPolicy, name: str) -> bytes:
