@@ -7,6 +7,8 @@ import asyncio
 import ipaddress
 import os
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -17,7 +19,7 @@ from qwen_vl_utils import FetchPolicy, FetchTimeoutError, NetworkError, SourceNo
 from qwen_vl_utils.sources import _http, _ranges, _resolve, _stores
 from qwen_vl_utils.sources._ranges import BLOCK, RangedFile
 
-from conftest import time_bound
+from conftest import TORCHCODEC, time_bound
 from media import gradient, image_bytes, make_video
 
 # --- waiting on work that failed with a timeout -------------------------------------------------------------
@@ -167,3 +169,22 @@ def test_a_fifo_given_as_a_path_is_refused_not_waited_on(tmp_path, media, api):
 def test_a_device_is_refused_too():
     with pytest.raises(q.SourceError, match="device or socket"):
         q.fetch_image({"image": "/dev/zero"})
+
+
+# --- first use ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not TORCHCODEC, reason="torchcodec is not installed")
+def test_a_backend_whose_decoder_lacks_torch_names_torch_not_itself():
+    """`pip install 'qwen-vl-utils[torchcodec]'` brings torchcodec without torch (no extra pins torch): the hint
+    must name torch, with a word on CPU and CUDA builds, not repeat the command that was just run."""
+    code = (
+        "import sys; sys.modules['torch'] = None  # torch not installed\n"
+        "from qwen_vl_utils.backends import load_backend\n"
+        "try:\n    load_backend('torchcodec')\nexcept Exception as exc:\n    print(type(exc).__name__, exc)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = res.stdout
+    assert out.startswith("InvalidOptionError"), res
+    assert "needs torch" in out and "pip install torch" in out and "CPU" in out and "CUDA" in out, out
+    assert "qwen-vl-utils[torchcodec]" not in out, out

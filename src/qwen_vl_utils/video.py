@@ -397,8 +397,7 @@ def _require_torch() -> Any:
         import torch
     except ImportError as exc:
         raise InvalidOptionError(
-            "video output is a torch tensor, and torch is not installed: pip install torch "
-            "(or the build for your platform from https://pytorch.org)"
+            f"video output is a torch tensor, and torch is not installed: {_backends.TORCH_HINT}"
         ) from exc
     return torch
 

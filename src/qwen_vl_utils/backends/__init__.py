@@ -75,15 +75,35 @@ def load_backend(name: str) -> ModuleType:
             importlib.import_module(spec.requires)
             module = importlib.import_module(spec.module)
         except Exception as exc:  # an installed but broken decoder raises anything from ImportError to OSError
-            _failures[name] = (
-                f"video reader backend {name!r} cannot be loaded ({type(exc).__name__}: {exc}); "
-                f"install it with: {spec.install_hint}, or choose another of: {', '.join(BACKENDS)}"
-            )
+            _failures[name] = _load_failure(spec, exc)
             if not (isinstance(exc, ModuleNotFoundError) and exc.name == spec.requires):  # installed, but broken
                 logging.getLogger("qwen_vl_utils").warning("%s; the automatic choice skips it", _failures[name])
             raise InvalidOptionError(_failures[name]) from exc
         _loaded[name] = module
         return module
+
+
+#: what to install for a module a backend's decoder needs and pip did not bring (torch is never pinned by an extra)
+TORCH_HINT = (
+    "pip install torch (a CPU-only machine: pip install torch --index-url https://download.pytorch.org/whl/cpu, "
+    "a small CPU build; with a GPU, the CUDA build for it from pytorch.org)"
+)
+_MISSING_HINTS = {"torch": TORCH_HINT}
+
+
+def _load_failure(spec: BackendSpec, exc: Exception) -> str:
+    """Why a backend does not load, with what to install: the decoder itself, or what it needs and lacks."""
+    missing = exc.name.split(".")[0] if isinstance(exc, ModuleNotFoundError) and exc.name else None
+    if missing is not None and missing != spec.requires:
+        hint = _MISSING_HINTS.get(missing, f"pip install {missing}")
+        return (
+            f"video reader backend {spec.name!r} cannot be loaded: {spec.requires} is installed but needs {missing}, "
+            f"which is not; install it with: {hint}, or choose another of: {', '.join(BACKENDS)}"
+        )
+    return (
+        f"video reader backend {spec.name!r} cannot be loaded ({type(exc).__name__}: {exc}); "
+        f"install it with: {spec.install_hint}, or choose another of: {', '.join(BACKENDS)}"
+    )
 
 
 def available_backends() -> list[str]:
