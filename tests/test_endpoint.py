@@ -188,3 +188,43 @@ def test_a_backend_whose_decoder_lacks_torch_names_torch_not_itself():
     assert out.startswith("InvalidOptionError"), res
     assert "needs torch" in out and "pip install torch" in out and "CPU" in out and "CUDA" in out, out
     assert "qwen-vl-utils[torchcodec]" not in out, out
+
+
+# --- options from a request cannot force huge outputs ----------------------------------------------------------
+
+TINY_PNG = image_bytes(gradient(64, 48), "PNG")
+
+
+@pytest.mark.parametrize("api", ["sync", "async", "count"])
+def test_request_options_cannot_force_a_huge_output(api, video):
+    """min_pixels=1.5e8 made a 150-megapixel image of a 64x48 source: refused before decoding."""
+    huge = {"min_pixels": 1.5e8, "max_pixels": 2e8}
+    cases = [{"image": TINY_PNG, **huge}, {"video": [TINY_PNG, TINY_PNG], **huge}]
+    for ele in cases:
+        with time_bound(20), pytest.raises(q.SourceTooLargeError, match="max_output_pixels"):
+            if api == "count":
+                q.count_visual_tokens(ele)
+            elif api == "async":
+                asyncio.run(q.afetch_image(ele) if "image" in ele else q.afetch_video(ele))
+            else:
+                q.fetch_image(ele) if "image" in ele else q.fetch_video(ele)
+
+
+@pytest.mark.parametrize("size", [3000, 10**6, 32, 8])
+def test_only_the_models_patch_sizes_unless_the_policy_opens_them(size):
+    """image_patch_size=3000 made 216 megapixels, 10**6 a bare MemoryError after 8 s."""
+    two_images = [{"role": "user", "content": [{"image": TINY_PNG}] * 2}]
+    for call in (
+        lambda **k: q.fetch_image({"image": TINY_PNG}, size, **k),
+        lambda **k: q.count_visual_tokens({"image": TINY_PNG}, size, **k),
+        lambda **k: q.process_vision_info(two_images, image_patch_size=size),
+        lambda **k: asyncio.run(q.afetch_image({"image": TINY_PNG}, size, **k)),
+    ):
+        with time_bound(20), pytest.raises(q.InvalidOptionError, match="patch_sizes"):
+            call()
+    opened = FetchPolicy(patch_sizes=None)
+    if size <= 32:  # a model of its own: allowed when the policy says so
+        assert q.fetch_image({"image": TINY_PNG}, size, policy=opened).width % (2 * size) == 0
+    else:  # still bounded by the output cap
+        with time_bound(20), pytest.raises(q.SourceTooLargeError, match="max_output_pixels"):
+            q.fetch_image({"image": TINY_PNG}, size, policy=opened)

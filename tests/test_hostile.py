@@ -412,6 +412,8 @@ ENV_CASES = {
     "QWENVL_MAX_IMAGE_BYTES": ("max_image_bytes", "1e6", 1_000_000),
     "QWENVL_MAX_VIDEO_BYTES": ("max_video_bytes", "2048", 2048),
     "QWENVL_MAX_IMAGE_PIXELS": ("max_image_pixels", "1e7", 10_000_000),
+    "QWENVL_MAX_OUTPUT_PIXELS": ("max_output_pixels", "2e7", 20_000_000),
+    "QWENVL_PATCH_SIZES": ("patch_sizes", "14, 16, 32", (14, 16, 32)),
     "QWENVL_MAX_VIDEO_SECONDS": ("max_video_seconds", "90.5", 90.5),
     "QWENVL_MAX_VIDEO_FRAMES": ("max_video_frames", "1000", 1000),
 }

@@ -143,7 +143,7 @@ MAY_IMPORT = {
     "sources": set(),
     "container": {"sources"},
     "backends": {"container", "sources"},
-    "_options": {"backends"},  # backend names, checked lazily
+    "_options": {"backends", "sources"},  # backend names, checked lazily; the policy's patch sizes
     "_frame_resize": set(),
     "image": {"_options", "sources"},
     "video": {"image", "_options", "_frame_resize", "backends", "container", "sources"},

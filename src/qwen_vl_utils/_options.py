@@ -7,7 +7,7 @@ any download or decode) with an :class:`InvalidOptionError` that names the key, 
     video_options(ele) -> VideoOptions        min_pixels, max_pixels, total_pixels, resized, fps, nframes,
                                               min_frames, max_frames, video_start, video_end, dtype,
                                               timestamps, sample_fps, raw_fps, video_reader
-    patch_factor(image_patch_size) -> int     image_patch_size * SPATIAL_MERGE_SIZE (2)
+    patch_factor(size, policy) -> int         image_patch_size * SPATIAL_MERGE_SIZE (2), a size the policy accepts
     check_dtype(value, key) -> str | None     "float32" or "uint8"
     check_backend(value, key) -> str | None   a backend name from ``backends.BACKENDS``
     check_number(value, key) -> number | None one numeric key, by the table below
@@ -36,7 +36,7 @@ timestamps                          a list of numbers >= 0, non-decreasing
 dtype                               "float32" (or "float") / "uint8", torch or numpy dtypes
 video_reader                        a backend name: pyav, torchcodec, decord, torchvision
 jpeg_draft                          True or False
-image_patch_size (an argument)      a positive integer (14.0 too)
+image_patch_size (an argument)      a positive integer (14.0 too) the policy accepts (14, 16)
 ==================================  ===========================================================
 
 Cross-key rules that need the video (``fps`` with ``nframes``, ``video_start`` before ``video_end``, ``nframes``
@@ -55,6 +55,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ._errors import InvalidOptionError, describe
+from .sources._policy import FetchPolicy, get_fetch_policy
 
 __all__ = [
     "ImageOptions",
@@ -222,8 +223,10 @@ def check_backend(value: Any, key: str = "video_reader") -> Optional[str]:
     return name
 
 
-def patch_factor(image_patch_size: Any) -> int:
-    """``image_patch_size * 2``: the side every resized image and frame is a multiple of."""
+def patch_factor(image_patch_size: Any, policy: Optional[FetchPolicy] = None) -> int:
+    """``image_patch_size * 2``: the side every resized image and frame is a multiple of. Only the sizes the
+    fetch policy accepts (``patch_sizes``: 14 and 16, the models' own) pass: a request's patch size decides
+    the output's size."""
     if (
         not _is_real(image_patch_size)
         or not math.isfinite(image_patch_size)
@@ -233,6 +236,13 @@ def patch_factor(image_patch_size: Any) -> int:
         raise InvalidOptionError(
             f"image_patch_size={_show(image_patch_size)} is not valid: it must be a positive integer "
             "(14 for Qwen2.5-VL, 16 for Qwen3-VL)"
+        )
+    allowed = get_fetch_policy(policy).patch_sizes
+    if allowed is not None and int(image_patch_size) not in allowed:
+        raise InvalidOptionError(
+            f"image_patch_size={_show(image_patch_size)} is not one the fetch policy accepts "
+            f"({', '.join(map(str, allowed))}: 14 for Qwen2.5-VL, 16 for Qwen3-VL); another model's size needs "
+            "FetchPolicy(patch_sizes=...) or patch_sizes=None"
         )
     return int(image_patch_size) * SPATIAL_MERGE_SIZE
 

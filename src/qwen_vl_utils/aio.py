@@ -250,7 +250,7 @@ async def afetch_image(
     ele: dict[str, Any], image_patch_size: int = 14, *, policy: Optional[FetchPolicy] = None
 ) -> Any:
     """:func:`~qwen_vl_utils.fetch_image`, awaited: the download, then the decode, each under its limit."""
-    factor = patch_factor(image_patch_size)
+    factor = patch_factor(image_patch_size, policy)
     policy = get_fetch_policy(policy)
     options = image_options(ele)  # a bad option fails here, before any download
     source = await _download(resolve_image, ele, policy)

@@ -365,7 +365,7 @@ def fetch_image(
     ``max_pixels``, ``resized_height``/``resized_width`` and ``jpeg_draft``. Returns an RGB PIL image whose
     sides are multiples of ``image_patch_size * 2``.
     """
-    factor = _patch_factor(image_patch_size)
+    factor = _patch_factor(image_patch_size, policy)
     policy = get_fetch_policy(policy)
     options = image_options(ele)  # a bad option fails here, before any download
     with resolve_image(ele, policy) as source:
@@ -379,6 +379,17 @@ def resolve_image(ele: dict, policy: FetchPolicy) -> Source:
     return resolve_source(_image_source(ele), "image", policy)
 
 
+def check_output_size(height: int, width: int, policy: FetchPolicy, what: str) -> None:
+    """An output over ``FetchPolicy.max_output_pixels`` (min_pixels, resized_* and the patch size come from
+    requests) is refused before anything is decoded."""
+    if height * width > policy.max_output_pixels:
+        raise SourceTooLargeError(
+            f"{what}: the output would be {width}x{height} = {width * height} pixels, over the limit of "
+            f"{policy.max_output_pixels} (FetchPolicy.max_output_pixels); ask for fewer pixels (min_pixels, "
+            "resized_height/resized_width)"
+        )
+
+
 def load_image(source: Source, options: ImageOptions, factor: int, policy: FetchPolicy) -> Image.Image:
     """The CPU half of ``fetch_image``: size from the header, then decode and resize in a decode slot."""
     img = open_image(source, policy)
@@ -387,6 +398,7 @@ def load_image(source: Source, options: ImageOptions, factor: int, policy: Fetch
         rh, rw = image_target_size(options, width, height, factor)
     except AspectRatioError as exc:
         raise AspectRatioError(f"image {source.name}: {exc}") from None
+    check_output_size(rh, rw, policy, f"image {source.name}")
     _draft(img, options, rh, rw)
     with _DECODE_SLOTS:
         _cancel.check()  # a cancelled caller's images are not decoded
@@ -413,12 +425,13 @@ def describe_image(
     ele: dict[str, Any], image_patch_size: int = 14, *, policy: Optional[FetchPolicy] = None
 ) -> ImageFacts:
     """Tokens and sizes of ``ele``'s output, from the image's header only (nothing is decoded)."""
-    factor = _patch_factor(image_patch_size)
+    factor = _patch_factor(image_patch_size, policy)
     policy = get_fetch_policy(policy)
     options = image_options(ele)
     with resolve_image(ele, policy) as source:
         width, height = oriented_size(open_image(source, policy))
     rh, rw = image_target_size(options, width, height, factor)
+    check_output_size(rh, rw, policy, f"image {source.name}")
     return ImageFacts(visual_tokens(rh, rw, factor), rh, rw, width, height)
 
 

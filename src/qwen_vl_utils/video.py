@@ -42,6 +42,7 @@ from .container._probe import VideoInfo, probe_video
 from .image import (
     array_to_pil,
     ceil_by_factor,
+    check_output_size,
     decode_rgb,
     floor_by_factor,
     open_image,
@@ -228,12 +229,14 @@ def video_frame_size(
     frame larger than the decompression-bomb limit (``max_image_pixels``) is refused before anything is decoded
     (``min_pixels`` wins over the other budgets, as in 0.0.14, so only this limit bounds it)."""
     rh, rw = _frame_size(as_video_options(ele), nframes, height, width, factor)
-    limit = get_fetch_policy(policy).max_image_pixels
+    policy = get_fetch_policy(policy)
+    limit = policy.max_image_pixels
     if rh * rw > limit:
         raise SourceTooLargeError(
             f"video frames of {rw}x{rh} = {rh * rw} pixels (from min_pixels/resized_height/resized_width) are over "
             f"the limit of {limit} (FetchPolicy.max_image_pixels); ask for smaller frames"
         )
+    check_output_size(rh, rw, policy, "video frames")
     return rh, rw
 
 
@@ -585,7 +588,7 @@ def _decode(
     allocate: Allocate = _numpy_frames,
 ) -> DecodedVideo:
     """:func:`decode_video` for an element's source and its checked options."""
-    factor = patch_factor(image_patch_size)
+    factor = patch_factor(image_patch_size, policy)
     policy = get_fetch_policy(policy)
     if isinstance(value, (list, tuple)):
         return DecodedVideo(*_fetch_frames(options, value, factor, policy), None)
@@ -637,7 +640,7 @@ def describe_video(
     lists), the shape (decoded arrays) or the container probe (files): no sampled frame is decoded or resized,
     and no array is converted."""
     options = _checked_element(ele)
-    factor = patch_factor(image_patch_size)
+    factor = patch_factor(image_patch_size, policy)
     policy = get_fetch_policy(policy)
     value = ele["video"]
     if isinstance(value, (list, tuple)) or _is_array(value):

@@ -181,7 +181,7 @@ def _fetch_images(eles: list[dict], image_patch_size: int, policy: FetchPolicy) 
     arenas, about twice the page faults and 15% slower on 2 cores, while downloads need the concurrency."""
     if len(eles) <= 1:
         return [fetch_image(ele, image_patch_size, policy=policy) for ele in eles]
-    factor = patch_factor(image_patch_size)
+    factor = patch_factor(image_patch_size, policy)
     decodes: list[Optional[Future]] = [None] * len(eles)
 
     def fetch(ele: dict) -> tuple[Source, ImageOptions]:

@@ -121,7 +121,7 @@ def _decoded_tokens(kind: str, ele: dict, patch_size: int, policy: Any) -> int:
     from ..image import _patch_factor, fetch_image, visual_tokens
     from ..video import FRAME_FACTOR, decode_video
 
-    factor = _patch_factor(patch_size)
+    factor = _patch_factor(patch_size, policy)
     if kind == "image":
         img = fetch_image(ele, patch_size, policy=policy)
         return visual_tokens(img.height, img.width, factor)

@@ -64,6 +64,11 @@ class FetchPolicy:
     max_video_bytes: int = 4096 * MiB
     #: decompression-bomb limit, checked from the header before any decode (Pillow's own error threshold)
     max_image_pixels: int = 178_956_970
+    #: the largest image or video frame a call may produce (min_pixels, resized_height/width and the patch size
+    #: come from requests): twice the largest model budget (16384 tokens of 32x32 pixels, 16.8 megapixels)
+    max_output_pixels: int = 1 << 25
+    #: the image_patch_size values accepted (14: Qwen2.5-VL, 16: Qwen3-VL); None: any positive integer
+    patch_sizes: Optional[tuple] = (14, 16)
     #: refuse videos longer than this many seconds / frames (None: no limit)
     max_video_seconds: Optional[float] = None
     max_video_frames: Optional[int] = None
@@ -90,6 +95,7 @@ _RANGES = {
     "max_image_bytes": (int, 1, False),
     "max_video_bytes": (int, 1, False),
     "max_image_pixels": (int, 1, False),
+    "max_output_pixels": (int, 1, False),
     "max_video_seconds": (float, 0, True),
     "max_video_frames": (int, 1, True),
 }
@@ -128,6 +134,15 @@ def _validate(policy: FetchPolicy) -> None:
             raise InvalidOptionError(
                 f"FetchPolicy.{name}={value!r}: {exc}; give host names, .domains, addresses or CIDR ranges"
             ) from None
+    sizes = policy.patch_sizes
+    if sizes is not None:
+        if isinstance(sizes, (str, bytes)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes
+        ):
+            raise InvalidOptionError(
+                f"FetchPolicy.patch_sizes={sizes!r}: must be a tuple of positive integers, or None"
+            )
+        object.__setattr__(policy, "patch_sizes", tuple(sizes))
     for name in ("media_root", "media_cache"):
         value = getattr(policy, name)
         if value is not None and not isinstance(value, (str, os.PathLike)):
@@ -158,6 +173,11 @@ _ENV = {
     "QWENVL_MAX_IMAGE_BYTES": ("max_image_bytes", lambda v: int(float(v))),
     "QWENVL_MAX_VIDEO_BYTES": ("max_video_bytes", lambda v: int(float(v))),
     "QWENVL_MAX_IMAGE_PIXELS": ("max_image_pixels", lambda v: int(float(v))),
+    "QWENVL_MAX_OUTPUT_PIXELS": ("max_output_pixels", lambda v: int(float(v))),
+    "QWENVL_PATCH_SIZES": (
+        "patch_sizes",
+        lambda v: None if v.strip().lower() == "any" else tuple(int(s) for s in v.split(",") if s.strip()),
+    ),
     "QWENVL_MAX_VIDEO_SECONDS": ("max_video_seconds", float),
     "QWENVL_MAX_VIDEO_FRAMES": ("max_video_frames", lambda v: int(float(v))),
 }
