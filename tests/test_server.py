@@ -32,11 +32,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app():
+def _start(*args: str) -> tuple:
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(EXAMPLE), "--port", str(port), "--trusted"],
+        [sys.executable, str(EXAMPLE), "--port", str(port), "--trusted", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -50,6 +49,12 @@ def app():
             if proc.poll() is not None or time.monotonic() > limit:
                 raise RuntimeError(f"the example server did not start: {proc.stderr.read().decode()}") from None
             time.sleep(0.1)
+    return proc, base
+
+
+@pytest.fixture(scope="module")
+def app():
+    proc, base = _start()
     yield base
     proc.terminate()
     proc.wait(10)
@@ -136,3 +141,41 @@ def test_a_client_that_disconnects_stops_its_work(app, files, tmp_path):
     sent = f.sent
     time.sleep(0.5)
     assert f.sent - sent < 64 << 10, "the server stopped downloading for the client that left"
+
+
+def _raw(base: str, body: bytes, content_type: str = "application/json") -> tuple:
+    req = urllib.request.Request(base + "/v1/vision", body, {"Content-Type": content_type}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_malformed_requests_get_a_json_4xx_and_no_traceback(tmp_path):
+    """Each of these was answered 500 with a traceback in the server's log."""
+    image = tmp_path / "ok.png"
+    gradient(64, 48).save(image)
+    content = lambda *items: {"messages": [{"role": "user", "content": list(items)}]}  # noqa: E731
+    proc, base = _start("--max-body", str(64 << 10))
+    try:
+        cases = [
+            (b"not json", 400),
+            (b"", 400),
+            (b"[1, 2]", 422),
+            (b'{"messages": "hi"}', 422),
+            (json.dumps({**content({"image": str(image)}), "image_patch_size": "abc"}).encode(), 422),
+            (json.dumps({**content({"image": str(image)}), "image_patch_size": 3000}).encode(), 400),
+            (json.dumps(content({"image": str(tmp_path)})).encode(), 400),  # a directory
+            (json.dumps(content({"image": "x" * (80 << 10)})).encode(), 413),  # over --max-body
+            (b"\xff\xfe{", 400),
+        ]
+        for body, status in cases:
+            code, answer = _raw(base, body)
+            assert code == status and {"error", "message"} <= set(answer), (body[:60], code, answer)
+        code, answer = _raw(base, json.dumps({**content({"image": str(image)}), "image_patch_size": None}).encode())
+        assert code == 200 and answer["images"][0]["size"], answer  # null: the default patch size
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert b"Traceback" not in err, err.decode()
