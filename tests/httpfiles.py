@@ -30,6 +30,9 @@ class File:
     content_type: str = "application/octet-stream"
     etag: Optional[str] = None  # sent, and honoured in If-None-Match (304)
     last_modified: Optional[str] = None  # sent, and honoured in If-Modified-Since when equal (304)
+    replaced_by: Optional[tuple] = None  # (data, etag, last_modified): the file once replace_after requests came
+    replace_after: int = 1
+    if_range: bool = False  # honour If-Range: a range whose validator no longer matches gets the whole body
     sent: int = 0
     requests: list = field(default_factory=list)  # the Range header of each request (None: none)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -98,6 +101,8 @@ class FileServer:
             f.requests.append(rng)
             unavailable = f.unavailable > 0
             f.unavailable -= unavailable
+            if f.replaced_by is not None and len(f.requests) > f.replace_after:  # the file changes on disk
+                (f.data, f.etag, f.last_modified), f.replaced_by = f.replaced_by, None
         if f.delay and len(f.requests) > f.slow_after:
             time.sleep(f.delay)
         if unavailable:
@@ -116,6 +121,9 @@ class FileServer:
             return
         size = len(f.data)
         m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng or "")
+        validator = req.headers.get("If-Range")
+        if f.if_range and validator is not None and validator not in (f.etag, f.last_modified):
+            m = None  # RFC 9110: the representation changed, so the whole of the new one
         if f.ranges and m:
             start = int(m.group(1))
             end = min(int(m.group(2)) if m.group(2) else size - 1, size - 1)

@@ -11,7 +11,9 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import qwen_vl_utils as q
 from httpfiles import FileServer
@@ -228,3 +230,66 @@ def test_only_the_models_patch_sizes_unless_the_policy_opens_them(size):
     else:  # still bounded by the output cap
         with time_bound(20), pytest.raises(q.SourceTooLargeError, match="max_output_pixels"):
             q.fetch_image({"image": TINY_PNG}, size, policy=opened)
+
+
+# --- a file that changes while it is read ------------------------------------------------------------------------
+
+
+def _second_version(data: bytes) -> bytes:
+    """The same container with other pixels: a re-encode of different content, cut or padded to the same size."""
+    other = bytearray(data)
+    for i in range(len(other) // 3, len(other) - 1024, 4096):  # bytes of the frame data, not the headers
+        other[i] ^= 0xFF
+    return bytes(other)
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+@pytest.mark.parametrize(
+    ("validators", "grows", "if_range", "said"),
+    [
+        ({"etag": '"v1"'}, False, False, "ETag went from"),
+        ({"last_modified": "Mon, 30 Nov 2026 10:00:00 GMT"}, False, False, "Last-Modified went from"),
+        ({}, True, False, "size went from"),
+        ({"etag": '"v1"'}, False, True, "ETag went from"),  # a server that answers If-Range whole
+    ],
+)
+def test_a_video_that_changes_between_ranges_is_never_spliced(
+    video, monkeypatch, api, validators, grows, if_range, said
+):
+    """Frames from two versions of a file came back as one video: the version of the first response is pinned
+    (ETag, Last-Modified, the Content-Range total) and a later range from another is a typed error."""
+    monkeypatch.setattr(_resolve, "FIRST_BYTES", 16 << 10)
+    monkeypatch.setattr(_ranges, "BLOCK", 16 << 10)
+    newer = _second_version(video) + (b"\0" * 4096 if grows else b"")
+    modified = "Tue, 01 Dec 2026 10:00:00 GMT" if "last_modified" in validators else None
+    replaced = (newer, '"v2"' if "etag" in validators else None, modified)
+    server = FileServer()
+    try:
+        url = server.add("/changing.mp4", video, replaced_by=replaced, if_range=if_range, **validators)
+        ele = {"video": url, "nframes": 8}
+        with time_bound(60), pytest.raises(NetworkError, match=f"changed while it was read.*{said}"):
+            q.fetch_video(ele) if api == "sync" else asyncio.run(q.afetch_video(ele))
+    finally:
+        server.close()
+
+
+def test_an_image_whose_download_broke_and_that_changed_is_read_whole_again(tmp_path):
+    """A body that breaks off resumes by range; when the file changed in between, the resumed range belongs to
+    the new version: the image is read again whole, and cached under the version that was read."""
+    noise = Image.fromarray(np.random.default_rng(7).integers(0, 256, (200, 300, 3), np.uint8))
+    first = image_bytes(noise, "PNG")
+    second = image_bytes(noise.transpose(Image.Transpose.FLIP_LEFT_RIGHT), "PNG")
+    assert len(first) > 40_000 and first != second
+    server = FileServer()
+    try:
+        url = server.add(
+            "/photo.png", first, etag='"v1"', reset_after=len(first) // 2, replaced_by=(second, '"v2"', None)
+        )
+        cache = str(tmp_path / "cache")
+        got = q.fetch_image({"image": url}, policy=FetchPolicy(media_cache=cache))
+        assert np.array_equal(np.asarray(got), np.asarray(q.fetch_image({"image": second})))
+        again = q.fetch_image({"image": url}, policy=FetchPolicy(media_cache=cache))  # revalidated: v2 is kept
+        assert np.array_equal(np.asarray(again), np.asarray(got))
+        assert server.files["/photo.png"].requests[-1] == "304", server.files["/photo.png"].requests
+    finally:
+        server.close()

@@ -387,7 +387,7 @@ def _fetch_http(url: str, media: str, policy: FetchPolicy) -> Source:
     if resp.status == 206 and _range_total(resp) is None:  # a range of unknown length: ask for the whole body
         resp.close()
         resp = request(url, transfer)
-    validators = (resp.header("etag"), resp.header("last-modified"))
+    version = _Version.of(resp)  # every later part of the body must come from this version of the file
     try:
         total = _range_total(resp) if media == "video" else None
         if total is None:  # the whole body: no range support, or an image
@@ -398,17 +398,18 @@ def _fetch_http(url: str, media: str, policy: FetchPolicy) -> Source:
                     f"(raise FetchPolicy.max_{media}_bytes)"
                 )
             takes_ranges = (resp.header("accept-ranges") or "").strip().lower() == "bytes"
-            reopen = _reopener(resp.url, transfer, takes_ranges)
+            reopen = _reopener(resp.url, transfer, takes_ranges, version)
             source = _stream_body(resp, media, name, reopen, policy.retries)
         else:
             first = _read_all(resp, FIRST_BYTES)
     finally:
         resp.close()
     if total is not None:
-        source = _ranged_source(name, media, total, _range_fetcher(resp.url, transfer), first, transfer.abort)
-    if cache is not None and source.opener is None:  # fetched whole: worth keeping
+        fetch = _range_fetcher(resp.url, transfer, version)
+        source = _ranged_source(name, media, total, fetch, first, transfer.abort)
+    if cache is not None and source.opener is None:  # fetched whole: worth keeping, under the version read
         try:
-            cache.store(url, source.path, source.data, *validators)  # never raises an OSError: it warns
+            cache.store(url, source.path, source.data, version.etag, version.last_modified)  # warns, never raises
         except BaseException:
             source.close()  # a whole video's temporary download
             raise
@@ -489,9 +490,53 @@ def _read_all(resp: Any, most: int) -> bytes:
     return b"".join(chunks)
 
 
-def _range_fetcher(url: str, transfer: Transfer) -> Callable[[int, int], bytes]:
-    """fetch(start, end) -> bytes [start, end) by range requests; a body that breaks off resumes where it
-    stopped (up to ``FetchPolicy.retries`` times)."""
+@dataclass
+class _Version:
+    """Which version of a remote file the first response came from: its validators and, for a range, its size.
+    Every later range (and a resumed body) must come from the same version: a file that changes between reads
+    would otherwise be spliced, frames from two versions."""
+
+    etag: Optional[str]
+    last_modified: Optional[str]
+    size: Optional[int]
+
+    @classmethod
+    def of(cls, resp: Any) -> _Version:
+        return cls(resp.header("etag"), resp.header("last-modified"), _range_total(resp))
+
+    def if_range(self) -> dict:
+        """An ``If-Range`` header: a server that honours it answers a changed file whole (200), not by range."""
+        if self.etag and not self.etag.startswith("W/"):
+            return {"If-Range": self.etag}
+        return {"If-Range": self.last_modified} if self.last_modified else {}
+
+    def changed(self, resp: Any) -> Optional[str]:
+        """How ``resp`` shows another version of the file, or None."""
+        etag, modified = resp.header("etag"), resp.header("last-modified")
+        if self.etag and etag and etag != self.etag:
+            return f"its ETag went from {self.etag} to {etag}"
+        if self.last_modified and modified and modified != self.last_modified:
+            return f"its Last-Modified went from {self.last_modified} to {modified}"
+        total = (resp.header("content-range") or "").rpartition("/")[2].strip()
+        if self.size is not None and resp.status == 206 and total.isdigit() and int(total) != self.size:
+            return f"its size went from {self.size} to {total} bytes"
+        return None
+
+    def restarted(self, resp: Any) -> None:
+        """The body is read again from the start: what is kept is this response's version."""
+        self.etag, self.last_modified = resp.header("etag"), resp.header("last-modified")
+
+
+def _changed_error(name: str, why: str) -> NetworkError:
+    return NetworkError(
+        f"video source {name} changed while it was read ({why}): its parts cannot be put together; fetch it again"
+    )
+
+
+def _range_fetcher(url: str, transfer: Transfer, version: _Version) -> Callable[[int, int], bytes]:
+    """fetch(start, end) -> bytes [start, end) by range requests, each from the first response's version of the
+    file (else a NetworkError that says it changed); a body that breaks off resumes where it stopped (up to
+    ``FetchPolicy.retries`` times)."""
 
     def fetch(start: int, end: int) -> bytes:
         got = bytearray()
@@ -499,7 +544,13 @@ def _range_fetcher(url: str, transfer: Transfer) -> Callable[[int, int], bytes]:
         while len(got) < end - start:
             lo = start + len(got)
             try:
-                with request(url, transfer, {"Range": f"bytes={lo}-{end - 1}"}) as resp:
+                headers = {"Range": f"bytes={lo}-{end - 1}", **version.if_range()}
+                with request(url, transfer, headers) as resp:
+                    why = version.changed(resp)
+                    if why is None and resp.status == 200 and version.if_range():
+                        why = "the server answers If-Range with the whole body"
+                    if why is not None:
+                        raise _changed_error(transfer.name, why)
                     served = (resp.header("content-range") or "").partition(" ")[2].partition("-")[0]
                     if resp.status != 206 or served.strip() != str(lo):
                         raise NetworkError(
@@ -598,17 +649,20 @@ def _stream_body(resp: Any, media: str, name: str, reopen: Optional[Callable] = 
             os.unlink(path)
 
 
-def _reopener(url: str, transfer: Transfer, ranges: bool) -> Callable[[int], tuple]:
-    """reopen(offset) -> (response, resumed): the body again from ``offset`` if the server takes ranges (a 206
-    starting there), else from the start."""
+def _reopener(url: str, transfer: Transfer, ranges: bool, version: _Version) -> Callable[[int], tuple]:
+    """reopen(offset) -> (response, resumed): the rest of the body from ``offset`` if the server takes ranges (a
+    206 starting there, of the same version of the file), else the whole body again from the start (a file that
+    changed since is read whole, never spliced onto the first part)."""
 
     def reopen(offset: int) -> tuple:
         if ranges and offset:
-            resp = request(url, transfer, {"Range": f"bytes={offset}-"})
+            resp = request(url, transfer, {"Range": f"bytes={offset}-", **version.if_range()})
             served = (resp.header("content-range") or "").partition(" ")[2].partition("-")[0]
-            if resp.status == 206 and served.strip() == str(offset):
+            if resp.status == 206 and served.strip() == str(offset) and version.changed(resp) is None:
                 return resp, True
             resp.close()
-        return request(url, transfer), False
+        resp = request(url, transfer)
+        version.restarted(resp)
+        return resp, False
 
     return reopen

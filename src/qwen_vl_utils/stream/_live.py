@@ -51,6 +51,7 @@ from ..sources._resolve import (
     _ranged_source,
     _read_all,
     _refuse_unknown,
+    _Version,
     resolve_source,
 )
 
@@ -363,7 +364,7 @@ def _open_http(url: str, policy: FetchPolicy, token: Token) -> StreamInput:
             first = _text(head, name) if total is None or total <= len(head) else None  # else fetched whole
             return StreamInput(name, reader=HlsReader(resp.url, policy, token, name, first=first))
         if total is not None:
-            fetch = _range_fetcher(resp.url, transfer)
+            fetch = _range_fetcher(resp.url, transfer, _Version.of(resp))  # every range from this version
             return StreamInput(name, source=_ranged_source(name, "video", total, fetch, head))
         _refuse_unknown(head, "video", name)
         reader, resp = BodyReader(resp, name, token, head), None
