@@ -293,3 +293,43 @@ def test_an_image_whose_download_broke_and_that_changed_is_read_whole_again(tmp_
         assert server.files["/photo.png"].requests[-1] == "304", server.files["/photo.png"].requests
     finally:
         server.close()
+
+
+# --- a cache directory others can write to -------------------------------------------------------------------------
+
+
+def _cached_fetch(png_server, root, caplog):
+    url = png_server.url("/x.png")
+    with caplog.at_level("WARNING", logger="qwen_vl_utils"):
+        got = q.fetch_image({"image": url}, policy=FetchPolicy(media_cache=str(root)))
+    assert got.size == (56, 56)  # the fetch works, with or without the cache
+    return url
+
+
+@pytest.mark.parametrize("how", ["writable by others", "owned by someone else"])
+def test_a_cache_directory_others_control_is_not_used(png_server, tmp_path, caplog, how):
+    root = tmp_path / "shared-cache"
+    root.mkdir()
+    if how == "writable by others":
+        root.chmod(0o777)
+    else:
+        os.chown(root, 12345, 12345) if os.getuid() == 0 else pytest.skip("needs root to give the folder away")
+    _cached_fetch(png_server, root, caplog)
+    assert list(root.iterdir()) == [], "nothing written into it"
+    assert how.split()[0] in caplog.text and "going on without the cache" in caplog.text, caplog.text
+
+
+def test_planted_links_and_fifos_in_the_cache_are_not_followed_or_waited_on(png_server, tmp_path, caplog):
+    from qwen_vl_utils.sources._cache import MediaCache
+
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o700)
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious\n")
+    (root / "usage.log").symlink_to(victim)  # the journal every store appends to
+    url = png_server.url("/x.png")
+    os.mkfifo(root / f"{MediaCache.key(url)}.json")  # the record a lookup opens first
+    with time_bound(20):
+        _cached_fetch(png_server, root, caplog)
+        _cached_fetch(png_server, root, caplog)
+    assert victim.read_bytes() == b"precious\n", "a write went through the planted link"

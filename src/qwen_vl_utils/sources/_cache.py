@@ -24,12 +24,14 @@ logs one warning naming the directory and the fetch goes on without the cache.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -92,7 +94,7 @@ class _Usage:
     def load(cls, path: str) -> _Usage:
         """What the last scan of any process left, if it is recent; else a usage that asks for a scan."""
         try:
-            with open(path, encoding="utf-8") as f:
+            with _open(path) as f:
                 state = json.load(f)
             age = time.time() - float(state["at"])
             if 0 <= age < SCAN_INTERVAL:
@@ -109,7 +111,7 @@ class _Usage:
 
     def catch_up(self, path: str) -> bool:
         """Add the stores journaled since the last look; False when the journal is not the one last read."""
-        with open(path, "rb") as f:
+        with _open(path) as f:
             st = os.fstat(f.fileno())
             if (st.st_dev, st.st_ino) != self.journal or st.st_size < self.pos:
                 return False
@@ -137,6 +139,35 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 
 
+#: how every cache file is opened: a planted symlink is not followed, a planted FIFO does not block the open
+_SAFE = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open(path: str, mode: str = "rb", flags: int = os.O_RDONLY) -> BinaryIO:
+    """A cache file, opened without following a symlink or waiting on a FIFO; only a regular file will do."""
+    fd = os.open(path, flags | _SAFE, 0o600)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (planted in the cache directory?)", path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_owner(root: str) -> None:
+    """A cache directory someone else owns, or may write to, could redirect writes through planted links or serve
+    planted content: refused (OSError), like an unusable directory."""
+    st = os.lstat(root)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.ENOTDIR, "not a directory (a symlink?)", root)
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise PermissionError(errno.EPERM, f"owned by uid {st.st_uid}, not by this user (uid {os.getuid()})", root)
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(errno.EPERM, f"writable by others (mode {stat.filemode(st.st_mode)})", root)
+
+
 def _warn(root: str, doing: str, exc: OSError) -> None:
     logger.warning("media cache %s: %s failed (%s); going on without the cache", root, doing, exc)
 
@@ -150,7 +181,8 @@ class MediaCache:
         self.max_bytes = max_bytes
         self.max_age = max_age
         self.failed = False
-        os.makedirs(self.root, exist_ok=True)
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        _check_owner(self.root)
 
     @staticmethod
     def key(url: str) -> str:
@@ -199,7 +231,7 @@ class MediaCache:
 
     def _load(self, key: str) -> Optional[dict]:
         try:
-            with open(self._record(key), encoding="utf-8") as f:
+            with _open(self._record(key)) as f:
                 return json.load(f)
         except FileNotFoundError:
             return None
@@ -226,7 +258,7 @@ class MediaCache:
     def _copy(self, entry: Entry, out: BinaryIO) -> bool:
         digest, n, writing = hashlib.sha256(), 0, False
         try:
-            with open(entry.data_path, "rb") as src:
+            with _open(entry.data_path) as src:
                 while n <= entry.size:
                     chunk = src.read(min(_CHUNK, entry.size + 1 - n))
                     if not chunk:
@@ -332,11 +364,8 @@ class MediaCache:
     def _account(self, size: int) -> None:
         """Journal a store; scan when the running total passes the cap or the last scan is old."""
         path = self._path(_JOURNAL)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            os.write(fd, b"%015d\n" % size)  # one small O_APPEND write: never interleaved with another's
-        finally:
-            os.close(fd)
+        with _open(path, "ab", os.O_WRONLY | os.O_APPEND | os.O_CREAT) as f:
+            f.write(b"%015d\n" % size)  # one small O_APPEND write: never interleaved with another's
         with _usage_lock:
             usage = _usage.get(self.root) or _Usage.load(self._path(_SUMMARY))
             _usage[self.root] = usage
@@ -359,7 +388,7 @@ class MediaCache:
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666))
+            _open(path, "ab", os.O_WRONLY | os.O_CREAT).close()
             st = os.stat(path)
         if st.st_size > _JOURNAL_MAX:  # other processes see a new file and scan
             fd, tmp = tempfile.mkstemp(prefix=".usage.", suffix=".part", dir=self.root)
@@ -423,7 +452,7 @@ class MediaCache:
 
     def clear(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
-        os.makedirs(self.root, exist_ok=True)
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
         with _usage_lock:
             _usage.pop(self.root, None)
 
@@ -451,5 +480,5 @@ def cache_for(policy: FetchPolicy) -> Optional[MediaCache]:
     try:
         return MediaCache(policy.media_cache, policy.media_cache_max_bytes, policy.media_cache_max_age)
     except OSError as exc:
-        _warn(os.path.abspath(policy.media_cache), "creating the directory", exc)
+        _warn(os.path.abspath(policy.media_cache), "opening the directory", exc)
         return None
