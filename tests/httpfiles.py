@@ -33,6 +33,7 @@ class File:
     replaced_by: Optional[tuple] = None  # (data, etag, last_modified): the file once replace_after requests came
     replace_after: int = 1
     if_range: bool = False  # honour If-Range: a range whose validator no longer matches gets the whole body
+    headers: dict = field(default_factory=dict)  # sent with every answer (Cache-Control, ...)
     sent: int = 0
     requests: list = field(default_factory=list)  # the Range header of each request (None: none)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -147,6 +148,8 @@ class FileServer:
         if f.last_modified:
             req.send_header("Last-Modified", f.last_modified)
         req.send_header("Content-Type", f.content_type)
+        for key, value in f.headers.items():
+            req.send_header(key, value)
         req.send_header("Content-Length", str(len(body) + f.lie_length))
         req.end_headers()
         self._send_body(req, f, body)

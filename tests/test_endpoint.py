@@ -333,3 +333,45 @@ def test_planted_links_and_fifos_in_the_cache_are_not_followed_or_waited_on(png_
         _cached_fetch(png_server, root, caplog)
         _cached_fetch(png_server, root, caplog)
     assert victim.read_bytes() == b"precious\n", "a write went through the planted link"
+
+
+# --- what the cache keeps, and what a URL shows ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("directive", ["no-store", "private, max-age=60", "NO-STORE"])
+def test_responses_marked_no_store_or_private_are_not_cached(tmp_path, directive):
+    server = FileServer()
+    try:
+        url = server.add("/mine.png", TINY_PNG, etag='"e1"', headers={"Cache-Control": directive})
+        policy = FetchPolicy(media_cache=str(tmp_path / "cache"))
+        for _ in range(2):
+            assert q.fetch_image({"image": url}, policy=policy).size == (56, 56)
+        assert server.files["/mine.png"].requests == [None, None], "no conditional request: nothing was kept"
+        assert not list((tmp_path / "cache").glob("*.json"))
+    finally:
+        server.close()
+
+
+def test_credentials_in_urls_are_never_written_or_shown(tmp_path):
+    """Presigned query credentials and username-only tokens stayed in cache records and error messages."""
+    server = FileServer()
+    try:
+        server.add("/signed.png", TINY_PNG, etag='"e1"')
+        port = server.port
+        signed = (
+            f"http://127.0.0.1:{port}/signed.png?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIASECRETKEY"
+            "%2F20261204&X-Amz-Signature=deadbeefsecret&sig=azuresecret"
+        )
+        token = f"http://ghp_TOKENSECRET@127.0.0.1:{port}/signed.png"
+        cache = tmp_path / "cache"
+        for url in (signed, token):
+            q.fetch_image({"image": url}, policy=FetchPolicy(media_cache=str(cache)))
+        written = b"".join(path.read_bytes() for path in cache.iterdir())
+        missing = f"http://ghp_TOKENSECRET@127.0.0.1:{port}/missing.png?token=tokensecret"
+        with pytest.raises(q.NetworkError, match="404") as info:
+            q.fetch_image({"image": missing})
+        for secret in ("AKIASECRETKEY", "deadbeefsecret", "azuresecret", "TOKENSECRET", "tokensecret"):
+            assert secret.encode() not in written and secret not in str(info.value), secret
+        assert b"X-Amz-Signature=***" in written and "***@127.0.0.1" in str(info.value)
+    finally:
+        server.close()

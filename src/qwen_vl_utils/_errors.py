@@ -100,13 +100,23 @@ def describe(source: object, limit: int = 80) -> str:
 
 #: a URL's scheme and authority (``user:password@host:port``)
 _AUTHORITY = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)")
+#: query parameters that carry credentials: presigned S3/GCS URLs, Azure SAS, bearer tokens and API keys
+_SECRET_PARAMS = re.compile(
+    r"([?&](?:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)|signature|sig|"
+    r"token|access_token|id_token|auth|api_?key|key|password|passwd|secret|client_secret|credential)=)([^&#]*)",
+    re.IGNORECASE,
+)
 
 
 def redact_url(url: str) -> str:
-    """``url`` with the password of a ``user:password@`` part replaced by ``***`` (anything else unchanged)."""
+    """``url`` without its credentials: the password of ``user:password@`` as ``***``, a username-only token
+    (``https://TOKEN@host/``) as ``***``, and the values of credential query parameters (``X-Amz-Signature``,
+    ``X-Amz-Credential``, ``sig``, ``token``, ...) as ``***``. Anything else is unchanged."""
+    url = _SECRET_PARAMS.sub(r"\1***", url)
     m = _AUTHORITY.match(url)
     userinfo, at, host = m.group(1).rpartition("@") if m else ("", "", "")
-    user, colon, _password = userinfo.partition(":")
-    if not (at and colon):
+    if not at:
         return url
-    return f"{url[: m.start(1)]}{user}:***@{host}{url[m.end(1) :]}"
+    user, colon, _password = userinfo.partition(":")
+    redacted = f"{user}:***" if colon else "***"  # a user name alone is often the token itself
+    return f"{url[: m.start(1)]}{redacted}@{host}{url[m.end(1) :]}"

@@ -407,7 +407,7 @@ def _fetch_http(url: str, media: str, policy: FetchPolicy) -> Source:
     if total is not None:
         fetch = _range_fetcher(resp.url, transfer, version)
         source = _ranged_source(name, media, total, fetch, first, transfer.abort)
-    if cache is not None and source.opener is None:  # fetched whole: worth keeping, under the version read
+    if cache is not None and source.opener is None and version.storable:  # fetched whole: kept as the version read
         try:
             cache.store(url, source.path, source.data, version.etag, version.last_modified)  # warns, never raises
         except BaseException:
@@ -499,10 +499,16 @@ class _Version:
     etag: Optional[str]
     last_modified: Optional[str]
     size: Optional[int]
+    cache_control: str = ""
 
     @classmethod
     def of(cls, resp: Any) -> _Version:
-        return cls(resp.header("etag"), resp.header("last-modified"), _range_total(resp))
+        return cls(resp.header("etag"), resp.header("last-modified"), _range_total(resp), _cache_control(resp))
+
+    @property
+    def storable(self) -> bool:
+        """May a shared cache keep it? Not when the server said ``no-store`` or ``private``."""
+        return not {"no-store", "private"} & {d.split("=")[0].strip() for d in self.cache_control.split(",")}
 
     def if_range(self) -> dict:
         """An ``If-Range`` header: a server that honours it answers a changed file whole (200), not by range."""
@@ -525,6 +531,11 @@ class _Version:
     def restarted(self, resp: Any) -> None:
         """The body is read again from the start: what is kept is this response's version."""
         self.etag, self.last_modified = resp.header("etag"), resp.header("last-modified")
+        self.cache_control = _cache_control(resp)
+
+
+def _cache_control(resp: Any) -> str:
+    return (resp.header("cache-control") or "").lower()
 
 
 def _changed_error(name: str, why: str) -> NetworkError:
