@@ -192,3 +192,47 @@ def _reset(conn: socket.socket) -> None:
 
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     conn.close()
+
+
+class ForwardProxy:
+    """A plain HTTP forward proxy on 127.0.0.1 (``GET http://host:port/path``), passing requests and answers
+    through unchanged, Content-Encoding included."""
+
+    def __init__(self) -> None:
+        import http.client
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                target = re.fullmatch(r"http://([^/]+)(/.*)?", self.path)
+                conn = http.client.HTTPConnection(target.group(1), timeout=30)
+                headers = {
+                    k: v for k, v in self.headers.items() if k.lower() not in ("proxy-connection", "connection")
+                }
+                conn.request("GET", target.group(2) or "/", headers=headers)
+                resp = conn.getresponse()
+                body = resp.read()
+                self.send_response(resp.status, resp.reason)
+                for key, value in resp.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                conn.close()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -375,3 +375,52 @@ def test_credentials_in_urls_are_never_written_or_shown(tmp_path):
         assert b"X-Amz-Signature=***" in written and "***@127.0.0.1" in str(info.value)
     finally:
         server.close()
+
+
+# --- bodies a server encodes, and downloads the disk cannot hold -------------------------------------------------
+
+
+@pytest.mark.parametrize("through", ["direct", "proxy"])
+def test_a_gzip_body_decodes_the_same_directly_and_through_a_proxy(monkeypatch, through):
+    """A server that gzips although identity was asked: decoded through a proxy, a DecodeError directly."""
+    import gzip
+
+    from httpfiles import ForwardProxy
+
+    server, proxy = FileServer(), ForwardProxy()
+    for var in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    if through == "proxy":
+        monkeypatch.setenv("http_proxy", proxy.url)
+    try:
+        gz = {"ranges": False, "headers": {"Content-Encoding": "gzip"}}
+        url = server.add("/gz.png", gzip.compress(TINY_PNG), **gz)
+        got = q.fetch_image({"image": url})
+        assert np.array_equal(np.asarray(got), np.asarray(q.fetch_image({"image": TINY_PNG})))
+        broken = server.add(
+            "/bad.png", b"\x1f\x8b" + b"not gzip" * 100, ranges=False, headers={"Content-Encoding": "gzip"}
+        )
+        with pytest.raises(q.DecodeError):
+            q.fetch_image({"image": broken})
+    finally:
+        server.close()
+        proxy.close()
+
+
+def test_a_download_the_disk_cannot_hold_is_a_typed_error(video, tmp_path):
+    """A full disk (here: a file size limit, EFBIG) while a video downloads raised a bare OSError."""
+    server = FileServer()
+    try:
+        url = server.add("/big.mp4", video, ranges=False)  # streamed whole to a temporary file
+        code = (
+            "import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
+            "import qwen_vl_utils as q\n"
+            f"try:\n    q.fetch_video({{'video': {url!r}, 'nframes': 4}})\n"
+            "except Exception as exc:\n    print(type(exc).__name__, '|', exc)\n"
+        )
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert res.stdout.startswith("SourceError |") and "writing the download" in res.stdout, res
+    finally:
+        server.close()

@@ -30,6 +30,7 @@ from typing import Any, Optional
 from .. import _cancel
 from .._cancel import Cancelled
 from .._errors import (
+    DecodeError,
     FetchTimeoutError,
     InvalidOptionError,
     NetworkError,
@@ -460,6 +461,13 @@ class Response:
         self.headers = raw.headers
         self.transfer = transfer
         transfer.track(raw)
+        encoding = (raw.headers.get("content-encoding") or "identity").strip().lower()
+        if encoding != "identity" and raw.status == 206:
+            self.close()
+            raise DecodeError(
+                f"{transfer.media} source {transfer.name}: the server sends ranges of a {encoding}-encoded body "
+                "(asked for none): its parts cannot be decoded on their own; serve it without Content-Encoding"
+            )
 
     def header(self, name: str) -> Optional[str]:
         return self.headers.get(name)
@@ -471,6 +479,8 @@ class Response:
 
     def read(self, n: int = 1 << 16) -> bytes:
         """Up to ``n`` bytes (b"" at the end), each wait bounded by the read timeout and the deadline."""
+        import urllib3  # loaded already: this response is urllib3's
+
         t = self.transfer
         sock = _socket_of(self.raw)
         t.begin()
@@ -483,6 +493,8 @@ class Response:
                 chunk = self.raw.read1(n) if hasattr(self.raw, "read1") else self.raw.read(n)
             except MemoryError:
                 raise
+            except urllib3.exceptions.DecodeError as exc:  # a Content-Encoding the body does not follow
+                raise DecodeError(f"{t.media} source {t.name}: its encoded body does not decode ({exc})") from exc
             except Exception as exc:  # urllib3 wraps socket errors in its own exception types
                 t.check_cancelled()
                 if _is_timeout(exc):
@@ -575,7 +587,13 @@ def _send(parts: urllib.parse.SplitResult, transfer: Transfer, headers: dict) ->
     if proxy is not None:
         full = urllib.parse.urlunsplit((scheme, parts.netloc.rsplit("@", 1)[-1], parts.path or "/", parts.query, ""))
         return _proxy_pool(proxy).urlopen(
-            "GET", full, headers=send_headers, redirect=False, timeout=timeout, preload_content=False
+            "GET",
+            full,
+            headers=send_headers,
+            redirect=False,
+            timeout=timeout,
+            preload_content=False,
+            decode_content=True,
         )
     addresses = transfer.addresses.get((host, port))
     if addresses is None:
@@ -593,7 +611,7 @@ def _send(parts: urllib.parse.SplitResult, transfer: Transfer, headers: dict) ->
                 assert_same_host=False,
                 timeout=timeout,
                 preload_content=False,
-                decode_content=False,
+                decode_content=True,  # a server may gzip anyway: decoded alike, directly or through a proxy
             )
         except urllib3.exceptions.NewConnectionError as exc:  # refused: try the host's next address
             error = exc

@@ -638,14 +638,14 @@ def _stream_body(resp: Any, media: str, name: str, reopen: Optional[Callable] = 
                     _refuse_unknown(head, media, name)
             total += len(chunk)
             if out is not None:
-                out.write(chunk)
+                _write_download(out, chunk, media, name)
             else:
                 chunks.append(chunk)
         if total == 0:
             raise DecodeError(f"{media} source {name}: the server sent an empty body")
         _refuse_unknown(head, media, name)
         if out is not None:
-            out.close()
+            _write_download(out, None, media, name)  # the flush at close can fail on a full disk too
             out = None
             source = Source(name=name, path=path, is_temporary=True)
             path = None
@@ -658,6 +658,20 @@ def _stream_body(resp: Any, media: str, name: str, reopen: Optional[Callable] = 
             out.close()
         if path is not None:
             os.unlink(path)
+
+
+def _write_download(out: BinaryIO, chunk: Optional[bytes], media: str, name: str) -> None:
+    """Write a downloaded chunk (None: close the file); a full disk or a file size limit is a typed error."""
+    try:
+        if chunk is None:
+            out.close()
+        else:
+            out.write(chunk)
+    except OSError as exc:
+        raise SourceError(
+            f"{media} source {name}: writing the download to {library_tmpdir()} failed ({exc.strerror or exc}); "
+            "free space there, or point TMPDIR at a larger disk"
+        ) from exc
 
 
 def _reopener(url: str, transfer: Transfer, ranges: bool, version: _Version) -> Callable[[int], tuple]:
