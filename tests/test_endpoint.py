@@ -424,3 +424,62 @@ def test_a_download_the_disk_cannot_hold_is_a_typed_error(video, tmp_path):
         assert res.stdout.startswith("SourceError |") and "writing the download" in res.stdout, res
     finally:
         server.close()
+
+
+# --- every stage of a request counts against the deadline -------------------------------------------------------
+
+
+class TricklingHeaders:
+    """A server on 127.0.0.1 that answers with one header byte every 0.2 s, for as long as it is let."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/slow.png"
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                for _ in range(300):  # a minute of header, unless stopped
+                    if self.stop.wait(0.2):
+                        return
+                    conn.sendall(b"x")
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+@pytest.mark.parametrize("media", ["image", "video"])
+def test_trickled_headers_are_bounded_by_the_deadline(api, media):
+    """One header byte every 0.2 s never trips a 5 s read timeout: the 2 s deadline must end the call."""
+    server = TricklingHeaders()
+    try:
+        policy = FetchPolicy(read_timeout=5, deadline=2, image_deadline=2)
+        ele = {media: server.url}
+        calls = {
+            "image": lambda: q.fetch_image(ele, policy=policy),
+            "video": lambda: q.fetch_video(ele, policy=policy),
+        }
+        async_calls = {"image": q.afetch_image, "video": q.afetch_video}
+        with time_bound(20), pytest.raises(FetchTimeoutError, match="deadline"):
+            calls[media]() if api == "sync" else asyncio.run(async_calls[media](ele, policy=policy))
+    finally:
+        server.close()

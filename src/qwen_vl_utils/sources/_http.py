@@ -139,6 +139,21 @@ class Transfer:
         for resp in live:
             _shutdown(resp)
 
+    def _expire(self) -> None:
+        """The deadline passed while a request waited (a server trickling its headers): unblock it."""
+        with self._lock:
+            live = list(self._live)
+        for resp in live:
+            _shutdown(resp)
+
+    def deadline_watch(self) -> threading.Timer:
+        """A started timer that unblocks the connection in flight when the deadline passes: every stage of a
+        request (connect, TLS, headers) counts against it, not only each read's timeout."""
+        timer = threading.Timer(max(0.0, self.remaining()) + 0.01, self._expire)
+        timer.daemon = True
+        timer.start()
+        return timer
+
 
 def _shutdown(resp: Any) -> None:
     sock = getattr(resp, "sock", None)  # a connection still waiting for its response's headers
@@ -334,6 +349,7 @@ def _connect(address: tuple, timeout: Any, source_address: Any, options: Any) ->
             except (TimeoutError, BlockingIOError, InterruptedError):
                 if transfer is not None:
                     transfer.check_cancelled()
+                    transfer.remaining()  # the deadline
                 if time.monotonic() >= limit:
                     raise TimeoutError(f"connecting to {host}:{port} timed out") from None
             except OSError as exc:
@@ -341,6 +357,7 @@ def _connect(address: tuple, timeout: Any, source_address: Any, options: Any) ->
                     select.select([], [sock], [], 0.05)
                     if transfer is not None:
                         transfer.check_cancelled()
+                        transfer.remaining()  # the deadline
                     if time.monotonic() >= limit:
                         raise TimeoutError(f"connecting to {host}:{port} timed out") from None
                     continue
@@ -658,6 +675,7 @@ def _with_retries(parts: urllib.parse.SplitResult, transfer: Transfer, headers: 
     attempt = 0
     while True:
         transfer.begin()
+        watch = transfer.deadline_watch()
         try:
             transfer.requests += 1
             raw = _send(parts, transfer, headers)
@@ -665,6 +683,7 @@ def _with_retries(parts: urllib.parse.SplitResult, transfer: Transfer, headers: 
             raise
         except Exception as exc:
             transfer.check_cancelled()
+            transfer.remaining()  # the deadline's error, when that is what unblocked the request
             if attempt < policy.retries and _is_reset(exc):
                 attempt += 1
                 _backoff(attempt, transfer)
@@ -681,6 +700,7 @@ def _with_retries(parts: urllib.parse.SplitResult, transfer: Transfer, headers: 
                 ) from exc
             raise NetworkError(f"{transfer.media} source {transfer.name}: request failed: {exc}") from exc
         finally:
+            watch.cancel()
             transfer.end()
         if raw.status in RETRY_STATUSES and attempt < policy.retries:
             _drain(raw)
