@@ -483,3 +483,74 @@ def test_trickled_headers_are_bounded_by_the_deadline(api, media):
             calls[media]() if api == "sync" else asyncio.run(async_calls[media](ele, policy=policy))
     finally:
         server.close()
+
+
+# --- object-store protocols that carry a host ----------------------------------------------------------------------
+
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts and then says nothing (or resets at once), counting connections."""
+
+    def __init__(self, reset: bool = False) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.reset, self.accepted, self.held = reset, 0, []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        return self.sock.getsockname()[1]
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            if self.reset:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                conn.close()
+            else:
+                self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+FTP = FetchPolicy(allowed_schemes=("ftp",), read_timeout=1, connect_timeout=1, deadline=3, image_deadline=3)
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        FTP.replace(denied_hosts=("127.0.0.1",)),
+        FTP.replace(allowed_hosts=(".example.com",)),
+        FTP.replace(block_private_networks=True),
+    ],
+    ids=["denied", "not-allowed", "private"],
+)
+def test_a_store_protocol_with_a_host_goes_through_the_host_checks(api, policy):
+    server = SilentServer()
+    try:
+        ele = {"image": f"ftp://127.0.0.1:{server.port}/x.png"}
+        with time_bound(20), pytest.raises(SourceNotAllowedError):
+            q.fetch_image(ele, policy=policy) if api == "sync" else asyncio.run(q.afetch_image(ele, policy=policy))
+        assert server.accepted == 0, "refused before connecting"
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["silent", "reset"])
+def test_store_errors_are_typed_and_within_the_deadline(reset):
+    """ftp:// to a server that never answers waited 30 s for a bare TimeoutError (the filesystem connected
+    outside the bounded call); one that resets gave a bare ConnectionResetError."""
+    pytest.importorskip("fsspec")
+    server = SilentServer(reset=reset)
+    try:
+        with time_bound(20), pytest.raises(FetchTimeoutError if not reset else NetworkError):
+            q.fetch_image({"image": f"ftp://127.0.0.1:{server.port}/x{int(reset)}.png"}, policy=FTP)
+    finally:
+        server.close()

@@ -23,7 +23,7 @@ from .._errors import (
     SourceNotAllowedError,
     SourceNotFoundError,
 )
-from ._http import Transfer, bounded_call
+from ._http import Transfer, bounded_call, check_host, resolve
 
 __all__ = ["is_store_protocol", "open_object"]
 
@@ -44,18 +44,47 @@ def is_store_protocol(scheme: str) -> bool:
     return scheme in known_implementations or scheme in registry
 
 
-def _filesystem(url: str, scheme: str, name: str) -> tuple:
+def _check_host(fs_class: Any, url: str, scheme: str, transfer: Transfer) -> None:
+    """A protocol whose URL carries a network host (ftp://, sftp://, smb://, webhdfs://: its filesystem reads
+    ``host`` from the URL) goes through the fetch policy as HTTP does: allowed and denied hosts, and with
+    ``block_private_networks`` the addresses the host resolves to. Buckets and repositories (s3://, gs://,
+    hf://) name no host: their endpoints come from their own configuration."""
+    try:
+        kwargs = fs_class._get_kwargs_from_urls(url)
+    except Exception as exc:  # a filesystem's own URL parser, on a URL it cannot read
+        raise InvalidOptionError(f"malformed {scheme}:// URL {transfer.name}: {exc}") from exc
+    host = kwargs.get("host") if isinstance(kwargs, dict) else None
+    if not host:
+        return
+    port = kwargs.get("port")
+    check_host(str(host), transfer.policy, transfer.name)
+    resolve(str(host), int(port) if isinstance(port, int) else 0, transfer.policy, transfer.name, transfer)
+
+
+def _filesystem(url: str, scheme: str, transfer: Transfer) -> tuple:
+    """The filesystem and path of ``url``; a filesystem that connects when it is made (ftp, sftp) does so under
+    the transfer's clock, its failures typed like every store call's."""
+    name = transfer.name
     try:
         import fsspec
     except ImportError as exc:
         raise InvalidOptionError(f"{name}: {scheme}:// sources need fsspec: {_HINT}") from exc
     try:
-        return fsspec.core.url_to_fs(url)
+        fs_class = fsspec.get_filesystem_class(scheme)
     except ImportError as exc:
         package = _PACKAGES.get(scheme, "the filesystem package for this protocol")
         raise InvalidOptionError(f"{name}: {scheme}:// sources need {package}: {_HINT}") from exc
-    except (ValueError, TypeError) as exc:
-        raise InvalidOptionError(f"malformed {scheme}:// URL {name}: {exc}") from exc
+    except ValueError as exc:
+        raise InvalidOptionError(f"{name}: no filesystem for {scheme}:// ({exc})") from exc
+    _check_host(fs_class, url, scheme, transfer)
+
+    def make() -> tuple:
+        try:
+            return fsspec.core.url_to_fs(url)
+        except (ValueError, TypeError) as exc:
+            raise InvalidOptionError(f"malformed {scheme}:// URL {name}: {exc}") from exc
+
+    return _call(transfer, make)
 
 
 def _call(transfer: Transfer, what: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -93,7 +122,7 @@ def open_object(url: str, scheme: str, transfer: Transfer) -> tuple:
     package = _PACKAGES.get(scheme)
     if package is not None and importlib.util.find_spec(package) is None:
         raise InvalidOptionError(f"{transfer.name}: {scheme}:// sources need {package}: {_HINT}")
-    fs, path = _filesystem(url, scheme, transfer.name)
+    fs, path = _filesystem(url, scheme, transfer)
     info = _call(transfer, fs.info, path)
     if info.get("type") == "directory":
         raise SourceError(f"{transfer.media} source {transfer.name} is a directory, not an object")
