@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -554,3 +555,41 @@ def test_store_errors_are_typed_and_within_the_deadline(reset):
             q.fetch_image({"image": f"ftp://127.0.0.1:{server.port}/x{int(reset)}.png"}, policy=FTP)
     finally:
         server.close()
+
+
+# --- nothing printed when a ranged read ends early -------------------------------------------------------------
+
+_QUIET_SCRIPT = """
+import asyncio, sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import qwen_vl_utils as q
+from httpfiles import FileServer
+from qwen_vl_utils.sources import _ranges, _resolve
+_resolve.FIRST_BYTES = _ranges.BLOCK = 16 << 10
+data = Path({video!r}).read_bytes()
+server = FileServer()
+stalls = server.add("/stalls.mp4", data, delay=30, slow_after=2)
+slow = server.add("/slow.mp4", data, rate=40_000)
+try:
+    q.fetch_video({{"video": stalls, "nframes": 8}}, policy=q.FetchPolicy(read_timeout=0.5))
+except q.FetchTimeoutError:
+    print("timed out")
+async def cancelled():
+    try:
+        await asyncio.wait_for(q.afetch_video({{"video": slow, "nframes": 8}}), 0.6)
+    except asyncio.TimeoutError:
+        print("cancelled")
+asyncio.run(cancelled())
+"""
+
+
+def test_a_ranged_read_that_times_out_or_is_cancelled_prints_nothing(video, tmp_path):
+    """Each later read FFmpeg made after the first failure was printed as 'PyAV library exception being
+    dropped' with its traceback, 3 to 5 per request: a server's log filled with them."""
+    path = tmp_path / "v.mp4"
+    path.write_bytes(video)
+    script = _QUIET_SCRIPT.format(tests=str(Path(__file__).parent), video=str(path))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.stdout.split() == ["timed", "out", "cancelled"], res
+    assert "being dropped" not in res.stderr and "Traceback" not in res.stderr, res.stderr

@@ -233,6 +233,7 @@ class RemoteReader(io.RawIOBase):
         self._pos = 0
         self._last = -2  # the last block read, to detect sequential reading
         self._run = 0
+        self._failed = False  # a read raised: later reads are the end of the file (see readinto)
         self.name = shared.name
 
     def readable(self) -> bool:
@@ -253,7 +254,20 @@ class RemoteReader(io.RawIOBase):
         return pos
 
     def readinto(self, buffer: Any) -> int:
-        """Fill ``buffer`` as far as the file allows (never short before the end, as some readers expect)."""
+        """Fill ``buffer`` as far as the file allows (never short before the end, as some readers expect).
+
+        After a read raised (a timeout, a cancellation), later reads return nothing: FFmpeg, which calls back
+        into this file, then stops and PyAV raises the first error it stashed, instead of printing each later
+        one to stderr as "PyAV library exception being dropped"."""
+        if self._failed:
+            return 0
+        try:
+            return self._fill(buffer)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _fill(self, buffer: Any) -> int:
         shared = self._shared
         view = memoryview(buffer).cast("B")
         done = 0
