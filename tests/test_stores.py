@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -106,13 +107,13 @@ def test_s3_images_and_videos_equal_local_files(store, video_file, monkeypatch):
     img = q.fetch_image({"image": "s3://media-bucket/img/a.png"}, policy=S3)
     assert np.array_equal(np.asarray(img), np.asarray(q.fetch_image({"image": PNG})))
     calls = []
-    real = s3fs.S3FileSystem._cat_file  # a spy on the ranged GETs: the real method still runs
+    real = s3fs.core.S3File._fetch_range  # a spy on the ranged GETs: the real method still runs
 
-    async def spy(self, path, *args, **kwargs):
-        calls.append(kwargs)
-        return await real(self, path, *args, **kwargs)
+    def spy(self, start, end):
+        calls.append({"start": start, "end": end})
+        return real(self, start, end)
 
-    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", spy)
+    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", spy)
     s3fs.S3FileSystem.clear_instance_cache()
     got, meta = q.fetch_video(
         {"video": "s3://media-bucket/vid/v.mp4", "nframes": 4}, return_video_metadata=True, policy=S3
@@ -136,6 +137,33 @@ def test_s3_through_process_vision_info_and_token_counts(store, monkeypatch):
         assert q.count_visual_tokens(content[1]) == (t // 2) * (h // factor) * (w // factor)
     finally:
         q.set_fetch_policy(None)
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_an_object_replaced_between_ranges_is_never_spliced(store, video_file, monkeypatch, api):
+    """Ranged reads of an object that was overwritten mid-read mixed the two versions' bytes: now every range
+    carries the first version's ETag (If-Match) and a range of another version is a typed error."""
+    store.use(monkeypatch)
+    s3 = store.client("s3")
+    data = video_file.read_bytes()
+    key = f"vid/changing-{api}.mp4"
+    s3.put_object(Bucket="media-bucket", Key=key, Body=data)
+    newer = bytearray(data)
+    for i in range(len(newer) // 3, len(newer) - 1024, 4096):
+        newer[i] ^= 0xFF
+    real, reads = s3fs.core.S3File._fetch_range, []
+
+    def replaced_after_the_first_range(self, start, end):
+        reads.append(start)
+        if len(reads) == 2:
+            s3.put_object(Bucket="media-bucket", Key=key, Body=bytes(newer))
+        return real(self, start, end)
+
+    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", replaced_after_the_first_range)
+    ele = {"video": f"s3://media-bucket/{key}", "nframes": 8}
+    with pytest.raises(q.NetworkError, match="changed while it was read.*ETag"):
+        q.fetch_video(ele, policy=S3) if api == "sync" else asyncio.run(q.afetch_video(ele, policy=S3))
+    assert len(reads) >= 2
 
 
 def test_s3_is_refused_unless_the_policy_allows_it(store, monkeypatch):
@@ -188,13 +216,13 @@ def test_s3_objects_are_cached_and_validated_by_etag(store, monkeypatch, tmp_pat
     policy = S3.replace(media_cache=str(tmp_path / "cache"))
     first = q.fetch_image({"image": "s3://media-bucket/img/a.png"}, policy=policy)
     calls = []
-    real = s3fs.S3FileSystem._cat_file
+    real = s3fs.core.S3File._fetch_range
 
-    async def spy(self, path, *args, **kwargs):
-        calls.append(path)
-        return await real(self, path, *args, **kwargs)
+    def spy(self, start, end):
+        calls.append(self.path)
+        return real(self, start, end)
 
-    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", spy)
+    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", spy)
     s3fs.S3FileSystem.clear_instance_cache()
     again = q.fetch_image({"image": "s3://media-bucket/img/a.png"}, policy=policy)
     assert np.array_equal(np.asarray(first), np.asarray(again)) and calls == [], "served from the cache"

@@ -11,8 +11,10 @@ network time against the deadline, cancellation between reads).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Optional
 
 from .._errors import (
     FetchTimeoutError,
@@ -116,6 +118,44 @@ def _call(transfer: Transfer, what: Callable[..., Any], *args: Any, **kwargs: An
         transfer.remaining()  # the deadline's error if this call used the rest of it
 
 
+def _pinned_reader(fs: Any, path: str, etag: Optional[str], transfer: Transfer) -> Callable[..., bytes]:
+    """Ranged reads of the version the object had when it was looked up (ETag ``etag``): s3fs's file object
+    sends every range with ``If-Match: <ETag>``, so a range of an object replaced meanwhile fails (412) instead
+    of splicing two versions, and that failure is a typed error saying the object changed. Opened on the first
+    read (a cached copy needs none)."""
+    lock = threading.Lock()
+    opened: list = []
+
+    def changed(why: str) -> NetworkError:
+        return NetworkError(
+            f"{transfer.media} source {transfer.name} changed while it was read ({why}): its parts cannot be put "
+            "together; fetch it again"
+        )
+
+    def handle() -> Any:
+        with lock:
+            if not opened:
+                f = fs.open(path, "rb", cache_type="none")  # (read-only: it holds no connection)
+                now = f.details.get("ETag")
+                if etag is not None and now != etag:
+                    raise changed(f"its ETag went from {etag} to {now}")
+                opened.append(f if f.read_kw.get("IfMatch") else None)
+            return opened[0]
+
+    def read(start: int, end: int) -> bytes:
+        f = handle()
+        if f is None:  # no ETag to pin: plain ranged reads
+            return fs.cat_file(path, start=start, end=end)
+        try:
+            return f._fetch_range(start, end)
+        except OSError as exc:
+            if type(exc).__name__ != "FileExpired":
+                raise
+            raise changed(f"its ETag is no longer {etag}") from exc
+
+    return read
+
+
 def open_object(url: str, scheme: str, transfer: Transfer) -> tuple:
     """``(size, fetch, validator)`` for an object: its size, ``fetch(start, end) -> bytes`` by ranged reads, and
     its ETag (or modification time) to validate a cached copy with, when the store gives one."""
@@ -127,13 +167,18 @@ def open_object(url: str, scheme: str, transfer: Transfer) -> tuple:
     if info.get("type") == "directory":
         raise SourceError(f"{transfer.media} source {transfer.name} is a directory, not an object")
     size = int(info.get("size") or 0)
+    etag = info.get("ETag") or info.get("etag")
+    if scheme in ("s3", "s3a") and hasattr(fs, "version_aware"):  # s3fs
+        read = _pinned_reader(fs, path, None if etag is None else str(etag), transfer)
+    else:
+        read = functools.partial(fs.cat_file, path)
 
     def fetch(start: int, end: int) -> bytes:
         """In pieces of at most PIECE bytes, so that the deadline, the byte limit and a cancellation are checked
         between them (a single store call cannot be interrupted)."""
         parts = []
         for lo in range(start, end, PIECE):
-            data = _call(transfer, fs.cat_file, path, start=lo, end=min(end, lo + PIECE))
+            data = _call(transfer, read, start=lo, end=min(end, lo + PIECE))
             transfer.add(len(data))
             parts.append(data)
         return b"".join(parts)
