@@ -37,6 +37,7 @@ from qwen_vl_utils import aio
 
 #: every error the library raises, most specific first (the first that matches answers)
 STATUS = {
+    q.OverloadedError: 503,  # every slot busy and the queue full: the client should retry (Retry-After)
     q.InvalidOptionError: 400,
     q.DecodeError: 400,
     q.SourceNotAllowedError: 403,
@@ -137,7 +138,10 @@ async def vision(request: Request) -> Response:
         return JSONResponse(summarize(images, videos, int(patch)))
     except q.QwenVLError as exc:
         status = next(code for kind, code in STATUS.items() if isinstance(exc, kind))
-        return _error(status, type(exc).__name__, str(exc))
+        answer = _error(status, type(exc).__name__, str(exc))
+        if status == 503:
+            answer.headers["Retry-After"] = "1"
+        return answer
     except Exception as exc:  # a defect: one log line and a JSON answer, never a traceback per request
         logger.error("internal error on /v1/vision: %s: %s", type(exc).__name__, exc)
         return _error(500, "InternalError", f"{type(exc).__name__}: {exc}")

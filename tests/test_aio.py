@@ -205,6 +205,13 @@ def _assert_quiet(f):
     assert len(f.requests) == n and f.sent - sent < 64 << 10, (f.sent - sent, f.requests[n:])
 
 
+def at_rest(stats: dict) -> bool:
+    """Nothing in flight or waiting in any lane, and no host lane left behind."""
+    lanes = stats["lanes"]
+    busy = [lanes[k]["in_use"] + lanes[k]["waiting"] for k in ("downloads", "decodes")]
+    return (stats["downloads"], stats["decodes"], stats["waiting"], *busy, lanes["hosts"]["active"]) == (0,) * 6
+
+
 def _settles(check, within=1.0):
     limit = time.monotonic() + within
     while time.monotonic() < limit:
@@ -284,7 +291,7 @@ def test_cancellation_at_each_stage_leaves_nothing_behind(files, media, tmp_path
     try:
         took = run(_cancel_when(coro, ready))
         assert took < 0.5, f"cancelling took {took:.2f} s"
-        assert _settles(lambda: q.aio.stats() == {"downloads": 0, "decodes": 0, "waiting": 0}), q.aio.stats()
+        assert _settles(lambda: at_rest(q.aio.stats())), q.aio.stats()
         assert _settles(lambda: _library_threads() <= threads), [t.name for t in threading.enumerate()]
         assert _settles(lambda: _fds() <= fds + 8), "sockets or files left open"  # pooled keep-alives at most
         assert not os.listdir(_sources.library_tmpdir()), "temporary files left behind"
@@ -313,8 +320,9 @@ def test_an_asyncio_timeout_cancels_the_work(files, media):
 # --- backpressure -----------------------------------------------------------------------------------------------
 
 
-def test_limits_hold_across_concurrent_requests(media, monkeypatch):
+def test_limits_hold_across_concurrent_requests(media, files, monkeypatch):
     downloads, decodes = InFlight(), InFlight()
+    remote = [files.add(f"/limits{i}.png", image_bytes(gradient(90 + i, 60), "PNG")) for i in range(3)]
     real_resolve, real_load, real_fetch = aio.resolve_image, aio.load_image, aio.fetch_video
 
     def slow(counter, func):
@@ -331,8 +339,8 @@ def test_limits_hold_across_concurrent_requests(media, monkeypatch):
     monkeypatch.setattr(aio, "fetch_video", slow(decodes, real_fetch))
     q.set_fetch_policy(max_concurrent_downloads=3, max_concurrent_decodes=2)
     try:
-        conv = [{"role": "user", "content": [c for c in media["content"] if "image" in c or "image_url" in c]}]
-        video = {"video": str(media["video"]), "nframes": 4}
+        conv = [{"role": "user", "content": [{"image": url} for url in remote]}]
+        video = {"video": media["url_video"], "nframes": 4}
 
         async def many():
             jobs = [q.aprocess_vision_info(conv) for _ in range(6)] + [q.afetch_video(video) for _ in range(4)]
@@ -344,10 +352,10 @@ def test_limits_hold_across_concurrent_requests(media, monkeypatch):
     assert len(results) == 10
     assert downloads.peak == 3, downloads.peak  # reached, never passed
     assert decodes.peak == 2, decodes.peak
-    assert q.aio.stats() == {"downloads": 0, "decodes": 0, "waiting": 0}
+    assert at_rest(q.aio.stats())
 
 
-def test_media_waiting_for_a_decode_count_against_the_download_limit(media, monkeypatch, tmp_path):
+def test_media_waiting_for_a_decode_count_against_the_download_limit(files, monkeypatch, tmp_path):
     """Downloads finish faster than decodes: the downloaded media waiting for a decode slot never outnumber the
     download limit (they would pile up in memory otherwise)."""
     outstanding, peak, lock = [0], [0], threading.Lock()
@@ -372,7 +380,7 @@ def test_media_waiting_for_a_decode_count_against_the_download_limit(media, monk
     monkeypatch.setattr(aio, "load_image", load)
     q.set_fetch_policy(max_concurrent_downloads=3, max_concurrent_decodes=1)
     try:
-        image = media["content"][0]
+        image = {"image": files.add("/waiting.png", image_bytes(gradient(120, 90), "PNG"))}
 
         async def many():
             return await asyncio.gather(*[q.afetch_image(image) for _ in range(16)])

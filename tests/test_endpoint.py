@@ -4,6 +4,7 @@ the deadline, never a hang."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import socket
@@ -501,6 +502,10 @@ class SilentServer:
     def port(self) -> int:
         return self.sock.getsockname()[1]
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/x.png"
+
     def _serve(self) -> None:
         while True:
             try:
@@ -515,6 +520,8 @@ class SilentServer:
                 self.held.append(conn)
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept: the port stops taking connections now
         self.sock.close()
         for conn in self.held:
             conn.close()

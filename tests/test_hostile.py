@@ -409,6 +409,8 @@ ENV_CASES = {
     "QWENVL_MEDIA_CACHE_MAX_AGE": ("media_cache_max_age", "3600", 3600.0),
     "QWENVL_MAX_CONCURRENT_DOWNLOADS": ("max_concurrent_downloads", "3", 3),
     "QWENVL_MAX_CONCURRENT_DECODES": ("max_concurrent_decodes", "2", 2),
+    "QWENVL_MAX_CONCURRENT_PER_HOST": ("max_concurrent_per_host", "none", None),
+    "QWENVL_MAX_QUEUED": ("max_queued", "16", 16),
     "QWENVL_MAX_IMAGE_BYTES": ("max_image_bytes", "1e6", 1_000_000),
     "QWENVL_MAX_VIDEO_BYTES": ("max_video_bytes", "2048", 2048),
     "QWENVL_MAX_IMAGE_PIXELS": ("max_image_pixels", "1e7", 10_000_000),

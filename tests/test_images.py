@@ -1,7 +1,6 @@
 import base64
 import io
 import pathlib
-import threading
 import urllib.parse
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -273,15 +272,18 @@ def test_decodes_in_flight_are_bounded_by_the_cores(tmp_path, monkeypatch):
     """No more CPU-bound decodes at once than slots (memory, page faults), whatever the number of callers."""
     from qwen_vl_utils import image as image_module
 
-    assert image_module._DECODE_SLOTS._initial_value == usable_cpus()
-    monkeypatch.setattr(image_module, "_DECODE_SLOTS", threading.BoundedSemaphore(2))
+    assert image_module._DECODE_SLOTS.stats()["capacity"] == usable_cpus()  # by default
+    q.set_fetch_policy(max_concurrent_decodes=2)  # the policy's limit governs them
     decodes = track_decodes(monkeypatch)
     paths = []
     for i in range(12):
         paths.append(str(tmp_path / f"{i}.png"))
         gradient(64 + 32 * i, 48).save(paths[-1])
-    with ThreadPoolExecutor(6) as callers:  # concurrent callers: the slots are process-wide
-        images = list(callers.map(lambda p: fetch_image({"image": p}), paths))
+    try:
+        with ThreadPoolExecutor(6) as callers:  # concurrent callers: the slots are process-wide
+            images = list(callers.map(lambda p: fetch_image({"image": p}), paths))
+    finally:
+        q.set_fetch_policy(None)
     assert [im.width for im in images] == [fetch_image({"image": p}).width for p in paths]
     assert decodes.peak == 2
 

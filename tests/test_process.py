@@ -27,6 +27,7 @@ PUBLIC = [
     "MAX_RATIO",
     "MODEL_SEQ_LEN",
     "NetworkError",
+    "OverloadedError",
     "QwenVLError",
     "SPATIAL_MERGE_SIZE",
     "SourceError",

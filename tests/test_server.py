@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 import qwen_vl_utils as q
 from httpfiles import FileServer
+from test_aio import at_rest
 from test_remote import textured_video
 
 from media import gradient, image_bytes, make_video
@@ -32,12 +36,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(*args: str) -> tuple:
+def _start(*args: str, env: Optional[dict] = None) -> tuple:
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, str(EXAMPLE), "--port", str(port), "--trusted", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
     )
     base = f"http://127.0.0.1:{port}"
     limit = time.monotonic() + 60
@@ -135,7 +140,7 @@ def test_a_client_that_disconnects_stops_its_work(app, files, tmp_path):
     assert _stats(app)["downloads"] == 1
     client.close()  # the client goes away mid-request
     limit = time.monotonic() + 2.0
-    while _stats(app) != {"downloads": 0, "decodes": 0, "waiting": 0}:
+    while not at_rest(_stats(app)):
         assert time.monotonic() < limit, _stats(app)
         time.sleep(0.05)
     sent = f.sent
@@ -179,3 +184,58 @@ def test_malformed_requests_get_a_json_4xx_and_no_traceback(tmp_path):
         proc.terminate()
         _, err = proc.communicate(timeout=10)
     assert b"Traceback" not in err, err.decode()
+
+
+def test_an_overloaded_server_answers_503_with_retry_after():
+    """Every download slot for a host that never answers is taken and its queue is full: the next request is
+    refused at once with 503 (the library's OverloadedError), not queued behind them."""
+    from test_endpoint import SilentServer
+
+    silent = SilentServer()
+    env = {"QWENVL_MAX_CONCURRENT_PER_HOST": "1", "QWENVL_MAX_QUEUED": "0", "QWENVL_IMAGE_DEADLINE": "60"}
+    proc, base = _start(env=env)
+    stuck = threading.Thread(
+        target=_post, args=(base, {"messages": [{"role": "user", "content": [{"image": silent.url}]}]}), daemon=True
+    )
+    try:
+        stuck.start()
+        limit = time.monotonic() + 30
+        while silent.accepted < 1:
+            assert time.monotonic() < limit, "the first request never reached the silent host"
+            time.sleep(0.05)
+        req = urllib.request.Request(
+            base + "/v1/vision",
+            json.dumps({"messages": [{"role": "user", "content": [{"image": silent.url}]}]}).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=30)
+        assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+        body = json.loads(refused.value.read())
+        assert body["error"] == "OverloadedError" and "retry later" in body["message"]
+    finally:
+        silent.close()  # the stuck request fails now, so the server can shut down
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert b"Traceback" not in err, err.decode()
+
+
+def test_every_public_error_has_its_own_status():
+    """The example's STATUS table names every public error class (or its nearest public base), so none falls
+    through to the generic 400 by accident."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("example_server", EXAMPLE)
+    server = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(server)
+    errors = [
+        getattr(q, n)
+        for n in q.__all__
+        if isinstance(getattr(q, n), type) and issubclass(getattr(q, n), q.QwenVLError)
+    ]
+    for kind in errors:
+        if kind is q.QwenVLError:
+            continue
+        first = next(k for k in server.STATUS if issubclass(kind, k))
+        assert first is not q.QwenVLError, f"{kind.__name__} falls through to the generic status"
+    assert server.STATUS[q.OverloadedError] == 503

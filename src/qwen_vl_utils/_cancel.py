@@ -8,6 +8,7 @@ blocked in a read. Code outside any scope never sees a token: the synchronous AP
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -15,7 +16,7 @@ from typing import Any, Callable, Optional
 
 from ._errors import QwenVLError
 
-__all__ = ["Cancelled", "Token", "check", "current", "result", "scope"]
+__all__ = ["Cancelled", "Token", "check", "current", "network", "result", "scope"]
 
 
 class Cancelled(QwenVLError):
@@ -29,6 +30,8 @@ class Token:
         self.event = threading.Event()
         self._lock = threading.Lock()
         self._live: set = set()
+        #: a slot the work holds and lends out while it waits on the network (see :func:`network`)
+        self.lease: Any = None
 
     @property
     def cancelled(self) -> bool:
@@ -76,6 +79,23 @@ def check(token: Optional[Token] = None) -> None:
     token = token if token is not None else current()
     if token is not None and token.event.is_set():
         raise Cancelled("cancelled by the caller")
+
+
+@contextlib.contextmanager
+def network() -> Any:
+    """The block waits on the network: a CPU slot this thread's work holds (its token's ``lease``, a decode slot
+    in the asyncio API) is lent out meanwhile and taken back after, so a ranged read or a frame fetched by URL
+    never keeps a core's slot idle. Nested blocks lend it once."""
+    token = current()
+    lease = token.lease if token is not None else None
+    if lease is None or not lease.held:
+        yield
+        return
+    lease.suspend()
+    try:
+        yield
+    finally:
+        lease.resume()
 
 
 def result(future: Future, between: Callable[[], None] = check, slice_seconds: float = 0.05) -> Any:

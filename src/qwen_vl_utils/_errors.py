@@ -28,6 +28,7 @@ __all__ = [
     "FetchTimeoutError",
     "InvalidOptionError",
     "NetworkError",
+    "OverloadedError",
     "QwenVLError",
     "SourceError",
     "SourceNotAllowedError",
@@ -71,6 +72,11 @@ class DecodeError(QwenVLError, OSError):
 
 class InvalidOptionError(QwenVLError, ValueError):
     """An element key, argument or environment variable that cannot be honoured."""
+
+
+class OverloadedError(QwenVLError):
+    """Too many requests are already waiting for a download or decode slot (``FetchPolicy.max_queued``): retry
+    later. A server maps it to 503."""
 
 
 class AspectRatioError(InvalidOptionError):

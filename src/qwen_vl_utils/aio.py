@@ -23,80 +23,35 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional, Union
 
 from . import _cancel
-from ._errors import InvalidOptionError, describe
+from ._errors import InvalidOptionError, OverloadedError, describe
 from ._options import image_options, patch_factor, video_options
+from ._slots import Lease, Slots
 from ._util import usable_cpus
-from .image import load_image, resolve_image
+from .image import _image_source, load_image, resolve_image
 from .sources._policy import FetchPolicy, get_fetch_policy
-from .sources._resolve import Source, resolve_source
+from .sources._resolve import Source, remote_host, resolve_source
 from .video import fetch_video
 from .vision_process import assemble, count_visual_tokens, split_elements
 
-__all__ = ["acount_visual_tokens", "afetch_image", "afetch_video", "aprocess_vision_info", "stats"]
+__all__ = [
+    "OverloadedError",
+    "acount_visual_tokens",
+    "afetch_image",
+    "afetch_video",
+    "aprocess_vision_info",
+    "stats",
+]
 
 
-# --- process-wide slots ------------------------------------------------------------------------------------------
+def _resolve_image_value(value: Any, ele: dict, policy: FetchPolicy) -> Source:
+    return resolve_image(ele, policy)
 
 
-class Slots:
-    """A FIFO counting semaphore usable from any event loop and any thread."""
-
-    def __init__(self, name: str, capacity: Callable[[], int]) -> None:
-        self.name = name
-        self._capacity = capacity
-        self._lock = threading.Lock()
-        self._used = 0
-        self._waiters: deque = deque()  # (loop, future), first come first served
-
-    @property
-    def in_use(self) -> int:
-        return self._used
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
-    async def acquire(self) -> None:
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            if self._used < max(1, self._capacity()) and not self._waiters:
-                self._used += 1
-                return
-            waiter = (loop, loop.create_future())
-            self._waiters.append(waiter)
-        try:
-            await waiter[1]
-        except asyncio.CancelledError:
-            with self._lock:
-                if waiter in self._waiters:  # never granted
-                    self._waiters.remove(waiter)
-                    raise
-            if waiter[1].done() and not waiter[1].cancelled():  # granted as we were cancelled: pass it on
-                self.release()
-            raise
-
-    def release(self) -> None:
-        """Give a slot back: to the first waiter (on its own loop), or to the pool."""
-        with self._lock:
-            while self._waiters:
-                loop, fut = self._waiters.popleft()
-                try:
-                    loop.call_soon_threadsafe(self._grant, fut)
-                    return
-                except RuntimeError:  # that loop is closed: its waiter is gone
-                    continue
-            self._used -= 1
-
-    def _grant(self, fut: asyncio.Future) -> None:
-        if fut.cancelled():
-            self.release()
-        else:
-            fut.set_result(None)
+# --- process-wide lanes ------------------------------------------------------------------------------------------
 
 
 def _download_capacity() -> int:
@@ -109,31 +64,83 @@ def _decode_capacity() -> int:
     return n if n is not None else usable_cpus()
 
 
+def _host_capacity() -> int:
+    n = get_fetch_policy().max_concurrent_per_host
+    return n if n is not None else 1 << 30
+
+
+def _queue_bound() -> Optional[int]:
+    return get_fetch_policy().max_queued
+
+
+_HINT = " (or raise FetchPolicy.max_queued / QWENVL_MAX_QUEUED and the lane's max_concurrent_*)"
+
+
+class _Hosts:
+    """One :class:`Slots` per remote host while it has downloads in flight or waiting (then forgotten: a
+    stream of distinct hosts leaves nothing behind)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lanes: dict = {}
+
+    def lane(self, host: str) -> Slots:
+        with self._lock:
+            lane = self._lanes.get(host)
+            if lane is None:
+                lane = self._lanes[host] = Slots(f"downloads from {host}", _host_capacity, _queue_bound, _HINT)
+                lane.users = 0
+            lane.users += 1
+            return lane
+
+    def done(self, host: str, lane: Slots) -> None:
+        with self._lock:
+            lane.users -= 1
+            if lane.users <= 0 and self._lanes.get(host) is lane:
+                del self._lanes[host]
+
+    def stats(self) -> dict:
+        with self._lock:
+            lanes = list(self._lanes.items())
+        busiest = sorted(lanes, key=lambda kv: -(kv[1].in_use + kv[1].waiting))[:5]
+        return {
+            "active": len(lanes),
+            "in_use": sum(lane.in_use for _, lane in lanes),
+            "waiting": sum(lane.waiting for _, lane in lanes),
+            "busiest": [{"host": h, "in_use": lane.in_use, "waiting": lane.waiting} for h, lane in busiest],
+        }
+
+
 _state_lock = threading.Lock()
 _state: dict = {}
 
 
 def _shared() -> dict:
-    """The slots and the worker threads, one set per process (a forked child makes its own)."""
+    """The lanes and the worker threads, one set per process (a forked child makes its own)."""
     with _state_lock:
         if _state.get("pid") != os.getpid():
             _state.clear()
             _state.update(
                 pid=os.getpid(),
-                downloads=Slots("downloads", _download_capacity),
-                decodes=Slots("decodes", _decode_capacity),
+                downloads=Slots("downloads", _download_capacity, _queue_bound, _HINT),
+                decodes=Slots("decodes", _decode_capacity, _queue_bound, _HINT),
+                hosts=_Hosts(),
                 pool=ThreadPoolExecutor(max_workers=256, thread_name_prefix="qwen-vl-aio"),
             )
         return _state
 
 
 def stats() -> dict:
-    """Work in flight and waiting, process-wide: ``{"downloads", "decodes", "waiting"}``."""
+    """Work in flight and waiting, process-wide: ``downloads`` and ``decodes`` in flight, ``waiting`` (all
+    lanes), and per lane (``lanes``: ``downloads``, ``decodes``, ``hosts``) capacity, queue length, the oldest
+    waiter's age and the queue waits of recent grants (median, p99, max), so an operator can see saturation."""
     s = _shared()
+    hosts = s["hosts"].stats()
     return {
         "downloads": s["downloads"].in_use,
         "decodes": s["decodes"].in_use,
-        "waiting": s["downloads"].waiting + s["decodes"].waiting,
+        "waiting": s["downloads"].waiting + s["decodes"].waiting + hosts["waiting"],
+        "lanes": {"downloads": s["downloads"].stats(), "decodes": s["decodes"].stats(), "hosts": hosts},
     }
 
 
@@ -172,50 +179,74 @@ async def _await(future: Any, token: _cancel.Token) -> Any:
         raise
 
 
-async def _run(slots_name: str, func: Callable[..., Any], *args: Any, finish: tuple = (), **kwargs: Any) -> Any:
-    """``func(*args, **kwargs)`` on a worker thread under one slot, freed once the thread has let go."""
-    slots: Slots = _shared()[slots_name]
-    await slots.acquire()
-    token = _cancel.Token()
-    return await _await(_submit(token, func, args, kwargs, [*finish, slots.release]), token)
-
-
-async def _download(func: Callable[..., Any], *args: Any) -> Source:
-    """Resolve a source under a download slot, which stays held when this returns: a medium downloaded but not
-    yet decoded still counts against the download limit (so waiting media cannot pile up in memory)."""
-    downloads: Slots = _shared()["downloads"]
-    await downloads.acquire()
-    token = _cancel.Token()
-    future = _submit(token, func, args, {}, [])
+async def _network_lanes(value: Any) -> list:
+    """Take the lanes a remote value's download needs (its host's, then a download slot), in arrival order;
+    returns what gives them back. Local and inline values take none: one slow host never delays them."""
+    host = remote_host(value)
+    if host is None:
+        return []
+    state = _shared()
+    lane = state["hosts"].lane(host)
+    held = [lambda: state["hosts"].done(host, lane)]
     try:
-        return await _await(future, token)
+        await lane.acquire()
+        held.insert(0, lane.release)
+        await state["downloads"].acquire()
+        held.insert(0, state["downloads"].release)
     except BaseException:
-        future.add_done_callback(lambda f: _shared()["pool"].submit(_abandon, f, downloads))
+        _finish(held)
+        raise
+    return held
+
+
+async def _run(func: Callable[..., Any], *args: Any, lanes_of: Any = None, **kwargs: Any) -> Any:
+    """``func(*args, **kwargs)`` on a worker thread, under the network lanes of ``lanes_of`` (a value)."""
+    held = await _network_lanes(lanes_of)
+    token = _cancel.Token()
+    return await _await(_submit(token, func, args, kwargs, held), token)
+
+
+async def _download(func: Callable[..., Any], value: Any, *args: Any) -> tuple:
+    """Resolve a source (under its host's lane and a download slot if it is remote): returns it with what gives
+    those back, still held. A medium downloaded but not yet decoded still counts against the download limit (so
+    waiting media cannot pile up in memory)."""
+    held = await _network_lanes(value)
+    token = _cancel.Token()
+    future = _submit(token, func, (value, *args), {}, [])
+    try:
+        return await _await(future, token), held
+    except BaseException:
+        future.add_done_callback(lambda f: _shared()["pool"].submit(_abandon, f, held))
         raise
 
 
-def _abandon(future: Any, downloads: Slots) -> None:
-    """A download nobody will decode: close what it produced, free its slot."""
+def _abandon(future: Any, held: list) -> None:
+    """A download nobody will decode: close what it produced, give its lanes back."""
     try:
         if not future.cancelled() and future.exception() is None and isinstance(future.result(), Source):
             future.result().close()
     finally:
-        downloads.release()
+        _finish(held)
 
 
-async def _decode(source: Source, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Decode a downloaded source under a decode slot (taken before the download slot is given back); the
-    source is closed on the worker thread once the decode has let go of it."""
+async def _decode(source: Optional[Source], held: list, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Decode under a decode slot, taken before the download's lanes are given back. A source read by range
+    keeps its lanes until the decode is done (it is still downloading); while the decode waits on the network
+    its decode slot is lent out (:func:`qwen_vl_utils._cancel.network`). The source is closed on the worker
+    thread once the decode has let go of it."""
     state = _shared()
+    closing = [source.close] if source is not None else []
     try:
         await state["decodes"].acquire()
     except BaseException:
-        state["pool"].submit(_finish, [source.close])
+        state["pool"].submit(_finish, [*closing, *held])
         raise
-    finally:
-        state["downloads"].release()
+    if source is None or source.ranged is None:
+        _finish(held)
+        held = []
     token = _cancel.Token()
-    return await _await(_submit(token, func, args, kwargs, [source.close, state["decodes"].release]), token)
+    token.lease = Lease(state["decodes"])
+    return await _await(_submit(token, func, args, kwargs, [*closing, token.lease.close, *held]), token)
 
 
 async def _first_error(coros: list) -> list:
@@ -253,8 +284,8 @@ async def afetch_image(
     factor = patch_factor(image_patch_size, policy)
     policy = get_fetch_policy(policy)
     options = image_options(ele)  # a bad option fails here, before any download
-    source = await _download(resolve_image, ele, policy)
-    return await _decode(source, load_image, source, options, factor, policy)
+    source, held = await _download(_resolve_image_value, _image_source(ele), ele, policy)
+    return await _decode(source, held, load_image, source, options, factor, policy)
 
 
 async def afetch_video(
@@ -277,16 +308,26 @@ async def afetch_video(
     args = (image_patch_size, return_video_sample_fps, return_video_metadata)
     kwargs = {"backend": backend, "dtype": dtype, "policy": policy}
     if isinstance(value, str) or (hasattr(value, "read") and not isinstance(value, (list, tuple))):
-        source = await _download(resolve_source, value, "video", policy)
-        return await _decode(source, fetch_video, {**ele, "video": source}, *args, **kwargs)
-    return await _run("decodes", fetch_video, ele, *args, **kwargs)  # frames or an array: nothing to download
+        source, held = await _download(resolve_source, value, "video", policy)
+        return await _decode(source, held, fetch_video, {**ele, "video": source}, *args, **kwargs)
+    # frames or an array: nothing to download first (frames given by URL are fetched with the slot lent out)
+    return await _decode(None, [], fetch_video, ele, *args, **kwargs)
 
 
 async def acount_visual_tokens(
     ele: dict[str, Any], image_patch_size: int = 14, *, policy: Optional[FetchPolicy] = None
 ) -> int:
     """:func:`~qwen_vl_utils.count_visual_tokens`, awaited (headers and the probe: under the download limit)."""
-    return await _run("downloads", count_visual_tokens, ele, image_patch_size, policy=policy)
+    value = None
+    if isinstance(ele, dict):
+        value = (
+            ele.get("video")
+            if "video" in ele
+            else _image_source(ele)
+            if "image" in ele or "image_url" in ele
+            else None
+        )
+    return await _run(count_visual_tokens, ele, image_patch_size, policy=policy, lanes_of=value)
 
 
 async def aprocess_vision_info(

@@ -18,6 +18,7 @@ from PIL import Image
 from . import _cancel
 from ._errors import AspectRatioError, DecodeError, InvalidOptionError, QwenVLError, SourceTooLargeError
 from ._options import SPATIAL_MERGE_SIZE, ImageOptions, as_image_options, image_options, patch_factor
+from ._slots import Slots, bounded
 from ._util import env_flag, usable_cpus
 from .sources._policy import FetchPolicy, get_fetch_policy
 from .sources._resolve import HEIF_BRANDS, Source, resolve_source, sniff_media
@@ -39,10 +40,19 @@ IMAGE_MIN_TOKEN_NUM = 4
 IMAGE_MAX_TOKEN_NUM = 16384
 
 
-#: image decodes and resizes in flight at once, process-wide. They are CPU-bound: more than the cores only
-#: adds memory and page faults (a 12 MP decode touches 48 MB), 10-20% of the time here. Downloads are not
-#: limited by it.
-_DECODE_SLOTS = threading.BoundedSemaphore(usable_cpus())
+def _decode_capacity() -> int:
+    n = get_fetch_policy().max_concurrent_decodes
+    return n if n is not None else usable_cpus()
+
+
+#: image decodes and resizes in flight at once, process-wide (``FetchPolicy.max_concurrent_decodes``, default
+#: one per usable core). They are CPU-bound: more than the cores only adds memory and page faults (a 12 MP
+#: decode touches 48 MB), 10-20% of the time here. Downloads are not limited by it.
+_DECODE_SLOTS = Slots("image decodes", _decode_capacity)
+
+#: compressed bytes a decoder is fed at a time while a caller may cancel it (Pillow's default is 64 KiB): a
+#: cancelled decode stops within one such block
+_CANCELLABLE_BLOCK = 1 << 14
 
 _ORIENTATION = 0x0112
 _TRANSPOSE = {
@@ -321,7 +331,7 @@ def decode_rgb(img: Image.Image, name: str) -> Image.Image:
         rgb.load()
     except Image.DecompressionBombError as exc:
         raise SourceTooLargeError(f"image {name} is a decompression bomb: {exc}") from exc
-    except MemoryError:
+    except (MemoryError, QwenVLError):  # (a cancellation, from the reader the decoder is fed through)
         raise
     except Exception as exc:  # any decoder failure on hostile bytes is a DecodeError, never a bare builtin
         raise DecodeError(
@@ -400,10 +410,31 @@ def load_image(source: Source, options: ImageOptions, factor: int, policy: Fetch
         raise AspectRatioError(f"image {source.name}: {exc}") from None
     check_output_size(rh, rw, policy, f"image {source.name}")
     _draft(img, options, rh, rw)
-    with _DECODE_SLOTS:
-        _cancel.check()  # a cancelled caller's images are not decoded
-        rgb = decode_rgb(img, source.name)
-        return rgb if rgb.size == (rw, rh) else rgb.resize((rw, rh), Image.Resampling.BICUBIC)
+    return bounded(_DECODE_SLOTS, lambda: _decode_and_resize(img, source.name, rw, rh))
+
+
+def _decode_and_resize(img: Image.Image, name: str, width: int, height: int) -> Image.Image:
+    _cancel.check()  # a cancelled caller's images are not decoded
+    if _cancel.current() is not None and getattr(img, "fp", None) is not None:
+        img.fp = _Cancellable(img.fp)  # checked before each block of compressed bytes
+        img.decodermaxblock = _CANCELLABLE_BLOCK
+    rgb = decode_rgb(img, name)
+    _cancel.check()
+    return rgb if rgb.size == (width, height) else rgb.resize((width, height), Image.Resampling.BICUBIC)
+
+
+class _Cancellable:
+    """A file the decoder reads through, which stops it (Cancelled) once its caller is cancelled."""
+
+    def __init__(self, fp: Any) -> None:
+        self._fp = fp
+
+    def read(self, *args: Any) -> bytes:
+        _cancel.check()
+        return self._fp.read(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fp, name)
 
 
 def visual_tokens(height: int, width: int, factor: int, frames: int = 1, temporal_patch: int = 2) -> int:

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .. import _cancel
 from .._util import usable_cpus
 from ..container._mp4 import sample_table
 from ..container._nal import fresh_start_check
@@ -199,6 +200,7 @@ _DONE = object()
 def _parallel(source: Source, index: _Index, groups: list[list[int]]) -> Iterator[tuple[int, Any]]:
     results: queue.Queue = queue.Queue(maxsize=4 * len(groups))
     stop = threading.Event()
+    token = _cancel.current()  # the caller's: its decoders stop at the next packet when it is cancelled
 
     def put(item: Any) -> None:
         while not stop.is_set():
@@ -210,20 +212,24 @@ def _parallel(source: Source, index: _Index, groups: list[list[int]]) -> Iterato
 
     def work(group: list[int]) -> None:
         try:
-            container = open_container(source)
-            try:
-                stream = container.streams.video[0]
-                _configure(stream, 1, single=True)
-                for item in _read_seeking(container, stream, index, group):
-                    if stop.is_set():
-                        return
-                    put(item)
-            finally:
-                container.close()
+            with _cancel.scope(token):
+                _work(group)
         except BaseException as exc:  # handed to the consumer, which raises it
             put(exc)
         finally:
             put(_DONE)
+
+    def _work(group: list[int]) -> None:
+        container = open_container(source)
+        try:
+            stream = container.streams.video[0]
+            _configure(stream, 1, single=True)
+            for item in _read_seeking(container, stream, index, group):
+                if stop.is_set():
+                    return
+                put(item)
+        finally:
+            container.close()
 
     pool = [threading.Thread(target=work, args=(g,), name="qwen-vl-decode", daemon=True) for g in groups]
     for t in pool:
@@ -231,7 +237,11 @@ def _parallel(source: Source, index: _Index, groups: list[list[int]]) -> Iterato
     try:
         running = len(pool)
         while running:
-            item = results.get()
+            try:
+                item = results.get(timeout=0.05)
+            except queue.Empty:
+                _cancel.check(token)
+                continue
             if item is _DONE:
                 running -= 1
             elif isinstance(item, BaseException):
@@ -370,6 +380,7 @@ def _seek(container: Any, stream: Any, index: _Index, key: int, wanted: set, car
     one_frame_per_packet = cc.name in _ONE_FRAME_PER_PACKET
     skipping = None
     for packet in _packets_from(container, stream, index, key):
+        _cancel.check()  # a cancelled caller stops within a packet's decode, not a whole GOP's
         skip = one_frame_per_packet and _skippable(index.ordinal.get(packet.pts), wanted, careful_until)
         if skip != skipping:
             cc.skip_frame = "NONREF" if skip else "DEFAULT"

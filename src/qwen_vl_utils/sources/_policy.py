@@ -55,6 +55,12 @@ class FetchPolicy:
     #: at least 16; one per usable core). Read from the process policy, shared by every call.
     max_concurrent_downloads: Optional[int] = None
     max_concurrent_decodes: Optional[int] = None
+    #: downloads in flight to one host (``scheme://host:port``), so that one slow host cannot take every
+    #: download slot; None: no per-host limit
+    max_concurrent_per_host: Optional[int] = 4
+    #: requests that may wait for one lane (downloads, decodes, one host) before more are refused at once with
+    #: OverloadedError (a server's 503); None: no bound
+    max_queued: Optional[int] = 1024
     #: a directory that keeps remote media fetched whole, revalidated on reuse (None: no cache)
     media_cache: Optional[str] = None
     media_cache_max_bytes: int = 10 * 1024 * MiB
@@ -90,6 +96,8 @@ _RANGES = {
     "retries": (int, 0, False),
     "max_concurrent_downloads": (int, 1, True),
     "max_concurrent_decodes": (int, 1, True),
+    "max_concurrent_per_host": (int, 1, True),
+    "max_queued": (int, 0, True),
     "media_cache_max_bytes": (int, 1, False),
     "media_cache_max_age": (float, 0, False),
     "max_image_bytes": (int, 1, False),
@@ -167,6 +175,11 @@ _ENV = {
     "QWENVL_RETRIES": ("retries", int),
     "QWENVL_MAX_CONCURRENT_DOWNLOADS": ("max_concurrent_downloads", int),
     "QWENVL_MAX_CONCURRENT_DECODES": ("max_concurrent_decodes", int),
+    "QWENVL_MAX_CONCURRENT_PER_HOST": (
+        "max_concurrent_per_host",
+        lambda v: None if v.strip().lower() == "none" else int(v),
+    ),
+    "QWENVL_MAX_QUEUED": ("max_queued", lambda v: None if v.strip().lower() == "none" else int(v)),
     "QWENVL_MEDIA_CACHE": ("media_cache", lambda v: v or None),
     "QWENVL_MEDIA_CACHE_MAX_BYTES": ("media_cache_max_bytes", lambda v: int(float(v))),
     "QWENVL_MEDIA_CACHE_MAX_AGE": ("media_cache_max_age", float),

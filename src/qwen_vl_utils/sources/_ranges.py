@@ -99,10 +99,11 @@ class RangedFile:
                 waiting = self._pending.get(k)
                 if waiting is None:
                     first, last = self._claim(k, span)
-            if waiting is not None:
-                _cancel.result(waiting)  # its fetcher's error, if it failed; a cancelled caller stops at once
-                continue
-            self._load(first, last)
+            with _cancel.network():  # a decode slot held meanwhile is lent out
+                if waiting is not None:
+                    _cancel.result(waiting)  # its fetcher's error, if it failed; a cancelled caller stops at once
+                    continue
+                self._load(first, last)
 
     def _claim(self, k: int, span: int) -> tuple[int, int]:
         """Mark the missing blocks k, k+1, ... (up to ``span``) as in flight; returns [first, last)."""

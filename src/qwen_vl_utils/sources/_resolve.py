@@ -23,6 +23,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Optional, Union
 
+from .. import _cancel
 from .._errors import (
     DecodeError,
     InvalidOptionError,
@@ -39,7 +40,7 @@ from ._policy import FetchPolicy
 from ._ranges import RangedFile
 from ._stores import is_store_protocol, open_object
 
-__all__ = ["Source", "resolve_source", "sniff_media"]
+__all__ = ["Source", "remote_host", "resolve_source", "sniff_media"]
 
 _CHUNK = 1 << 16
 
@@ -250,7 +251,8 @@ def _resolve_string(value: str, media: str, policy: FetchPolicy) -> Source:
     scheme = stripped.split(":", 1)[0].lower() if ":" in stripped[:12] else ""
     if scheme in ("http", "https"):
         check_scheme(scheme, policy, name)
-        return _fetch_http(stripped, media, policy)
+        with _cancel.network():
+            return _fetch_http(stripped, media, policy)
     if scheme == "data":
         check_scheme(scheme, policy, name)
         data = _decode_data_uri(stripped, name)
@@ -275,12 +277,30 @@ def _resolve_string(value: str, media: str, policy: FetchPolicy) -> Source:
                     f"{', '.join(policy.allowed_schemes)}); to read object stores, install the 'remote' extra and "
                     f"add {scheme!r} to FetchPolicy.allowed_schemes or QWENVL_ALLOWED_SCHEMES"
                 )
-            return _fetch_store(stripped, scheme, media, policy)
+            with _cancel.network():
+                return _fetch_store(stripped, scheme, media, policy)
         raise SourceNotAllowedError(
             f"{media} source {name}: the URL scheme {scheme!r} is not supported; use http(s)://, file://, data:, "
             "an object store (s3://, gs://, hf://, ...) or a local path"
         )
     return _local(value, media, policy, name)
+
+
+def remote_host(value: Any) -> Optional[str]:
+    """``scheme://host`` of an element value read over the network (an http(s) or object-store URL), the key of
+    its per-host limit; None for what is local or inline (paths, ``file:``, ``data:``, bytes, objects)."""
+    if isinstance(value, Source) or not isinstance(value, str):
+        return None
+    stripped = value.strip()
+    url = _URL.match(stripped)
+    if url is None:
+        return None
+    scheme = url.group(1).lower()
+    if scheme not in ("http", "https") and (not is_store_protocol(scheme) or os.path.exists(value)):
+        return None
+    rest = stripped[url.end() :]
+    netloc = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].rsplit("@", 1)[-1].lower()
+    return f"{scheme}://{netloc}"
 
 
 #: ``scheme://``, as object-store URLs are written
