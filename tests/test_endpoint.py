@@ -330,7 +330,7 @@ def test_planted_links_and_fifos_in_the_cache_are_not_followed_or_waited_on(png_
     victim.write_bytes(b"precious\n")
     (root / "usage.log").symlink_to(victim)  # the journal every store appends to
     url = png_server.url("/x.png")
-    os.mkfifo(root / f"{MediaCache.key(url)}.json")  # the record a lookup opens first
+    os.mkfifo(root / f"{MediaCache(str(root), 1 << 20, 60).key(url)}.json")  # the record a lookup opens first
     with time_bound(20):
         _cached_fetch(png_server, root, caplog)
         _cached_fetch(png_server, root, caplog)
@@ -375,6 +375,27 @@ def test_credentials_in_urls_are_never_written_or_shown(tmp_path):
         for secret in ("AKIASECRETKEY", "deadbeefsecret", "azuresecret", "TOKENSECRET", "tokensecret"):
             assert secret.encode() not in written and secret not in str(info.value), secret
         assert b"X-Amz-Signature=***" in written and "***@127.0.0.1" in str(info.value)
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("opted_in", [False, True])
+def test_presigned_urls_share_an_entry_only_when_the_operator_asks(tmp_path, opted_in):
+    """The same object under two signatures: two downloads by default (the signature may select the content);
+    with ``media_cache_key_without_credentials`` one entry, revalidated (304) with the origin under the new URL."""
+    server = FileServer()
+    try:
+        server.add("/obj.png", TINY_PNG, etag='"e1"')
+        f = server.files["/obj.png"]
+        base = f"http://127.0.0.1:{server.port}/obj.png?X-Amz-Expires=60&X-Amz-Signature="
+        policy = FetchPolicy(media_cache=str(tmp_path / "cache"), media_cache_key_without_credentials=opted_in)
+        first = q.fetch_image({"image": base + "aaaa1111"}, policy=policy)
+        again = q.fetch_image({"image": base + "bbbb2222"}, policy=policy)
+        assert np.array_equal(np.asarray(first), np.asarray(again))
+        records = [p for p in (tmp_path / "cache").iterdir() if p.suffix == ".json"]
+        assert len(records) == (1 if opted_in else 2), records
+        assert f.sent == len(TINY_PNG) * (1 if opted_in else 2), f.sent  # the second answered 304 when shared
+        assert len(f.requests) == 2
     finally:
         server.close()
 

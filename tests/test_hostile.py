@@ -407,6 +407,7 @@ ENV_CASES = {
     "QWENVL_MEDIA_CACHE": ("media_cache", "/var/cache/qwen-media", "/var/cache/qwen-media"),
     "QWENVL_MEDIA_CACHE_MAX_BYTES": ("media_cache_max_bytes", "5e8", 500_000_000),
     "QWENVL_MEDIA_CACHE_MAX_AGE": ("media_cache_max_age", "3600", 3600.0),
+    "QWENVL_MEDIA_CACHE_KEY_WITHOUT_CREDENTIALS": ("media_cache_key_without_credentials", "1", True),
     "QWENVL_MAX_CONCURRENT_DOWNLOADS": ("max_concurrent_downloads", "3", 3),
     "QWENVL_MAX_CONCURRENT_DECODES": ("max_concurrent_decodes", "2", 2),
     "QWENVL_MAX_CONCURRENT_PER_HOST": ("max_concurrent_per_host", "none", None),

@@ -176,16 +176,21 @@ class MediaCache:
     """One call's view of a cache directory. After an ``OSError`` of its own it warns once and does nothing
     more (lookups miss, stores are skipped): a cache never fails a fetch."""
 
-    def __init__(self, root: str, max_bytes: int, max_age: float) -> None:
+    def __init__(self, root: str, max_bytes: int, max_age: float, key_without_credentials: bool = False) -> None:
         self.root = os.path.abspath(root)
         self.max_bytes = max_bytes
         self.max_age = max_age
+        self.key_without_credentials = key_without_credentials
         self.failed = False
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         _check_owner(self.root)
 
-    @staticmethod
-    def key(url: str) -> str:
+    def key(self, url: str) -> str:
+        """The entry's name: a digest of the URL, or, when the operator asked for it
+        (``FetchPolicy.media_cache_key_without_credentials``), of the URL without its credentials, so that a
+        presigned URL signed again finds the entry (which is still revalidated with the origin before reuse)."""
+        if self.key_without_credentials:
+            url = redact_url(url)
         return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
     def _path(self, name: str) -> str:
@@ -478,7 +483,12 @@ def cache_for(policy: FetchPolicy) -> Optional[MediaCache]:
     if not policy.media_cache:
         return None
     try:
-        return MediaCache(policy.media_cache, policy.media_cache_max_bytes, policy.media_cache_max_age)
+        return MediaCache(
+            policy.media_cache,
+            policy.media_cache_max_bytes,
+            policy.media_cache_max_age,
+            policy.media_cache_key_without_credentials,
+        )
     except OSError as exc:
         _warn(os.path.abspath(policy.media_cache), "opening the directory", exc)
         return None

@@ -64,6 +64,10 @@ class FetchPolicy:
     #: a directory that keeps remote media fetched whole, revalidated on reuse (None: no cache)
     media_cache: Optional[str] = None
     media_cache_max_bytes: int = 10 * 1024 * MiB
+    #: key cache entries by the URL without its credentials (presigned signatures, tokens), so that a URL signed
+    #: again reuses the entry after revalidation; off by default (only for origins whose credentials do not
+    #: select the content)
+    media_cache_key_without_credentials: bool = False
     #: seconds after which a cached entry is dropped, however valid
     media_cache_max_age: float = 7 * 24 * 3600.0
     max_image_bytes: int = 256 * MiB
@@ -124,7 +128,7 @@ def _validate(policy: FetchPolicy) -> None:
             raise InvalidOptionError(
                 f"FetchPolicy.{name}={value!r}: must be {what} {bound}" + (" or None" if optional else "")
             )
-    for name in ("allow_local", "block_private_networks"):
+    for name in ("allow_local", "block_private_networks", "media_cache_key_without_credentials"):
         if not isinstance(getattr(policy, name), bool):
             raise InvalidOptionError(f"FetchPolicy.{name}={getattr(policy, name)!r}: must be True or False")
     for name in ("allowed_schemes", "allowed_hosts", "denied_hosts"):
@@ -183,6 +187,7 @@ _ENV = {
     "QWENVL_MEDIA_CACHE": ("media_cache", lambda v: v or None),
     "QWENVL_MEDIA_CACHE_MAX_BYTES": ("media_cache_max_bytes", lambda v: int(float(v))),
     "QWENVL_MEDIA_CACHE_MAX_AGE": ("media_cache_max_age", float),
+    "QWENVL_MEDIA_CACHE_KEY_WITHOUT_CREDENTIALS": ("media_cache_key_without_credentials", parse_flag),
     "QWENVL_MAX_IMAGE_BYTES": ("max_image_bytes", lambda v: int(float(v))),
     "QWENVL_MAX_VIDEO_BYTES": ("max_video_bytes", lambda v: int(float(v))),
     "QWENVL_MAX_IMAGE_PIXELS": ("max_image_pixels", lambda v: int(float(v))),
