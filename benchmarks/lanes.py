@@ -98,17 +98,22 @@ async def starvation(local: str, reps: int) -> dict:
     }
 
 
-async def release_after_cancel(element: dict, n: int, decode_s: float, video: bool) -> dict:
+async def release_after_cancel(element: dict, n: int, video: bool) -> dict:
+    """``n`` cancels, each at a random moment of the decode (uniform over the whole call, measured by one
+    uncancelled warm-up call, which also pays the first call's imports)."""
     import qwen_vl_utils as q
 
+    def call():
+        return q.afetch_video(element, backend="pyav") if video else q.afetch_image(element)
+
+    decode_s = await _timed(call())
     waits = []
     rng = random.Random(0)
-    for _ in range(n):
-        call = q.afetch_video(element, backend="pyav") if video else q.afetch_image(element)
-        task = asyncio.ensure_future(call)
+    while len(waits) < n:
+        task = asyncio.ensure_future(call())
         while q.aio.stats()["decodes"] == 0:
             await asyncio.sleep(0.001)
-        await asyncio.sleep(rng.uniform(0.02, decode_s * 0.8))
+        await asyncio.sleep(rng.uniform(0.0, decode_s))
         if task.done():
             continue
         t = time.perf_counter()
@@ -118,6 +123,7 @@ async def release_after_cancel(element: dict, n: int, decode_s: float, video: bo
         waits.append(time.perf_counter() - t)
         await asyncio.gather(task, return_exceptions=True)
     return {
+        "decode_s": decode_s,
         "cancels": len(waits),
         "p50_ms": 1000 * _pct(waits, 0.50),
         "p99_ms": 1000 * _pct(waits, 0.99),
@@ -170,10 +176,10 @@ def main() -> int:
     results["starvation"] = asyncio.run(starvation(local, args.reps))
     with tempfile.TemporaryDirectory():
         results["cancel_image"] = asyncio.run(
-            release_after_cancel({"image": png, "max_pixels": 1024 * 28 * 28}, args.cancels, 0.35, video=False)
+            release_after_cancel({"image": png, "max_pixels": 1024 * 28 * 28}, args.cancels, video=False)
         )
         results["cancel_video"] = asyncio.run(
-            release_after_cancel({"video": video, "nframes": 8}, args.cancels, 1.0, video=True)
+            release_after_cancel({"video": video, "nframes": 8}, args.cancels, video=True)
         )
     save_results("results-lanes", results, to_markdown(results))
     return 0
@@ -201,11 +207,12 @@ def to_markdown(r: dict) -> str:
             "",
             "Time from `task.cancel()` to the decode slot being free, cancelled at a random moment of the decode:",
             "",
-            "| decode | cancels | p50 ms | p99 ms | max ms |",
-            "| --- | --- | --- | --- | --- |",
-            f"| 6000x4000 PNG | {ci['cancels']} | {ci['p50_ms']:.1f} | {ci['p99_ms']:.1f} | {ci['max_ms']:.1f} |",
-            f"| 720p H.264, 10 s GOPs, 8 frames | {cv['cancels']} | {cv['p50_ms']:.1f} | {cv['p99_ms']:.1f} | "
-            f"{cv['max_ms']:.1f} |",
+            "| decode | whole call s | cancels | p50 ms | p99 ms | max ms |",
+            "| --- | --- | --- | --- | --- | --- |",
+            f"| 6000x4000 PNG | {ci['decode_s']:.2f} | {ci['cancels']} | {ci['p50_ms']:.1f} | {ci['p99_ms']:.1f} | "
+            f"{ci['max_ms']:.1f} |",
+            f"| 720p H.264, 10 s GOPs, 8 frames | {cv['decode_s']:.2f} | {cv['cancels']} | {cv['p50_ms']:.1f} | "
+            f"{cv['p99_ms']:.1f} | {cv['max_ms']:.1f} |",
             "",
             "Target: p99 under 100 ms.",
             "",

@@ -15,11 +15,11 @@ import collections
 import contextlib
 import itertools
 import math
-import queue
 import threading
 from typing import Any, Callable, Iterator, Optional
 
 from .. import _cancel
+from ._handoff import STOPPED, Handoff
 
 
 class _Inexact(Exception):
@@ -198,8 +198,9 @@ _DONE = object()
 class _Segment:
     """A segment on its way through a worker: its decoded targets, then _END_SEGMENT (or an exception)."""
 
-    def __init__(self) -> None:
-        self.out: queue.Queue = queue.Queue(maxsize=8)
+    def __init__(self, queues: list) -> None:
+        self.out = Handoff(8)
+        queues.append(self.out)
 
 
 class _Parallel:
@@ -214,8 +215,18 @@ class _Parallel:
     def __init__(self, events: Iterator[Any], decoder: Callable[[], _SegmentDecoder], workers: int, token: Any):
         self.events, self.decoder, self.workers, self.token = events, decoder, workers, token
         self.stop = threading.Event()
-        self.order: queue.Queue = queue.Queue(maxsize=2 * workers)  # segments as dealt out, then _DONE
-        self.inboxes = [queue.Queue(maxsize=64) for _ in range(workers)]
+        self.order = Handoff(2 * workers)  # segments as dealt out, then _DONE
+        self.inboxes = [Handoff(64) for _ in range(workers)]
+        self.queues = [self.order, *self.inboxes]  # (and each segment's: stopped together, waking every thread)
+        self._lock = threading.Lock()
+
+    def abort(self) -> None:
+        """Stop: every thread waiting on a queue wakes at once (also called by the stream's token on a close)."""
+        self.stop.set()
+        with self._lock:
+            queues = list(self.queues)
+        for q in queues:
+            q.stop()
 
     def __iter__(self) -> Iterator[tuple]:
         threads = [threading.Thread(target=self._deal, name="qwen-vl-stream-demux", daemon=True)]
@@ -223,6 +234,7 @@ class _Parallel:
             threading.Thread(target=self._work, args=(box,), name="qwen-vl-stream-decode", daemon=True)
             for box in self.inboxes
         ]
+        self.token.register(self)  # a close wakes every waiting thread
         try:
             for t in threads:
                 t.start()
@@ -238,32 +250,28 @@ class _Parallel:
                     last = item[0]
                     yield item
         finally:
-            self.stop.set()
+            self.abort()
             for t in threads:
                 if t.ident is not None:
                     t.join()
 
-    def _put(self, q: queue.Queue, item: Any) -> None:
-        while True:
-            self._check()
-            try:
-                return q.put(item, timeout=0.1)
-            except queue.Full:
-                continue
+    def _put(self, q: Handoff, item: Any) -> None:
+        self._check()
+        if not q.put(item):
+            raise _Stopped
 
     def _check(self) -> None:
         if self.stop.is_set() or self.token.cancelled:
             raise _Stopped
 
-    def _get(self, q: queue.Queue, consumer: bool = False) -> Any:
-        while True:
-            try:
-                return q.get(timeout=0.1)
-            except queue.Empty:
-                if consumer:  # a close: the stream's Cancelled
-                    _cancel.check(self.token)
-                else:
-                    self._check()
+    def _get(self, q: Handoff, consumer: bool = False) -> Any:
+        item = q.get()
+        if item is STOPPED:
+            if consumer:  # a close: the stream's Cancelled
+                _cancel.check(self.token)
+            self._check()
+            raise _Stopped  # (not reached: a queue is stopped only with the rest)
+        return item
 
     def _deal(self) -> None:
         """The demux thread: reads and decides on the file's packets (under the stream's cancellation)."""
@@ -274,7 +282,10 @@ class _Parallel:
                 for event in self.events:
                     self._check()
                     if box is None:
-                        segment = _Segment()
+                        with self._lock:
+                            segment = _Segment(self.queues)
+                            if self.stop.is_set():
+                                segment.out.stop()
                         self._put(self.order, segment)
                         box = self.inboxes[dealt % self.workers]
                         dealt += 1
@@ -293,7 +304,7 @@ class _Parallel:
                     with contextlib.suppress(_Stopped):
                         self._put(box, _DONE)
 
-    def _work(self, inbox: queue.Queue) -> None:
+    def _work(self, inbox: Handoff) -> None:
         """A worker: decodes its segments in the order dealt; a failure goes to each of its segments after."""
         decoder: Optional[_SegmentDecoder] = None
         segment: Any = None

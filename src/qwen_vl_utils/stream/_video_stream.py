@@ -42,6 +42,7 @@ from ._file import (
     _shown_packets,
     _Skipping,
 )
+from ._handoff import STOPPED, Handoff
 
 __all__ = ["READ_AHEAD", "VideoChunk", "VideoStream", "stream_video"]
 
@@ -323,7 +324,7 @@ class _Producer:
     def __init__(self, settings: _Settings) -> None:
         self.settings = settings
         self.token = _cancel.Token()
-        self.queue: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
+        self.queue = Handoff(READ_AHEAD)
         self.thread = threading.Thread(target=self._run, name="qwen-vl-stream", daemon=True)
         self.done = threading.Event()  # set as the producer exits (not Thread.is_alive(): a Ctrl-C landing in
         # its lock handling can leave the Thread object wrong on Python 3.11)
@@ -351,26 +352,23 @@ class _Producer:
     def _next_item(self) -> Any:
         while not self.token.cancelled:
             try:
-                item = self.queue.get(timeout=0.1)
+                item = self.queue.get(timeout=0.5)
             except queue.Empty:  # a producer that ended for any reason but a close left something behind
                 if self.done.is_set() and self.queue.empty() and not self.token.cancelled:
                     raise DecodeError(f"decoding {describe(self.settings.value)} stopped unexpectedly") from None
                 continue
-            return None if self.token.cancelled else item
+            return None if self.token.cancelled or item is STOPPED else item
         return None
 
     def put(self, item: Any) -> None:
-        while not self.token.cancelled:
-            try:
-                self.queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-        raise _cancel.Cancelled("the stream was closed")
+        if self.token.cancelled or not self.queue.put(item):  # (a close stops the queue: no wait)
+            raise _cancel.Cancelled("the stream was closed")
 
     def cancel(self) -> None:
-        """From any thread: the producer stops at its next read, frame or hand-over."""
+        """From any thread: the producer stops at its next read, frame or hand-over; a hand-over waiting for
+        room, and a consumer waiting for a chunk, return at once."""
         self.token.cancel()
+        self.queue.stop()
         if self.input is not None:
             self.input.close_readers()
 
@@ -378,9 +376,7 @@ class _Producer:
         self.cancel()
         if self.thread.ident is None:  # never started (start() failed)
             return
-        while not self.done.is_set():  # a producer waiting to hand a chunk over sees the cancel within 0.1 s
-            with contextlib.suppress(queue.Empty):
-                self.queue.get(timeout=0.05)
+        self.done.wait()
         self.thread.join()
 
     def _run(self) -> None:
