@@ -45,7 +45,8 @@ def main() -> int:
             container="mpegts",
             pattern=noisy_numbered,
         )
-    data = open(path, "rb").read()
+    with open(path, "rb") as fh:
+        data = fh.read()
     web = FileServer()
     url = web.add("/close.ts", data, ranges=False)
     rows = []
