@@ -1149,3 +1149,19 @@ def test_a_stopped_handoff_releases_its_waiters_at_once():
         t.join(10)
     assert got == {"get": STOPPED, "put": False}
     assert full.get() is STOPPED and empty.put("z") is False
+
+
+def test_changing_a_chunk_in_place_leaves_the_next_one_alone(tmp_path):
+    """At the default fps 2 on a 1 fps source, one decoded frame serves two grid points, often in two chunks.
+    It was copied into the later chunk lazily, from the earlier chunk's tensor, when the later chunk was handed
+    over: a consumer normalising chunks in place (``frames.div_(255)``) corrupted 8 of 10 chunks."""
+    path = make_video(tmp_path / "one_fps.mp4", frames=21, width=96, height=64, fps=1, pattern=numbered)
+    clean = [c.frames.clone() for c in q.stream_video({"video": str(path)}, chunk_seconds=2.0)]
+    mutated = []
+    for chunk in q.stream_video({"video": str(path)}, chunk_seconds=2.0):
+        mutated.append(chunk.frames.clone())
+        chunk.frames.div_(255)  # what model code does to the chunk it was given
+        chunk.frames.zero_()
+    assert len(clean) == len(mutated) >= 10
+    spoiled = [i for i, (a, b) in enumerate(zip(clean, mutated)) if not torch.equal(a, b)]
+    assert spoiled == [], f"chunks {spoiled} changed when an earlier chunk was changed in place"

@@ -223,10 +223,8 @@ class _Chunk:
         from ..video import FRAME_FACTOR
 
         out = self.out
-        for pos, slot in enumerate(self.frames):
+        for slot in self.frames:
             slot.future.result()
-            if slot.copy_of is not None:
-                out[pos].copy_(slot.copy_of[0][slot.copy_of[1]])
         indices = [slot.index for slot in self.frames]
         while len(indices) % FRAME_FACTOR:  # whole temporal patches: the last frame again
             out[len(indices)].copy_(out[len(indices) - 1])
@@ -243,8 +241,7 @@ class _Chunk:
 
 class _Slot(NamedTuple):
     index: int  # the frame's index
-    future: Future  # done once the frame's pixels are in place
-    copy_of: Optional[tuple] = None  # (tensor, position) holding the same frame, for a frame serving two targets
+    future: Future  # done once the frame's pixels are in place (in every chunk the frame serves)
 
 
 class _Chunker:
@@ -441,17 +438,31 @@ class _Run:
     def frame(self, index: int, t: float, frame: Any) -> None:
         """A decoded frame, in display order."""
         self.last_index, self.last_time = index, t
-        first: list = []  # where this frame's pixels go first: (tensor, position, future)
+        places: list = []  # every (chunk tensor, position) this frame fills
+        done: Future = Future()
 
         def place(j: int, pos: int) -> _Slot:
-            out = self._buffer(j)
-            if first:  # the same frame for another target: copied when its chunk is handed over
-                return _Slot(index, first[0][2], (first[0][0], first[0][1]))
-            first.append((out, pos, self.pool.submit(self._prepare, frame, out[pos])))
-            return _Slot(index, first[0][2])
+            places.append(self._buffer(j)[pos])
+            return _Slot(index, done)
 
-        for chunk in self.chunker.add(t, place):
+        completed = self.chunker.add(t, place)
+        if places:  # written into every chunk it serves before any of them is handed over: chunks own their memory
+            task = self.pool.submit(self._prepare_all, frame, places, done)
+            task.add_done_callback(lambda f: f.cancelled() and done.cancel())
+        for chunk in completed:
             self.hand_over(chunk, index + 1)  # a live stream's frames so far: up to the one completing the chunk
+
+    def _prepare_all(self, frame: Any, places: list, done: Future) -> None:
+        """The frame into its first place, then copied into the others (a frame serving targets in two chunks:
+        a consumer changing one chunk in place must not change the other)."""
+        try:
+            self._prepare(frame, places[0])
+            for out in places[1:]:
+                out.copy_(places[0])
+        except BaseException as exc:
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
 
     def _buffer(self, j: int) -> Any:
         """Chunk ``j``'s tensor, allocated when its first frame is placed; frames are written straight into it."""
