@@ -1083,8 +1083,47 @@ def test_cli_prints_one_line_per_chunk(files):
     assert lines[1]["frame_times"] == [0.5, 0.75] and all(x["seconds"] >= 0 for x in lines)
     text = run_cli("stream", path, "--end", "2")
     assert text.returncode == 0 and text.stdout.splitlines()[1].startswith("chunk 1  1.00-2.00 s  frames 24 36  2x3x")
-    bad = run_cli("stream", path, "--fps", "1.5")
-    assert bad.returncode == 1 and "whole number of frames" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_cli("stream", path, "--fps", "1.5")  # options that cannot be honoured: a usage error
+    assert bad.returncode == 2 and "whole number of frames" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_a_reader_that_goes_away_is_a_quiet_end(files):
+    """`qwen-vl-utils stream ... | head -1`: the pipe closes under the printing loop. It printed
+    "error: BrokenPipeError" and exited 1."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen_vl_utils", "stream", str(files["h264-bframes.mp4"]), "--chunk", "0.5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    first = proc.stdout.readline()
+    proc.stdout.close()  # as head does after its line
+    err = proc.stderr.read()
+    assert proc.wait(60) == 0 and first.startswith(b"chunk 0 ")
+    assert err == b"", err.decode()
+
+
+def test_cli_offers_only_the_options_a_stream_uses():
+    """--help offered options that were then refused (--nframes, --min-frames, --max-frames, --total-pixels,
+    --backend other than pyav) or ignored (--quiet); refusals exited 1, not 2 as for every usage error."""
+    text = run_cli("stream", "--help").stdout
+    for gone in ("--nframes", "--min-frames", "--max-frames", "--total-pixels", "--backend", "--quiet"):
+        assert gone not in text, gone
+    for offered in ("--fps", "--max-pixels", "--start", "--end", "--allow", "--read-timeout", "--json"):
+        assert offered in text, offered
+    res = run_cli("stream", "x.mp4", "--nframes", "4")
+    assert res.returncode == 2 and "unrecognized arguments: --nframes" in res.stderr
+
+
+def test_cli_allows_udp_by_flag_with_its_read_timeout():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # a port nobody sends to
+    refused = run_cli("stream", f"udp://127.0.0.1:{port}")
+    assert refused.returncode == 1 and "SourceNotAllowedError" in refused.stderr and "udp" in refused.stderr
+    quiet = run_cli("stream", f"udp://127.0.0.1:{port}", "--allow", "udp", "--read-timeout", "0.5")
+    assert quiet.returncode == 1 and "FetchTimeoutError" in quiet.stderr, quiet.stderr
+    assert "Traceback" not in quiet.stderr
 
 
 @pytest.mark.slow

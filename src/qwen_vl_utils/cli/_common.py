@@ -11,21 +11,25 @@ from typing import Any
 EXIT_OK, EXIT_SOURCE_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def add_element_flags(p: argparse.ArgumentParser) -> None:
+def add_element_flags(p: argparse.ArgumentParser, stream: bool = False) -> None:
+    """The element keys as flags; ``stream``: only those a stream uses (no frame counts, no clip budget, PyAV)."""
     p.add_argument("--patch-size", type=int, choices=(14, 16), default=14, help="14: Qwen2.5-VL, 16: Qwen3-VL")
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--fps", type=float, help="frames sampled per second (default 2)")
-    rate.add_argument("--nframes", type=int, help="exact number of frames")
-    p.add_argument("--min-frames", type=int)
-    p.add_argument("--max-frames", type=int)
+    if not stream:
+        rate.add_argument("--nframes", type=int, help="exact number of frames")
+        p.add_argument("--min-frames", type=int)
+        p.add_argument("--max-frames", type=int)
     p.add_argument("--min-pixels", type=int)
     p.add_argument("--max-pixels", type=int)
-    p.add_argument("--total-pixels", type=int)
+    if not stream:
+        p.add_argument("--total-pixels", type=int)
     p.add_argument("--resized-height", type=int)
     p.add_argument("--resized-width", type=int)
     p.add_argument("--start", type=float, help="video_start, seconds")
     p.add_argument("--end", type=float, help="video_end, seconds")
-    p.add_argument("--backend", choices=("pyav", "torchcodec", "decord", "torchvision"))
+    if not stream:
+        p.add_argument("--backend", choices=("pyav", "torchcodec", "decord", "torchvision"))
 
 
 _KEYS = {

@@ -10,7 +10,9 @@ Exit codes: 0 success, 1 when a source failed (the others are still reported), 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import os
 import sys
 from typing import Callable, Optional
 
@@ -57,6 +59,9 @@ def main(argv: Optional[list] = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader of our output went away (| head): a quiet end, not an error
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
         sys.stderr = io.StringIO()
         return EXIT_OK

@@ -9,29 +9,54 @@ import sys
 import time
 from typing import Any
 
-from .._errors import QwenVLError
-from ._common import EXIT_OK, EXIT_SOURCE_FAILED, add_element_flags, element_from_args, error_line
+from .._errors import InvalidOptionError, QwenVLError
+from ._common import EXIT_OK, EXIT_SOURCE_FAILED, EXIT_USAGE, add_element_flags, element_from_args, error_line
 
 
 def add_stream_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     text = "chunks of a long or live video, one line each as it is decoded"
-    cmd = sub.add_parser("stream", parents=[common], help=text, description=text[0].upper() + text[1:] + ".")
+    cmd = sub.add_parser("stream", help=text, description=text[0].upper() + text[1:] + ".")  # (no progress bar)
     cmd.set_defaults(func=cmd_stream)
     cmd.add_argument(
         "source", metavar="SOURCE", help="path, URL, HLS playlist URL, udp://HOST:PORT, or - for standard input"
     )
     cmd.add_argument("--chunk", type=float, default=1.0, help="seconds per chunk (default 1.0)")
     cmd.add_argument("--json", action="store_true", help="one JSON object per line")
-    add_element_flags(cmd)  # the element keys, as for inspect (those a stream has no use for fail)
+    cmd.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="SCHEME",
+        help="also allow this URL scheme (udp: live MPEG-TS datagrams; a store such as s3); repeatable",
+    )
+    cmd.add_argument("--read-timeout", type=float, metavar="S", help="seconds a live source may stay silent")
+    cmd.add_argument("--debug", action="store_true", help="print tracebacks")
+    add_element_flags(cmd, stream=True)  # only the element keys a stream uses
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
+    from ..sources._policy import get_fetch_policy
     from ..stream import stream_video
 
     source: Any = sys.stdin.buffer if args.source == "-" else args.source
     ele = element_from_args(args, "video", source)
     try:
-        stream = stream_video(ele, args.chunk, args.patch_size)
+        policy = get_fetch_policy()
+        changes: dict = {}
+        if args.allow:
+            schemes = [s.strip().lower().rstrip(":/") for s in args.allow]
+            changes["allowed_schemes"] = tuple(dict.fromkeys([*policy.allowed_schemes, *schemes]))
+        if args.read_timeout is not None:
+            changes["read_timeout"] = args.read_timeout
+        policy = policy.replace(**changes) if changes else policy
+    except (QwenVLError, ValueError) as exc:  # a bad --read-timeout: a usage error
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        stream = stream_video(ele, args.chunk, args.patch_size, policy=policy)
+    except InvalidOptionError as exc:  # the flags cannot be honoured: a usage error
+        print(error_line(args.source, exc, args.debug), file=sys.stderr)
+        return EXIT_USAGE
     except (QwenVLError, ValueError) as exc:
         print(error_line(args.source, exc, args.debug), file=sys.stderr)
         return EXIT_SOURCE_FAILED
@@ -42,6 +67,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
                 now = time.perf_counter()
                 print(_line(chunk, now - last, args.json), flush=True)
                 last = now
+        except BrokenPipeError:  # the reader went away (| head): a quiet end
+            raise
         except (QwenVLError, OSError) as exc:
             print(error_line(args.source, exc, args.debug), file=sys.stderr)
             return EXIT_SOURCE_FAILED

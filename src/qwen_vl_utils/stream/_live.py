@@ -207,11 +207,18 @@ class _LiveReader:
         self.bytes_read = 0
         self.head = b""
         self._closed = False
+        self._failed = False
 
     def read(self, n: int = 1 << 16) -> bytes:
-        if self._closed or self.token.cancelled:
-            raise Cancelled(f"video source {self.name}: the stream was closed")
-        data = self._read(max(1, n))
+        if self._failed:  # FFmpeg reads again after an error: the end, so PyAV raises the first error and
+            return b""  # prints no "PyAV library exception being dropped" traceback for the later ones
+        try:
+            if self._closed or self.token.cancelled:
+                raise Cancelled(f"video source {self.name}: the stream was closed")
+            data = self._read(max(1, n))
+        except BaseException:
+            self._failed = True
+            raise
         if len(self.head) < HEAD_BYTES:
             self.head += data[: HEAD_BYTES - len(self.head)]
             refuse_unseekable_mp4(self.head, self.name)
