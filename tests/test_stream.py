@@ -1204,3 +1204,88 @@ def test_changing_a_chunk_in_place_leaves_the_next_one_alone(tmp_path):
     assert len(clean) == len(mutated) >= 10
     spoiled = [i for i, (a, b) in enumerate(zip(clean, mutated)) if not torch.equal(a, b)]
     assert spoiled == [], f"chunks {spoiled} changed when an earlier chunk was changed in place"
+
+
+# --- sources that are not regular files ------------------------------------------------------------------------------
+
+
+def test_a_named_pipe_given_by_path_is_read_once_as_it_comes(files, tmp_path):
+    """A FIFO path was probed as a regular file (read to its end), then reopened: it hung for good (and since
+    issue 23, it was refused). It is read once, like ``-``, with the same chunks as the file."""
+    fifo = tmp_path / "live.fifo"
+    os.mkfifo(fifo)
+    data = files["h264.ts"].read_bytes()
+
+    def write():
+        with open(fifo, "wb") as w:  # opens once the stream opened its end
+            w.write(data)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    got = collect(q.stream_video({"video": str(fifo)}))
+    writer.join(10)
+    ref = collect(q.stream_video({"video": str(files["h264.ts"])}))
+    assert [c.metadata["frames_indices"] for c in got] == [c.metadata["frames_indices"] for c in ref]
+    assert all(torch.equal(a.frames, b.frames) for a, b in zip(got, ref))
+    assert _resources()[0] == []
+
+
+def test_a_named_pipe_nobody_writes_to_fails_at_the_connect_timeout(tmp_path):
+    fifo = tmp_path / "silent.fifo"
+    os.mkfifo(fifo)
+    q.set_fetch_policy(connect_timeout=0.5)
+    try:
+        with pytest.raises(q.FetchTimeoutError, match="named pipe.*connect_timeout"):
+            collect(q.stream_video({"video": str(fifo)}))
+    finally:
+        q.set_fetch_policy(None)
+    assert _resources()[0] == [], "the thread that waited in open() was released"
+
+
+def test_a_named_pipe_stream_closes_from_another_thread(files, tmp_path):
+    """A writer that stalls after a few chunks: close() from another thread returns, everything released."""
+    fifo = tmp_path / "stalling.fifo"
+    os.mkfifo(fifo)
+    release = threading.Event()
+    data = files["h264.ts"].read_bytes()
+
+    def write():
+        with open(fifo, "wb") as w, contextlib.suppress(BrokenPipeError):
+            w.write(data[: len(data) // 2 // 188 * 188])
+            w.flush()
+            release.wait(30)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    stream = q.stream_video({"video": str(fifo)})
+    first = next(stream)
+    closer = threading.Thread(target=lambda: (time.sleep(0.3), stream.close()))
+    closer.start()
+    rest = list(stream)
+    closer.join(10)
+    release.set()
+    writer.join(10)
+    assert first.index == 0 and not closer.is_alive() and len(rest) < 10
+    assert _resources()[0] == []
+
+
+def test_cli_reads_dev_stdin_as_a_path(files):
+    data = files["h264.ts"].read_bytes()
+    by_path = run_cli("stream", "/dev/stdin", "--json", input=None, stdin=open(files["h264.ts"], "rb"))  # noqa: SIM115
+    piped = subprocess.run(
+        [sys.executable, "-m", "qwen_vl_utils", "stream", "/dev/stdin", "--json"],
+        input=data,
+        capture_output=True,
+        timeout=120,
+    )
+    dash = subprocess.run(
+        [sys.executable, "-m", "qwen_vl_utils", "stream", "-", "--json"], input=data, capture_output=True, timeout=120
+    )
+    assert piped.returncode == dash.returncode == by_path.returncode == 0, piped.stderr
+    assert piped.stdout.splitlines()[0].startswith(b'{"index": 0')
+    strip = lambda out, *more: [  # noqa: E731
+        {k: v for k, v in json.loads(x).items() if k not in ("seconds", *more)} for x in out.splitlines()
+    ]
+    assert strip(piped.stdout) == strip(dash.stdout)  # a pipe behind /dev/stdin: read once, as "-" is
+    # (a regular file behind it is a file: probed, so it knows its frame count from the start)
+    assert strip(piped.stdout, "total_num_frames") == strip(by_path.stdout, "total_num_frames")

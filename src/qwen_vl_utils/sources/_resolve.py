@@ -40,7 +40,7 @@ from ._policy import FetchPolicy
 from ._ranges import RangedFile
 from ._stores import is_store_protocol, open_object
 
-__all__ = ["Source", "remote_host", "resolve_source", "sniff_media"]
+__all__ = ["Source", "local_special_file", "remote_host", "resolve_source", "sniff_media"]
 
 _CHUNK = 1 << 16
 
@@ -317,6 +317,39 @@ def _check_bytes(n: int, media: str, policy: FetchPolicy, name: str) -> None:
 
 
 def _local(path: str, media: str, policy: FetchPolicy, name: str) -> Source:
+    path, info = _checked_local(path, media, policy, name)
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(info.st_mode) else "a device or socket"
+        raise SourceError(
+            f"{media} source {name} is {kind}, not a regular file: it has no size to check and opening it may wait "
+            "for ever; read it yourself and pass the bytes or an open binary file object"
+        )
+    _check_bytes(info.st_size, media, policy, name)
+    return Source(name=name, path=path)
+
+
+def local_special_file(value: str, policy: FetchPolicy) -> Optional[str]:
+    """The checked path of a local path or ``file:`` URI that names a FIFO, a character device or a socket
+    (``/dev/stdin``, a named pipe): something read once as it comes, never probed or reopened. None for anything
+    else (a regular file, a URL); a path the policy refuses raises as for any source."""
+    stripped = value.strip()
+    scheme = stripped.split(":", 1)[0].lower() if ":" in stripped[:12] else ""
+    if scheme == "file":
+        parsed = urllib.parse.urlparse(stripped)
+        path = urllib.parse.unquote(
+            parsed.netloc + parsed.path if parsed.netloc not in ("", "localhost") else parsed.path
+        )
+    elif _URL.match(stripped) and not os.path.exists(value):
+        return None
+    else:
+        path = value
+    name = describe(value)
+    path, info = _checked_local(path, "video", policy, name)
+    return None if stat.S_ISREG(info.st_mode) else path
+
+
+def _checked_local(path: str, media: str, policy: FetchPolicy, name: str) -> tuple:
+    """(path, its stat) for a local path the policy allows and that is not a directory."""
     if "\x00" in path:
         raise InvalidOptionError(f"{media} source {name}: a path cannot contain a NUL character")
     if not policy.allow_local:
@@ -330,14 +363,7 @@ def _local(path: str, media: str, policy: FetchPolicy, name: str) -> Source:
     info = _stat(path, media, policy, name)
     if stat.S_ISDIR(info.st_mode):
         raise SourceError(f"{media} source {name} is a directory, not a file")
-    if not stat.S_ISREG(info.st_mode):
-        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(info.st_mode) else "a device or socket"
-        raise SourceError(
-            f"{media} source {name} is {kind}, not a regular file: it has no size to check and opening it may wait "
-            "for ever; read it yourself and pass the bytes or an open binary file object"
-        )
-    _check_bytes(info.st_size, media, policy, name)
-    return Source(name=name, path=path)
+    return path, info
 
 
 def _stat(path: str, media: str, policy: FetchPolicy, name: str) -> os.stat_result:

@@ -52,6 +52,7 @@ from ..sources._resolve import (
     _read_all,
     _refuse_unknown,
     _Version,
+    local_special_file,
     resolve_source,
 )
 
@@ -78,6 +79,8 @@ class StreamInput:
     reader: Any = None
     #: FFmpeg's container name when the bytes cannot be probed reliably (UDP carries MPEG-TS)
     format: Optional[str] = None
+    #: a file this input opened itself (a named pipe given by path), closed with it
+    owned: Any = None
 
     @property
     def live(self) -> bool:
@@ -88,6 +91,8 @@ class StreamInput:
             self.reader.close()
         if self.source is not None:
             self.source.close()
+        if self.owned is not None:
+            self.owned.close()
 
 
 def _scheme(value: str) -> str:
@@ -117,6 +122,10 @@ def open_input(value: Any, policy: FetchPolicy, token: Token) -> StreamInput:
         if scheme in ("http", "https"):
             check_scheme(scheme, policy, name)
             return _open_http(value.strip(), policy, token)
+        special = local_special_file(value, policy)
+        if special is not None:  # a named pipe, /dev/stdin: read once as the bytes come, like "-"
+            f = _open_special(special, name, policy, token)
+            return StreamInput(name, reader=PipeReader(f, name, policy.read_timeout, token), owned=f)
         source = resolve_source(value, "video", policy)
         if _is_playlist(source.head(64)):
             source.close()
@@ -138,6 +147,41 @@ def open_input(value: Any, policy: FetchPolicy, token: Token) -> StreamInput:
         f"object or pipe, an HLS playlist URL or udp://HOST:PORT; got {name}. For a list of frames or a decoded "
         "array, use fetch_video"
     )
+
+
+def _open_special(path: str, name: str, policy: FetchPolicy, token: Token) -> Any:
+    """Open a named pipe or device for reading. Opening a FIFO waits for a writer: that wait is bounded by
+    ``connect_timeout`` (a source that has not started yet) and by the stream's close, on a helper thread that
+    is then released by opening the FIFO for writing for a moment (no thread stays blocked)."""
+    got: dict = {}
+    done = threading.Event()
+
+    def opener() -> None:
+        try:
+            got["file"] = open(path, "rb", buffering=0)  # noqa: SIM115 - closed with the stream's input
+        except BaseException as exc:
+            got["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=opener, name="qwen-vl-stream-open", daemon=True).start()
+    until = time.monotonic() + policy.connect_timeout
+    while not done.wait(TICK):
+        if token.cancelled or time.monotonic() >= until:
+            with contextlib.suppress(OSError):  # be the writer for a moment: the blocked open returns
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            done.wait(5)
+            if "file" in got:
+                got["file"].close()
+            if token.cancelled:
+                raise Cancelled(f"video source {name}: the stream was closed")
+            raise FetchTimeoutError(
+                f"video source {name}: nothing opened the named pipe for writing within {policy.connect_timeout:g} s "
+                "(FetchPolicy.connect_timeout); start the writer first, or raise the timeout"
+            )
+    if "error" in got:
+        raise SourceError(f"video source {name} could not be opened: {got['error']}") from got["error"]
+    return got["file"]
 
 
 def _seekable(f: Any) -> bool:
