@@ -1289,3 +1289,21 @@ def test_cli_reads_dev_stdin_as_a_path(files):
     assert strip(piped.stdout) == strip(dash.stdout)  # a pipe behind /dev/stdin: read once, as "-" is
     # (a regular file behind it is a file: probed, so it knows its frame count from the start)
     assert strip(piped.stdout, "total_num_frames") == strip(by_path.stdout, "total_num_frames")
+
+
+def test_a_timestamp_leap_in_a_live_stream_is_a_discontinuity(tmp_path):
+    """2 s of MPEG-TS, then 2 s whose timestamps are an hour later (an encoder restart, a camera clock step):
+    it made 3,602 chunks, nearly all one frame repeated, in 54 s of CPU. A leap forward beyond a bound is a
+    discontinuity, as one back already was: the timeline goes on, 4 s of video make 4 chunks."""
+    pts = [round(i / 24 * 1000) for i in range(48)]
+    pts += [round((3600 + 2 + i / 24) * 1000) for i in range(48)]
+    path = make_video(
+        tmp_path / "leap.ts", frames=96, width=96, height=64, container="mpegts", pts=pts, pattern=numbered
+    )
+    f, writer, _ = pipe_fed(path.read_bytes())
+    chunks = collect(q.stream_video({"video": f}, chunk_seconds=1.0))
+    writer.join(10)
+    assert [c.index for c in chunks] == [0, 1, 2, 3], len(chunks)
+    assert [(c.start, c.end) for c in chunks] == [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, 4.0)]
+    shown = [frame_number(np.asarray(fr.permute(1, 2, 0))) for c in chunks for fr in c.frames]
+    assert shown == sorted(shown) and shown[3] < 48 <= shown[4] and shown[-1] >= 84, shown  # both halves, in order

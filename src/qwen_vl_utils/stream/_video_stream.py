@@ -710,10 +710,15 @@ _MAX_DECODERS = 4
 _END_TOLERANCE = 2
 
 
+#: seconds a live stream's timestamps may leap forward and still be a gap in the video (a dropped stretch, shown
+#: as the last frame held); a larger leap is a discontinuity (it made 3,602 chunks of one frame for 4 s of video)
+FORWARD_GAP = 10.0
+
+
 class _LiveClock:
     """Time and index of live frames: time from the presentation timestamp, relative to the first frame (a
-    jump back, as at an HLS discontinuity, continues the timeline instead); index the frame slot at the nominal
-    rate, kept strictly increasing."""
+    jump back, as at an HLS discontinuity, or forward by more than FORWARD_GAP continues the timeline instead);
+    index the frame slot at the nominal rate, kept strictly increasing."""
 
     def __init__(self, fps: float) -> None:
         self.fps = fps
@@ -730,7 +735,9 @@ class _LiveClock:
             if self.offset is None:
                 self.offset = raw
             t = raw - self.offset
-            if t < self.t - 0.5:  # a discontinuity: continue one frame after the last
+            # a discontinuity (an HLS discontinuity, an encoder restart, a camera clock step): a jump back, or
+            # forward by more than FORWARD_GAP; the timeline continues one frame after the last
+            if t < self.t - 0.5 or (self.index >= 0 and t > self.t + FORWARD_GAP):
                 self.offset -= self.t + 1 / self.fps - t
                 t = self.t + 1 / self.fps
         self.t = max(t, self.t)
