@@ -757,6 +757,41 @@ def test_a_live_playlist_that_stops_growing_ends_in_a_timeout(hls_vod, tmp_path)
     assert len(got) >= 2 and time.monotonic() - start <= 1.0 + 2.0 + 1.0  # 3 s of media, then the timeout
 
 
+@needs_ffmpeg
+@pytest.mark.slow
+def test_a_consumer_slower_than_the_read_timeout_is_not_a_stall(hls_vod):
+    """A live playlist gains a segment every 0.3 s; the model takes 1.2 s per chunk, twice ``read_timeout``.
+    The time the producer spent blocked handing chunks over counted as a stall of the source: the reader came
+    back to an outdated playlist and raised a false FetchTimeoutError before polling it again. Only time waiting
+    on the source counts: every chunk comes, then the playlist that stopped growing times out."""
+    server, folder = hls_vod
+    text = (folder / "media.m3u8").read_text()
+    head, *entries = text.replace("#EXT-X-ENDLIST\n", "").replace("VOD", "EVENT").split("#EXTINF")
+    live = folder / "growing.m3u8"
+    live.write_text(head + "#EXTINF" + entries[0])
+    stop = threading.Event()
+
+    def grow():
+        for n in range(2, len(entries) + 1):
+            if stop.wait(0.3):
+                return
+            live.write_text(head + "".join("#EXTINF" + e for e in entries[:n]))
+
+    writer = threading.Thread(target=grow, daemon=True)
+    writer.start()
+    policy = get_fetch_policy().replace(read_timeout=0.6)
+    got = []
+    try:
+        with pytest.raises(q.FetchTimeoutError, match="no data for"):
+            for chunk in q.stream_video({"video": server.url("growing.m3u8")}, policy=policy):
+                got.append(chunk)
+                time.sleep(1.2)  # a slow model: twice the read timeout per chunk
+    finally:
+        stop.set()
+        writer.join(5)
+    assert indices_of(got) == grid_indices(240, 24, 2), "every chunk came before the timeout"
+
+
 def send_datagrams(data, address, delay=0.5, pace=0.002):
     """From a thread, after ``delay`` (the stream binds its socket on the first next()): ``data`` as MPEG-TS
     datagrams of 7 packets, as ffmpeg sends them."""

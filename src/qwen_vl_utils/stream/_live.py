@@ -621,6 +621,9 @@ class HlsReader(_LiveReader):
                 self.next_sequence = seg.sequence + 1
 
     def _read(self, n: int) -> bytes:
+        # the stall clock runs only while a read waits on the source: time between reads is the consumer's (a
+        # producer blocked handing chunks to a slow model is not a stalled source)
+        self.last_data = max(self.last_data, time.monotonic())
         while True:
             if self.token.cancelled or self._closed:
                 raise Cancelled(f"video source {self.name}: the stream was closed")
