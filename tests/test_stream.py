@@ -1342,3 +1342,16 @@ def test_a_timestamp_leap_in_a_live_stream_is_a_discontinuity(tmp_path):
     assert [(c.start, c.end) for c in chunks] == [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, 4.0)]
     shown = [frame_number(np.asarray(fr.permute(1, 2, 0))) for c in chunks for fr in c.frames]
     assert shown == sorted(shown) and shown[3] < 48 <= shown[4] and shown[-1] >= 84, shown  # both halves, in order
+
+
+def test_a_live_http_body_is_not_cut_at_the_download_deadline(big_ts, web):
+    """MPEG-TS over HTTP without ranges is read as it comes, and may be live: it was cut at
+    ``FetchPolicy.deadline`` (300 s by default, here 1 s). A live source has no total deadline; its stalls are
+    bounded by the read timeout."""
+    data = big_ts.read_bytes()
+    assert len(data) > 40 * 16384, "the first pieces come at once, the whole body in 3 s"
+    url = web.add("/live-body.ts", data, ranges=False, rate=len(data) / 3)
+    policy = get_fetch_policy().replace(deadline=1.0, read_timeout=5.0)
+    got = collect(q.stream_video({"video": url}, policy=policy))
+    ref = collect(q.stream_video({"video": str(big_ts)}))
+    assert [c.metadata["frames_indices"] for c in got] == [c.metadata["frames_indices"] for c in ref]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import math
 import os
 import select
 import socket
@@ -72,6 +73,13 @@ class Transfer:
         self._since: Optional[float] = None
         self._lock = threading.Lock()
         self._live: set = set()
+
+    def live(self) -> None:
+        """A live body (a stream without an end): no total deadline and no byte limit; each wait for bytes is
+        still bounded by the read timeout, and a close cancels it."""
+        with self._lock:
+            self.deadline = math.inf
+            self.limit = math.inf
 
     # -- time ---------------------------------------------------------------------------------------------
 

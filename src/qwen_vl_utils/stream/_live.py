@@ -418,6 +418,7 @@ def _open_http(url: str, policy: FetchPolicy, token: Token) -> StreamInput:
             fetch = _range_fetcher(resp.url, transfer, _Version.of(resp))  # every range from this version
             return StreamInput(name, source=_ranged_source(name, "video", total, fetch, head))
         _refuse_unknown(head, "video", name)
+        resp.transfer.live()  # a body read as it comes may be live: no total deadline (stalls: read timeout)
         reader, resp = BodyReader(resp, name, token, head), None
         return StreamInput(name, reader=reader)
     finally:
