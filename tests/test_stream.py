@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import http.server
+import io
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from fractions import Fraction
 
 import numpy as np
@@ -1355,3 +1357,74 @@ def test_a_live_http_body_is_not_cut_at_the_download_deadline(big_ts, web):
     got = collect(q.stream_video({"video": url}, policy=policy))
     ref = collect(q.stream_video({"video": str(big_ts)}))
     assert [c.metadata["frames_indices"] for c in got] == [c.metadata["frames_indices"] for c in ref]
+
+
+# --- finite file objects end cleanly -----------------------------------------------------------------------------
+
+
+class _ReadOnly:
+    """A file object with read() and nothing else: no fileno, no seek (a custom reader, a decompressor)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._f = io.BytesIO(data)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._f.read(min(n, 5000) if n and n > 0 else n)
+
+
+class _ChunkedServer:
+    """HTTP/1.1 with Transfer-Encoding: chunked and keep-alive, as a live origin answers."""
+
+    def __init__(self, data: bytes) -> None:
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "video/mp2t")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for i in range(0, len(data), 7000):
+                    piece = data[i : i + 7000]
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/live.ts"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("kind", ["read-only", "urllib-keep-alive", "urllib-chunked"])
+def test_a_finite_file_object_ends_cleanly_with_its_last_chunk(files, web, kind):
+    """A read()-only object ended in FetchTimeoutError after its data and lost the last partial chunk; a
+    keep-alive urllib response timed out (select on its socket cannot see the bytes it buffered); a chunked one
+    raised EBADF as a DecodeError. EOF is remembered, and only raw descriptors are waited on in select."""
+    data = files["h264.ts"].read_bytes()
+    server = None
+    if kind == "read-only":
+        value = _ReadOnly(data)
+    elif kind == "urllib-keep-alive":
+        value = urllib.request.urlopen(web.add("/keep-alive.ts", data, ranges=False), timeout=30)
+    else:
+        server = _ChunkedServer(data)
+        value = urllib.request.urlopen(server.url, timeout=30)
+    q.set_fetch_policy(read_timeout=3)
+    try:
+        got = collect(q.stream_video({"video": value}))
+    finally:
+        q.set_fetch_policy(None)
+        if server is not None:
+            server.close()
+    ref = collect(q.stream_video({"video": str(files["h264.ts"])}))
+    assert [c.metadata["frames_indices"] for c in got] == [c.metadata["frames_indices"] for c in ref]
+    assert all(torch.equal(a.frames, b.frames) for a, b in zip(got, ref))

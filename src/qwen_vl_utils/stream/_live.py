@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import ipaddress
 import logging
 import os
@@ -252,10 +253,11 @@ class _LiveReader:
         self.head = b""
         self._closed = False
         self._failed = False
+        self._ended = False
 
     def read(self, n: int = 1 << 16) -> bytes:
-        if self._failed:  # FFmpeg reads again after an error: the end, so PyAV raises the first error and
-            return b""  # prints no "PyAV library exception being dropped" traceback for the later ones
+        if self._failed or self._ended:  # FFmpeg reads again after an error or the end: the end again, so
+            return b""  # PyAV raises the first error and prints no "exception being dropped" traceback
         try:
             if self._closed or self.token.cancelled:
                 raise Cancelled(f"video source {self.name}: the stream was closed")
@@ -263,6 +265,8 @@ class _LiveReader:
         except BaseException:
             self._failed = True
             raise
+        if not data:
+            self._ended = True  # remembered: a source that ended is not waited on again
         if len(self.head) < HEAD_BYTES:
             self.head += data[: HEAD_BYTES - len(self.head)]
             refuse_unseekable_mp4(self.head, self.name)
@@ -289,9 +293,9 @@ class PipeReader(_LiveReader):
 
     def __init__(self, f: Any, name: str, read_timeout: float, token: Token) -> None:
         super().__init__(name, read_timeout, token)
+        f, self._rest = _unbuffered(f)
         self.f = f
         self.fd = _selectable_fd(f)
-        self._rest = b""
         self._pump: Optional[_Pump] = None if self.fd is not None else _Pump(f, name, token)
 
     def _read(self, n: int) -> bytes:
@@ -330,7 +334,33 @@ class PipeReader(_LiveReader):
             self._pump.stop()
 
 
+def _unbuffered(f: Any) -> tuple:
+    """``(raw file, bytes already buffered)`` for a buffered reader over a pipe, file or socket (the stream is
+    its only reader from now on), so that waiting in ``select`` sees every byte; other objects as they are."""
+    raw = getattr(f, "raw", None)
+    if not isinstance(f, io.BufferedReader) or not isinstance(raw, (io.FileIO, socket.SocketIO)):
+        return f, b""
+    try:
+        fd = raw.fileno()
+        blocking = os.get_blocking(fd)
+    except (OSError, ValueError):
+        return f, b""
+    try:
+        os.set_blocking(fd, False)
+        pending = f.read1(1 << 20)  # what the buffer holds (and at most one read that cannot block)
+    except BlockingIOError:
+        pending = b""
+    finally:
+        with contextlib.suppress(OSError):
+            os.set_blocking(fd, blocking)
+    return raw, bytes(pending or b"")
+
+
 def _selectable_fd(f: Any) -> Optional[int]:
+    """A descriptor to wait on in ``select``, only where a readable descriptor means readable bytes: a raw file,
+    pipe or socket. Anything with its own buffer (an HTTP response, a text wrapper) is read on a helper thread."""
+    if not isinstance(f, (io.FileIO, socket.SocketIO)):
+        return None
     try:
         fd = f.fileno()
         select.select([fd], [], [], 0)
