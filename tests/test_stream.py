@@ -1428,3 +1428,42 @@ def test_a_finite_file_object_ends_cleanly_with_its_last_chunk(files, web, kind)
     ref = collect(q.stream_video({"video": str(files["h264.ts"])}))
     assert [c.metadata["frames_indices"] for c in got] == [c.metadata["frames_indices"] for c in ref]
     assert all(torch.equal(a.frames, b.frames) for a, b in zip(got, ref))
+
+
+# --- raw elementary streams and text-mode files ----------------------------------------------------------------------
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("codec", ["h264", "hevc"])
+def test_a_raw_elementary_stream_reads_by_path_as_through_a_pipe(files, tmp_path, codec):
+    """``.h264`` / ``.hevc`` files by path failed (PermissionError from a seek the raw demuxer cannot do, as a
+    DecodeError) in stream_video and fetch_video alike; through a pipe they worked. Rewinding falls back to byte 0."""
+    src = files["h264-bframes.mp4"] if codec == "h264" else files["hevc.mkv"]
+    raw = tmp_path / f"clip.{codec}"
+    bsf = "h264_mp4toannexb" if codec == "h264" else "hevc_mp4toannexb"
+    subprocess.run(
+        [FFMPEG, "-v", "error", "-i", str(src), "-c", "copy", "-bsf:v", bsf, "-f", codec, str(raw)], check=True
+    )
+    by_path = collect(q.stream_video({"video": str(raw)}))
+    f, writer, _ = pipe_fed(raw.read_bytes())
+    piped = collect(q.stream_video({"video": f}))
+    writer.join(10)
+    assert [c.metadata["frames_indices"] for c in by_path] == [c.metadata["frames_indices"] for c in piped]
+    assert all(torch.equal(a.frames, b.frames) for a, b in zip(by_path, piped)) and len(by_path) >= 3
+    video, meta = q.fetch_video({"video": str(raw), "nframes": 8}, return_video_metadata=True)
+    # (a raw stream carries no timing: FFmpeg's 25 fps, the same on both paths)
+    assert meta["fps"] == by_path[0].metadata["fps"] and video.shape[0] == 8
+    shown = [frame_number(np.asarray(fr.permute(1, 2, 0))) for fr in video]
+    assert shown == meta["frames_indices"], "the i-th frame is the i-th frame shown"
+
+
+@pytest.mark.parametrize("api", ["stream_video", "fetch_video", "fetch_image"])
+def test_a_text_mode_file_object_is_a_typed_error(files, api):
+    """It raised a raw UnicodeDecodeError from deep inside the read."""
+    with open(files["h264-bframes.mp4"]) as text, pytest.raises(q.InvalidOptionError, match=r"binary mode \('rb'\)"):
+        if api == "stream_video":
+            collect(q.stream_video({"video": text}))
+        elif api == "fetch_video":
+            q.fetch_video({"video": text})
+        else:
+            q.fetch_image({"image": text})

@@ -15,7 +15,7 @@ from .. import _cancel
 from .._util import usable_cpus
 from ..container._mp4 import sample_table
 from ..container._nal import fresh_start_check
-from ..container._probe import VideoInfo, open_container
+from ..container._probe import VideoInfo, open_container, seek_start
 from ..sources._resolve import Source
 
 NAME = "pyav"
@@ -167,7 +167,7 @@ def read(source: Source, info: VideoInfo, indices: list[int], threads: int) -> I
         if index is not None and index.usable:
             yield from _read_seeking(container, stream, index, indices)
         else:
-            container.seek(0)
+            seek_start(container)
             yield from _read_through(container.decode(stream), indices, 0)
     finally:
         container.close()
@@ -350,7 +350,7 @@ def _packets_from(container: Any, stream: Any, index: _Index, key: int) -> Itera
     overshoots = 0
     while True:
         if start is None:  # the last resort: the container's very beginning
-            container.seek(0)
+            seek_start(container)
         else:
             container.seek(index.keyframe_pts(start), stream=stream, backward=True, any_frame=False)
         packets = container.demux(stream)

@@ -65,6 +65,17 @@ def _rate(stream: Any) -> Optional[Fraction]:
     return None
 
 
+def seek_start(container: Any) -> None:
+    """Back to the container's first packet. A demuxer that cannot seek by time (a raw H.264 or HEVC
+    elementary stream: FFmpeg answers EPERM) is sent back to byte 0 instead."""
+    import av
+
+    try:
+        container.seek(0)
+    except av.FFmpegError:
+        container.seek(0, unsupported_byte_offset=True)
+
+
 def probe_video(source: Source) -> VideoInfo:
     """Read the container header (and, where it has no frame count, its packet headers) and one frame."""
     import av
@@ -98,7 +109,7 @@ def probe_video(source: Source) -> VideoInfo:
                 num_frames, hidden = _edited_count(container, stream, num_frames)
             else:
                 num_frames, hidden, size_changes = _count_packets(container, stream)
-                container.seek(0)
+                seek_start(container)
             first = next(iter(container.decode(stream)), None)
         except av.FFmpegError as exc:  # its ENOMEM too (a MemoryError): corrupt sizes, not this machine's memory
             raise _undecodable(source, exc, "could not be decoded") from exc
@@ -176,7 +187,7 @@ def _edited_count(container: Any, stream: Any, frames: int) -> tuple[int, int]:
     entries = getattr(stream, "index_entries", None)
     if entries is None:  # PyAV < 17 does not expose the index: count the hidden packets instead (one demux)
         hidden = sum(1 for p in container.demux(stream) if p.size and p.is_discard)
-        container.seek(0)
+        seek_start(container)
         return frames - hidden, hidden
     n = len(entries)
     if n == 0:

@@ -40,7 +40,7 @@ from ._policy import FetchPolicy
 from ._ranges import RangedFile
 from ._stores import is_store_protocol, open_object
 
-__all__ = ["Source", "local_special_file", "remote_host", "resolve_source", "sniff_media"]
+__all__ = ["Source", "local_special_file", "refuse_text_mode", "remote_host", "resolve_source", "sniff_media"]
 
 _CHUNK = 1 << 16
 
@@ -377,10 +377,22 @@ def _stat(path: str, media: str, policy: FetchPolicy, name: str) -> os.stat_resu
         raise SourceNotFoundError(f"{media} source {name}: no such file ({exc.strerror})") from exc
 
 
+def refuse_text_mode(f: Any, media: str, name: str) -> None:
+    """A text-mode file object decodes the media's bytes as text (a raw UnicodeDecodeError, or mangled bytes):
+    refused before reading, with what to do."""
+    if isinstance(f, io.TextIOBase) or (isinstance(getattr(f, "mode", None), str) and "b" not in f.mode):
+        raise InvalidOptionError(f"{media} source {name} is a text-mode file object; open it in binary mode ('rb')")
+
+
 def _read_filelike(f: Any, media: str, policy: FetchPolicy, name: str) -> bytes:
     limit = policy.max_image_bytes if media == "image" else policy.max_video_bytes
+    refuse_text_mode(f, media, name)
     try:
         data = f.read(limit + 1)
+    except UnicodeDecodeError as exc:  # a text wrapper of another kind
+        raise InvalidOptionError(
+            f"{media} source {name} is a text-mode file object; open it in binary mode ('rb')"
+        ) from exc
     except OSError as exc:
         raise SourceError(f"{media} source {name} could not be read: {exc}") from exc
     if isinstance(data, str):

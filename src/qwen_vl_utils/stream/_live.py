@@ -54,6 +54,7 @@ from ..sources._resolve import (
     _refuse_unknown,
     _Version,
     local_special_file,
+    refuse_text_mode,
     resolve_source,
 )
 
@@ -138,6 +139,7 @@ def open_input(value: Any, policy: FetchPolicy, token: Token) -> StreamInput:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return StreamInput(name, source=resolve_source(value, "video", policy))
     if hasattr(value, "read") and not isinstance(value, (list, tuple)):
+        refuse_text_mode(value, "video", name)
         if isinstance(getattr(value, "name", None), int):  # a pipe or descriptor: say which
             name = f"<{type(value).__name__} on file descriptor {value.name}>"
         if _seekable(value):

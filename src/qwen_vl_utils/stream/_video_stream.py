@@ -583,6 +583,8 @@ class _Run:
     def _seek(self, container: Any, stream: Any, source: Any, info: Any) -> tuple:
         """(the file's index or None, the packets to decode). With video_start: one seek to the keyframe before
         the first target (the index then numbers the frames after it); else from the beginning."""
+        from ..container._probe import seek_start
+
         if not self.s.start or info.container == "avi":  # AVI: no timestamps to seek by (as the PyAV backend)
             return None, _shown_packets(container.demux(stream))
         from ..backends._pyav import _Index
@@ -601,7 +603,7 @@ class _Run:
                 if landed and index.fresh_start(first):
                     return index, _shown_packets(itertools.chain([first], packets))
                 key = index.keyframe_before(key - 1)
-        container.seek(0)
+        seek_start(container)
         return None, _shown_packets(container.demux(stream))
 
     # -- live streams -------------------------------------------------------------------------------------------------
