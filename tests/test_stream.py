@@ -167,7 +167,11 @@ def test_file_chunks_equal_fetch_video_frames(files, name, cpus, monkeypatch):
     assert len(shapes) == 1 and next(iter(shapes))[:2] == (2, 3)
     h, w = next(iter(shapes))[2:]
     meta = chunks[0].metadata
-    assert meta["fps"] == pytest.approx(24) and meta["total_num_frames"] == info.num_frames
+    assert meta["fps"] == pytest.approx(24)
+    if probe_video(resolve_source(str(path), "video", get_fetch_policy()), count=False).exact_count:
+        assert meta["total_num_frames"] == info.num_frames  # the header's count
+    else:  # no count in the header (MPEG-TS, Matroska, WebM): counted as they come, the file not read through
+        assert max(meta["frames_indices"]) < meta["total_num_frames"] <= info.num_frames
     assert meta["video_backend"] == "pyav"
     # the pixels: the frames they claim to be (each carries its number in stripes), resized as fetch_video does
     got = np.stack([f.permute(1, 2, 0).numpy() for _, f in unpadded(chunks)])

@@ -20,13 +20,17 @@ def avi_reordering(info: VideoInfo) -> Optional[str]:
 
 def timeline_gaps(info: VideoInfo, name: str) -> Optional[str]:
     """Streams on which the index-based decoders (torchcodec 0.13, decord 0.6) return frames other than the ones
-    a player shows, measured: an edit list that hides frames, a frame size that changes mid-stream, MPEG-TS, AVI
-    with B-frames."""
+    a player shows, measured: an edit list that hides frames, a start inside a GOP, damage, a frame size that
+    changes mid-stream, MPEG-TS, AVI with B-frames."""
     if info.hidden_frames:
         return (
             f"{name} does not follow the edit list that hides {info.hidden_frames} frames of this file "
             "(the pre-roll of a cut): its frames are not the ones a player shows"
         )
+    if info.damaged:
+        return f"{name} numbers frames by packet, not as a player shows a damaged file (frames lost to the damage)"
+    if info.leading_frames:
+        return f"{name} numbers the frames before the first one a player shows (the file starts inside a GOP)"
     if info.size_changes:
         return f"{name} returns wrong or repeated frames when the frame size changes mid-stream"
     if info.container == "mpegts":

@@ -30,9 +30,13 @@ class _Index:
     """Presentation order of the frames a player shows, from the container's sample table where it has one
     (MP4/MOV: the moov box alone, so a remote file is not read end to end for it), else from packet headers; no
     decoding. Packets an edit list hides (``discard``: the pre-roll a cut needs from its keyframe) get no
-    ordinal, and FFmpeg's decoder drops their frames; their keyframes are still where decoding starts."""
+    ordinal, and FFmpeg's decoder drops their frames; their keyframes are still where decoding starts. Neither do
+    frames before ``first_pts`` (:attr:`VideoInfo.first_pts`: a file starting inside a GOP), which no decoder
+    shows."""
 
-    def __init__(self, container: Any, stream: Any, source: Optional[Source] = None) -> None:
+    def __init__(
+        self, container: Any, stream: Any, source: Optional[Source] = None, first_pts: Optional[int] = None
+    ) -> None:
         samples = _samples_from_table(container, stream, source)
         if samples is None:
             samples = _samples_from_packets(container, stream)
@@ -42,7 +46,7 @@ class _Index:
             if p is None:
                 pts = []
                 break
-            (hidden if discard else pts).append(p)
+            (hidden if discard or (first_pts is not None and p < first_pts) else pts).append(p)
             if key:
                 keys.append(p)
             self.decode_pos.append((p, pos, size))
@@ -153,8 +157,10 @@ def read(source: Source, info: VideoInfo, indices: list[int], threads: int) -> I
     container = open_container(source)
     try:
         stream = container.streams.video[0]
-        # AVI stores decode-order counters, not presentation times: count frames in output order instead
-        index = _Index(container, stream, source) if container.format.name != "avi" else None
+        # AVI stores decode-order counters, not presentation times, and around damage a decoder drops frames and
+        # may show some out of order: count frames in output order instead, as a player shows them
+        usable = container.format.name != "avi" and not info.damaged
+        index = _Index(container, stream, source, info.first_pts) if usable else None
         workers = threads or usable_cpus()
         groups = _split(indices, index, workers) if index is not None and index.usable else [indices]
         if index is not None and index.usable:

@@ -31,6 +31,14 @@ class VideoInfo:
     hidden_frames: int = 0  # frames an edit list hides (a cut's pre-roll): decoded as references, never shown
     size_changes: bool = False  # the coded size changes mid-stream (an adaptive stream switching renditions)
     length_in_header: bool = True  # the header states a frame count or a duration (live, piped muxers: neither)
+    # the timestamp of the first frame a decoder shows, where frames before it are never shown (a file that
+    # starts inside a GOP: the packets before its first keyframe cannot be decoded); None where all are shown
+    first_pts: Optional[int] = None
+    leading_frames: int = 0  # packets before the first frame shown: counted in no frame index
+    # the demuxer found the file damaged (MPEG-TS continuity errors): frames were counted by decoding it through,
+    # as a player shows them (a decoder drops or reorders frames around damage); read it in that same order
+    damaged: bool = False
+    exact_count: bool = True  # num_frames is exact; False: estimated from the duration (a probe without counting)
 
     @property
     def display_size(self) -> tuple[int, int]:
@@ -76,8 +84,14 @@ def seek_start(container: Any) -> None:
         container.seek(0, unsupported_byte_offset=True)
 
 
-def probe_video(source: Source) -> VideoInfo:
-    """Read the container header (and, where it has no frame count, its packet headers) and one frame."""
+def probe_video(source: Source, count: bool = True) -> VideoInfo:
+    """Read the container header (and, where it has no frame count, its packet headers) and one frame.
+
+    Frames are numbered as a player shows them: where a file starts inside a GOP (an MPEG-TS cut from a
+    broadcast, a recording joined mid-stream), the frames before the first one the decoder shows are not counted
+    and ``first_pts`` says where the shown frames begin. With ``count`` False, a container without a frame count
+    in its header (MPEG-TS, Matroska, WebM, raw streams) is not read through: ``num_frames`` is estimated from
+    the duration (``exact_count`` False), for a reader that numbers frames as they come (:mod:`stream`)."""
     import av
 
     head = source.head(16)
@@ -103,13 +117,20 @@ def probe_video(source: Source) -> VideoInfo:
             duration = container.duration / 1_000_000
         num_frames = int(stream.frames or 0)
         length_in_header = num_frames > 0 or bool(container.duration)
-        size_changes = False
+        exact_count, damaged = True, False
+        size_changes, shown_pts, first_pts = False, None, None
         try:
             if num_frames > 0:
                 num_frames, hidden = _edited_count(container, stream, num_frames)
-            else:
-                num_frames, hidden, size_changes = _count_packets(container, stream)
+            elif count or rate is None:  # no rate: the count gives it
+                shown_pts, hidden, size_changes, damaged = _count_packets(container, stream)
+                num_frames = len(shown_pts)
                 seek_start(container)
+                if damaged:
+                    num_frames, shown_pts = _count_decoded(container, stream), None
+                    seek_start(container)
+            else:
+                hidden, exact_count = 0, False
             first = next(iter(container.decode(stream)), None)
         except av.FFmpegError as exc:  # its ENOMEM too (a MemoryError): corrupt sizes, not this machine's memory
             raise _undecodable(source, exc, "could not be decoded") from exc
@@ -117,6 +138,14 @@ def probe_video(source: Source) -> VideoInfo:
             raise
         except Exception as exc:
             raise _undecodable(source, exc, "could not be decoded") from exc
+        leading = 0
+        if first is not None and shown_pts:
+            leading, first_pts = _leading(shown_pts, first.pts)
+            num_frames -= leading
+        if not exact_count:
+            # an estimate (unknown: 1); the reader counts the frames as they come
+            num_frames = max(1, round(duration * float(rate))) if rate is not None and duration else 1
+            first_pts = first.pts if first is not None else None
         if first is None or num_frames <= 0:
             raise DecodeError(f"{source.name} has a video stream but no decodable frames (truncated or empty?)")
         if rate is None:
@@ -143,6 +172,10 @@ def probe_video(source: Source) -> VideoInfo:
             hidden_frames=hidden,
             size_changes=size_changes,
             length_in_header=length_in_header,
+            first_pts=first_pts,
+            leading_frames=leading,
+            damaged=damaged,
+            exact_count=exact_count,
         )
     finally:
         container.close()
@@ -200,21 +233,52 @@ def _edited_count(container: Any, stream: Any, frames: int) -> tuple[int, int]:
     return n - hidden, hidden
 
 
-def _count_packets(container: Any, stream: Any) -> tuple[int, int, bool]:
-    """(frames shown, frames hidden, whether the coded size changes) from the packet headers, for containers
-    whose header has no frame count (MPEG-TS, Matroska, raw streams)."""
+def _leading(shown: list, first_shown: Optional[int]) -> tuple[int, Optional[int]]:
+    """(frames no player shows at the start, the timestamp of the first one shown or None) of a file whose
+    packets are ``shown`` as (timestamp, keyframe) in decode order, given the timestamp of the first frame its
+    decoder put out. Those before it in display order are never shown (a file cut inside a GOP: the decoder
+    waits for a keyframe, or for an intra refresh's recovery; an open GOP's leading pictures). Without
+    timestamps (a raw H.264 stream), the packets before the first keyframe."""
+    if first_shown is not None and all(p is not None for p, _ in shown):
+        leading = sum(1 for p, _ in shown if p < first_shown)
+        return leading, first_shown if leading else None
+    return next((i for i, (_, key) in enumerate(shown) if key), 0), None
+
+
+def _count_packets(container: Any, stream: Any) -> tuple[list, int, bool, bool]:
+    """((timestamp, keyframe) of each frame shown, frames hidden, whether the coded size changes, whether the
+    demuxer found damage) from the packet headers, for containers whose header has no frame count (MPEG-TS,
+    Matroska, raw streams)."""
     watch = _SizeWatch.create(stream)
-    shown = hidden = 0
+    shown: list = []
+    hidden = 0
+    damaged = False
     for packet in container.demux(stream):
         if not packet.size:
             continue
+        damaged = damaged or packet.is_corrupt
         if packet.is_discard:
             hidden += 1
             continue
-        shown += 1
+        shown.append((packet.pts, packet.is_keyframe))
         if watch is not None and packet.is_keyframe:
             watch.check(packet)
-    return shown, hidden, watch is not None and watch.changed
+    return shown, hidden, watch is not None and watch.changed, damaged
+
+
+def _count_decoded(container: Any, stream: Any) -> int:
+    """The frames a decoder puts out for the whole stream: around damage it drops frames (7 of 277 packets for
+    40 lost MPEG-TS packets, measured) and may show some out of order, which no packet header tells."""
+    from .. import _cancel
+
+    token = _cancel.current()
+    cc = stream.codec_context
+    cc.thread_type = "AUTO"
+    n = 0
+    for packet in container.demux(stream):
+        _cancel.check(token)
+        n += len(cc.decode(packet) if packet.size else cc.decode(None))
+    return n
 
 
 #: codecs that repeat their parameter sets on keyframes in-band, where FFmpeg's extract_extradata filter finds

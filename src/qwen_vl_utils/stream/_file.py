@@ -80,7 +80,7 @@ class _Skipping:
         from ..container._nal import fresh_start_check
 
         wanted = lambda r: grid.covers((r - 1) / src_fps if r else None, r / src_fps)  # noqa: E731
-        self.look = _Lookahead(depth, wanted, index, fresh_start_check(stream.codec_context))
+        self.look = _Lookahead(depth, wanted, index, fresh_start_check(stream.codec_context), run.first_pts)
         self.token = run.producer.token
         self.last_shown = -1
 
@@ -360,9 +360,15 @@ class _Lookahead:
     CLOSED_AFTER = 16
 
     def __init__(
-        self, depth: int, wanted: Callable[[int], bool], index: Any = None, fresh: Optional[Callable] = None
+        self,
+        depth: int,
+        wanted: Callable[[int], bool],
+        index: Any = None,
+        fresh: Optional[Callable] = None,
+        first_pts: Optional[int] = None,
     ) -> None:
         self.depth = depth
+        self.first_pts = first_pts  # packets before it show in no player (a start inside a GOP): no ordinal
         self.wanted = wanted
         # does a keyframe packet start a picture that a fresh decoder gets right (_nal)?
         self.fresh = fresh or (lambda packet: True)
@@ -377,6 +383,10 @@ class _Lookahead:
         self.drop_until: Any = None  # the keyframe before which packets are not decoded
         self.keep_until: Any = None  # a target ahead: nothing before it is dropped
 
+    def _unshown(self, packet: Any) -> bool:
+        """A packet no player shows: hidden by an edit list, or before the first frame shown."""
+        return packet.is_discard or (self.first_pts is not None and packet.pts < self.first_pts)
+
     @property
     def last_ordinal(self) -> int:
         return (self.base or 0) + self.retired + len(self.active) - 1
@@ -384,7 +394,9 @@ class _Lookahead:
     def push(self, packet: Any) -> Iterator[tuple]:
         if packet.pts is None:
             raise _Inexact("a packet without a timestamp")
-        if not packet.is_discard:
+        if packet.is_corrupt:  # damage: the decoder may drop frames or show them out of order
+            raise _Inexact("a damaged packet")
+        if not self._unshown(packet):
             pts = packet.pts
             i = bisect.bisect_left(self.active, pts)
             if (i < len(self.active) and self.active[i] == pts) or (
@@ -409,10 +421,10 @@ class _Lookahead:
     def _leave(self, final: bool) -> tuple:
         packet = self.window.popleft()
         self.clean = max(0, self.clean - 1)
-        rank = None if packet.is_discard else self._rank(packet.pts)
+        rank = None if self._unshown(packet) else self._rank(packet.pts)
         if packet is self.keep_until:
             self.keep_until, self.clean = None, 0
-        restart = packet.is_keyframe and not packet.is_discard and self._closed(packet, 0)
+        restart = packet.is_keyframe and not self._unshown(packet) and self._closed(packet, 0)
         if packet is self.drop_until:  # decoding resumes here
             self.drop_until, self.clean, restart = None, 0, True
         if rank is not None and self.wanted(rank):
@@ -431,13 +443,13 @@ class _Lookahead:
         window = self.window
         for i in range(self.clean, len(window)):
             p = window[i]
-            if p.is_keyframe and not p.is_discard:
+            if p.is_keyframe and not self._unshown(p):
                 if self._closed(p, i + 1):
                     self.drop_until = p
                     return True
                 self.clean = i
                 return False
-            if not p.is_discard and self.wanted(self._rank(p.pts)):
+            if not self._unshown(p) and self.wanted(self._rank(p.pts)):
                 self.keep_until = p
                 return False
         self.clean = len(window)
@@ -459,7 +471,7 @@ class _Lookahead:
         """Keep ``active`` short: timestamps below every packet still in the window are final."""
         if len(self.active) <= 3 * self.depth:
             return
-        low = min((p.pts for p in self.window if not p.is_discard), default=None)
+        low = min((p.pts for p in self.window if not self._unshown(p)), default=None)
         while len(self.active) > 2 * self.depth and (low is None or self.active[0] < low):
             self.retired_max = self.active.pop(0)
             self.retired += 1

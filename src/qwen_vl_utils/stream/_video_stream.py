@@ -407,7 +407,8 @@ class _Run:
         self.chunker = _Chunker(self.grid, settings.per_chunk, settings.chunk_seconds, settings.start or 0.0)
         self.size: Optional[tuple] = None  # (coded width, coded height, quarter turns)
         self.fps = 0.0  # the source's frame rate: metadata["fps"]
-        self.total: Optional[int] = None  # frames in a file; None: count as they come (live)
+        self.total: Optional[int] = None  # frames in a file; None: count as they come (live, no count in the header)
+        self.first_pts: Optional[int] = None  # frames before it are never shown (a file starting inside a GOP)
         self.last_index = -1
         self.last_time = -math.inf
         self.pool: Optional[ThreadPoolExecutor] = None
@@ -528,9 +529,13 @@ class _Run:
         source = inp.source
         if source.obj is not None:
             raise InvalidOptionError(f"cannot decode {source.name} as a video; give a file, URL, bytes or a stream")
-        info = probe_video(source)
+        # a container without a frame count in its header (MPEG-TS, Matroska, WebM) is not read through first:
+        # its frames are counted as they come, as a live stream's, and its first chunk needs only its own bytes
+        info = probe_video(source, count=False)
         plan_frames(info, self.s.options, self.s.policy, source.name)  # the window and the policy's limits
-        self.fps, self.total = info.fps, info.num_frames
+        self.fps = info.fps
+        self.total = info.num_frames if info.exact_count else None
+        self.first_pts = info.first_pts
         width, height = info.width, info.height
         self.set_size(width, height, info.rotation, source.name)
         skip = info.codec in _ONE_FRAME_PER_PACKET and info.container != "avi"
@@ -544,7 +549,7 @@ class _Run:
                         slot.future.result()
                 self.chunker.rewind()
                 skip = False
-        if not self.chunker.finished and last < info.num_frames - 1 - _END_TOLERANCE:
+        if info.exact_count and not self.chunker.finished and last < info.num_frames - 1 - _END_TOLERANCE:
             raise DecodeError(
                 f"{source.name} ends after frame {last} of the {info.num_frames} its header announces: the file is "
                 "truncated or corrupt"
@@ -569,6 +574,8 @@ class _Run:
             last = -1
             for ordinal, frame in frames:
                 last = max(last, ordinal)
+                if not info.exact_count:  # the policy's limits, checked as the frames come
+                    self._check_limits(ordinal, ordinal / self.fps, source.name)
                 self.frame(ordinal, ordinal / self.fps, frame)
                 if self.chunker.finished:
                     break
@@ -585,11 +592,13 @@ class _Run:
         the first target (the index then numbers the frames after it); else from the beginning."""
         from ..container._probe import seek_start
 
-        if not self.s.start or info.container == "avi":  # AVI: no timestamps to seek by (as the PyAV backend)
+        # AVI: no timestamps to seek by (as the PyAV backend). A file without a frame count in its header: its
+        # index would read the whole file, so it is read from the start, the packets before the window undecoded
+        if not self.s.start or info.container == "avi" or not info.exact_count:
             return None, _shown_packets(container.demux(stream))
         from ..backends._pyav import _Index
 
-        index = _Index(container, stream, source)
+        index = _Index(container, stream, source, info.first_pts)
         if index.usable:
             target = math.ceil((self.grid.first / self.grid.fps - _EPS / self.grid.fps) * self.fps)
             key = index.keyframe_before(min(max(0, target), len(index.pts) - 1))
