@@ -16,7 +16,7 @@ from PIL import Image
 
 import qwen_vl_utils as q
 from httpfiles import FileServer
-from qwen_vl_utils import _cancel, image
+from qwen_vl_utils import _cancel, _slots, image
 from qwen_vl_utils._util import usable_cpus
 from qwen_vl_utils.backends import _pyav
 from qwen_vl_utils.sources import _resolve
@@ -102,9 +102,101 @@ def test_local_inline_and_other_hosts_do_not_wait_behind_a_host_that_never_answe
     assert silent.accepted == 4, silent.accepted  # the per-host limit, not the whole download lane
     hosts = snapshot["lanes"]["hosts"]
     assert (hosts["active"], hosts["in_use"], hosts["waiting"]) == (1, 4, 28), hosts
-    assert hosts["busiest"][0] == {"host": f"http://127.0.0.1:{silent.port}", "in_use": 4, "waiting": 28}
+    assert hosts["busiest"][0] == {"host": f"http://localhost:{silent.port}", "in_use": 4, "waiting": 28}
     assert snapshot["downloads"] == 4 and snapshot["waiting"] == 28
     assert _settles(lambda: at_rest(q.aio.stats()), within=10), q.aio.stats()
+
+
+def test_no_spelling_of_one_host_opens_a_lane_of_its_own(silent):
+    """The lane was keyed on the text of the host: one silent server reached as 127.1, 2130706433, 0x7f000001,
+    localhost, a trailing dot... took all 16 download slots (found attacking from outside)."""
+    q.set_fetch_policy(image_deadline=300, read_timeout=300, connect_timeout=300)
+    spellings = ["127.0.0.1", "127.1", "2130706433", "0x7f000001", "0177.0.0.1", "localhost", "LOCALHOST."]
+    spellings.append("[::ffff:7f00:1]")
+    urls = [f"http://{h}:{silent.port}/{i}.png" for h in spellings for i in range(3)]
+
+    async def main():
+        stuck = [asyncio.ensure_future(q.afetch_image({"image": u})) for u in urls]
+        try:
+            await _until(lambda: silent.accepted >= 4 and q.aio.stats()["lanes"]["hosts"]["waiting"] >= len(urls) - 4)
+            await asyncio.sleep(0.3)  # any further connection would have come by now
+            return q.aio.stats()
+        finally:
+            await _drop(stuck)
+
+    snapshot = asyncio.run(main())
+    assert silent.accepted == 4, silent.accepted
+    hosts = snapshot["lanes"]["hosts"]
+    assert (hosts["active"], hosts["in_use"], hosts["waiting"]) == (1, 4, len(urls) - 4), hosts
+    assert _settles(lambda: at_rest(q.aio.stats()), within=10), q.aio.stats()
+
+
+def test_lane_keys_name_each_server_once():
+    key = _resolve.remote_host
+    assert key("http://example.com/a") == key("http://EXAMPLE.com.:80/b") == "http://example.com:80"
+    assert key("https://example.com/a") == key("https://example.com:443/") != key("http://example.com/")
+    assert key("http://10.0.0.1:81/") == key("http://0x0a.1:81/") == key("http://[::ffff:10.0.0.1]:81/")
+    assert key("http://10.0.0.1:81/") != key("http://10.0.0.2:81/") != key("http://10.0.0.2:82/")
+    assert key("http://user:secret@example.com/x") == "http://example.com:80"  # no credentials in the key
+
+
+def test_a_lent_decode_slot_is_lent_by_the_work_thread_alone_and_never_leaks():
+    """Two decoder threads of one call could enter the network wait together: both saw the slot held, one
+    lent it, both took one back: a decode slot leaked for good. And a parallel decoder lent the call's slot
+    while its siblings went on decoding under it. Only the work's own thread lends it now."""
+    slots = _slots.Slots("decodes", lambda: 2)
+    slots.acquire_blocking()
+    token = _cancel.Token()
+    token.lease = _slots.Lease(slots)
+    token.lease.owner = threading.get_ident()  # this thread runs the work (aio's worker sets it so)
+
+    def sibling(seen):
+        with _cancel.scope(token), _cancel.network():  # a parallel decoder of the same call, waiting on a range
+            seen.append(slots.in_use)
+
+    seen = []
+    thread = threading.Thread(target=sibling, args=(seen,))
+    thread.start()
+    thread.join(10)
+    assert seen == [1]  # not lent: the call's other threads still decode under it
+    with _cancel.scope(token), _cancel.network():
+        assert slots.in_use == 0  # the work's own thread waits: lent
+        with _cancel.network():
+            assert slots.in_use == 0  # nested: lent once
+        thread = threading.Thread(target=sibling, args=(seen,))
+        thread.start()
+        thread.join(10)
+    assert seen == [1, 0] and slots.in_use == 1  # taken back once
+    token.lease.close()
+    assert slots.in_use == 0 and slots.idle
+
+
+def test_taking_a_lent_slot_back_is_never_refused_and_comes_first():
+    """A decode that lent its slot while it waited on a ranged read was refused with OverloadedError when it
+    wanted the slot back and the queue was full: work already running failed under load."""
+    slots = _slots.Slots("decodes", lambda: 1, max_waiting=lambda: 1)
+    slots.acquire_blocking()
+    lease = _slots.Lease(slots)
+    lease.owner = threading.get_ident()
+    assert lease.lend() and slots.in_use == 0
+    slots.acquire_blocking()  # another decode takes the slot meanwhile
+    order = []
+    newcomer = threading.Thread(target=lambda: (slots.acquire_blocking(), order.append("new"), slots.release()))
+    newcomer.start()
+    while slots.waiting < 1:
+        time.sleep(0.001)
+    with pytest.raises(q.OverloadedError):  # the queue is full for new work
+        slots.acquire_blocking()
+    back = threading.Thread(target=lambda: (lease.resume(), order.append("resumed")))
+    back.start()
+    while slots.waiting < 2:
+        time.sleep(0.001)
+    slots.release()  # the other decode ends: the resumed one goes first
+    back.join(10)
+    assert order == ["resumed"]
+    lease.close()
+    newcomer.join(10)
+    assert order == ["resumed", "new"] and slots.idle
 
 
 def test_a_full_queue_fails_fast_with_a_typed_overloaded_error(silent):
@@ -122,7 +214,7 @@ def test_a_full_queue_fails_fast_with_a_typed_overloaded_error(silent):
 
     refused, snapshot = asyncio.run(main())
     assert len(refused) == 4 and all(isinstance(e, q.OverloadedError) for e in refused), refused
-    assert f"downloads from http://127.0.0.1:{silent.port}" in str(refused[0])
+    assert f"downloads from http://localhost:{silent.port}" in str(refused[0])
     assert "retry later" in str(refused[0]) and "max_queued" in str(refused[0])
     assert snapshot["lanes"]["hosts"]["waiting"] == 3 and snapshot["lanes"]["hosts"]["in_use"] == 1
     assert _settles(lambda: at_rest(q.aio.stats()), within=10), q.aio.stats()

@@ -85,17 +85,15 @@ def check(token: Optional[Token] = None) -> None:
 def network() -> Any:
     """The block waits on the network: a CPU slot this thread's work holds (its token's ``lease``, a decode slot
     in the asyncio API) is lent out meanwhile and taken back after, so a ranged read or a frame fetched by URL
-    never keeps a core's slot idle. Nested blocks lend it once."""
+    never keeps a core's slot idle. Nested blocks lend it once; only the thread the work runs on lends it."""
     token = current()
     lease = token.lease if token is not None else None
-    if lease is None or not lease.held:
-        yield
-        return
-    lease.suspend()
+    lent = lease is not None and lease.lend()
     try:
         yield
     finally:
-        lease.resume()
+        if lent:
+            lease.resume()
 
 
 def result(future: Future, between: Callable[[], None] = check, slice_seconds: float = 0.05) -> Any:

@@ -76,13 +76,17 @@ class Slots:
 
     # -- taking a slot ------------------------------------------------------------------------------------------
 
-    def _take_or_queue(self, waiter: _Waiter) -> bool:
-        """Take a free slot (True), or queue ``waiter`` (False); over the queue bound: OverloadedError."""
+    def _take_or_queue(self, waiter: _Waiter, admitted: bool = False) -> bool:
+        """Take a free slot (True), or queue ``waiter`` (False); over the queue bound: OverloadedError. Work
+        ``admitted`` already (taking back a slot it lent) queues first and is never refused."""
         with self._lock:
-            if self._used < max(1, self._capacity()) and not self._waiters:
+            if self._used < max(1, self._capacity()) and (admitted or not self._waiters):
                 self._used += 1
                 self._record(0.0)
                 return True
+            if admitted:
+                self._waiters.appendleft(waiter)
+                return False
             bound = self._max_waiting()
             if bound is not None and len(self._waiters) >= bound:
                 self._refused += 1
@@ -104,10 +108,12 @@ class Slots:
                 self.release()  # granted as we were cancelled: pass it on
             raise
 
-    def acquire_blocking(self, check: Callable[[], None] = _cancel.check, slice_seconds: float = 0.05) -> None:
+    def acquire_blocking(
+        self, check: Callable[[], None] = _cancel.check, slice_seconds: float = 0.05, admitted: bool = False
+    ) -> None:
         """From a thread: wait for a slot, running ``check()`` between slices (it raises to stop waiting)."""
         waiter = _Waiter(None)
-        if self._take_or_queue(waiter):
+        if self._take_or_queue(waiter, admitted):
             return
         try:
             while not waiter.event.wait(slice_seconds):
@@ -184,27 +190,41 @@ def _percentile(ordered: list, q: float) -> float:
 
 class Lease:
     """A slot held by work on a thread, which may lend it out while it blocks on something else (a decode
-    waiting for the network gives its decode slot back, :func:`qwen_vl_utils._cancel.network`)."""
+    waiting for the network gives its decode slot back, :func:`qwen_vl_utils._cancel.network`). Only the
+    thread the work runs on lends it (:attr:`owner`, set when the work starts): threads the work starts
+    itself (parallel decoders) decode under the slot and never lend it, so the slot is neither lent twice nor
+    decoded under while lent."""
 
     def __init__(self, slots: Slots) -> None:
         self.slots = slots
         self.held = True  # (taken by the caller before the lease is made)
+        self.owner: Optional[int] = None  # the thread the work runs on (threading.get_ident)
         self._lock = threading.Lock()
 
-    def suspend(self) -> None:
+    def lend(self) -> bool:
+        """Give the slot back for a while, if this is the owner thread and it holds it; True if it did."""
+        if threading.get_ident() != self.owner:
+            return False
+        with self._lock:
+            if not self.held:
+                return False
+            self.held = False
+        self.slots.release()
+        return True
+
+    def resume(self) -> None:
+        """Take the slot back after :meth:`lend`: work already running, so ahead of new arrivals and never
+        refused for a full queue."""
+        self.slots.acquire_blocking(admitted=True)
+        with self._lock:
+            self.held = True
+
+    def close(self) -> None:
         with self._lock:
             if not self.held:
                 return
             self.held = False
         self.slots.release()
-
-    def resume(self) -> None:
-        self.slots.acquire_blocking()
-        with self._lock:
-            self.held = True
-
-    def close(self) -> None:
-        self.suspend()
 
 
 def bounded(slots: Slots, work: Callable[[], Any]) -> Any:

@@ -150,6 +150,8 @@ def _submit(token: _cancel.Token, func: Callable[..., Any], args: tuple, kwargs:
     pool = _shared()["pool"]
 
     def job() -> Any:
+        if token.lease is not None:
+            token.lease.owner = threading.get_ident()  # the thread that may lend the decode slot out
         try:
             with _cancel.scope(token):
                 return func(*args, **kwargs)

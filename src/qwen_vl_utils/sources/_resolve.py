@@ -287,8 +287,11 @@ def _resolve_string(value: str, media: str, policy: FetchPolicy) -> Source:
 
 
 def remote_host(value: Any) -> Optional[str]:
-    """``scheme://host`` of an element value read over the network (an http(s) or object-store URL), the key of
-    its per-host limit; None for what is local or inline (paths, ``file:``, ``data:``, bytes, objects)."""
+    """``scheme://host:port`` of an element value read over the network (an http(s) or object-store URL), the key
+    of its per-host limit; None for what is local or inline (paths, ``file:``, ``data:``, bytes, objects). The
+    host in its one form, as the host lists match it (:func:`._hosts.parse_host`: every spelling of an address,
+    a trailing dot, IDNA, case), the port explicit; every spelling of this machine (127.0.0.0/8, ``::1``,
+    ``0.0.0.0``, ``localhost``) is one host, so no spelling of one server opens a lane of its own."""
     if isinstance(value, Source) or not isinstance(value, str):
         return None
     stripped = value.strip()
@@ -300,7 +303,35 @@ def remote_host(value: Any) -> Optional[str]:
         return None
     rest = stripped[url.end() :]
     netloc = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].rsplit("@", 1)[-1].lower()
-    return f"{scheme}://{netloc}"
+    return f"{scheme}://{_lane_host(scheme, netloc)}"
+
+
+#: the ports a scheme's URLs mean when they name none
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _lane_host(scheme: str, netloc: str) -> str:
+    from ._hosts import embedded_ipv4, parse_host
+
+    try:
+        parts = urllib.parse.urlsplit(f"//{netloc}")
+        host, port = parts.hostname or "", parts.port
+    except ValueError:  # malformed (the fetch refuses it with a typed error): as written
+        return netloc
+    port = port if port is not None else _DEFAULT_PORTS.get(scheme)
+    try:
+        name, address = parse_host(host)
+    except ValueError:
+        return netloc
+    if address is not None and getattr(address, "version", 4) == 6 and embedded_ipv4(address) is not None:
+        address = embedded_ipv4(address)
+        name = str(address)
+    local = name == "localhost" or name.endswith(".localhost")
+    if local or (address is not None and (address.is_loopback or address.is_unspecified)):
+        name = "localhost"
+    if ":" in name:
+        name = f"[{name}]"
+    return name if port is None else f"{name}:{port}"
 
 
 #: ``scheme://``, as object-store URLs are written
