@@ -59,6 +59,8 @@ class BadRequest(Exception):
 
 
 def _error(status: int, kind: str, message: str) -> JSONResponse:
+    # a message quoting the request may hold what UTF-8 cannot encode (a lone surrogate, "\ud800"): escaped
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse({"error": kind, "message": message}, status_code=status)
 
 
@@ -78,6 +80,8 @@ async def _payload(request: Request, limit: int) -> tuple:
         payload = json.loads(body)
     except ValueError as exc:  # UnicodeDecodeError too
         raise BadRequest(400, f"the body is not JSON ({exc})") from None
+    except RecursionError:  # [[[[...]]]] nested deeper than the parser goes
+        raise BadRequest(400, "the body is JSON nested too deeply") from None
     if not isinstance(payload, dict):
         raise BadRequest(422, f'the body must be a JSON object {{"messages": [...]}}, not a {type(payload).__name__}')
     messages = payload.get("messages")

@@ -369,10 +369,13 @@ def test_credentials_in_urls_are_never_written_or_shown(tmp_path):
         for url in (signed, token):
             q.fetch_image({"image": url}, policy=FetchPolicy(media_cache=str(cache)))
         written = b"".join(path.read_bytes() for path in cache.iterdir())
-        missing = f"http://ghp_TOKENSECRET@127.0.0.1:{port}/missing.png?token=tokensecret"
+        missing = (
+            f"http://ghp_TOKENSECRET@127.0.0.1:{port}/missing.png;jsessionid=x;token=matrixsecret?token=tokensecret"
+        )
         with pytest.raises(q.NetworkError, match="404") as info:
-            q.fetch_image({"image": missing})
-        for secret in ("AKIASECRETKEY", "deadbeefsecret", "azuresecret", "TOKENSECRET", "tokensecret"):
+            q.fetch_image({"image": missing + "#access_token=fragmentsecret&state=1"})
+        secrets = ("AKIASECRETKEY", "deadbeefsecret", "azuresecret", "TOKENSECRET", "tokensecret")
+        for secret in (*secrets, "matrixsecret", "fragmentsecret"):  # the last two: found attacking from outside
             assert secret.encode() not in written and secret not in str(info.value), secret
         assert b"X-Amz-Signature=***" in written and "***@127.0.0.1" in str(info.value)
     finally:
@@ -621,3 +624,67 @@ def test_a_ranged_read_that_times_out_or_is_cancelled_prints_nothing(video, tmp_
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert res.stdout.split() == ["timed", "out", "cancelled"], res
     assert "being dropped" not in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+# --- found attacking the endpoint from outside ------------------------------------------------------------------
+
+
+class _Redirector:
+    """A server on 127.0.0.1 that answers every GET with a redirect to ``location``."""
+
+    def __init__(self, location: str) -> None:
+        import http.server
+
+        target = location
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.send_response(302)
+                self.send_header("Location", target)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/x.png"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("location", ["http://[::1/x.png", "//[/x", "http://[zz]/x"])
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_a_malformed_redirect_is_a_typed_error(location, api):
+    """A Location with an unclosed IPv6 bracket or a bracketed non-address raised a bare ValueError."""
+    server = _Redirector(location)
+    try:
+        with pytest.raises(NetworkError, match="redirects to a malformed URL"):
+            if api == "sync":
+                q.fetch_image({"image": server.url})
+            else:
+                asyncio.run(q.afetch_image({"image": server.url}))
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("conversations", [[1, 2], [None], ["text"]])
+def test_items_that_are_neither_messages_nor_conversations_are_typed_errors(conversations):
+    """[1, 2] and [None] raised TypeError: 'int' object is not iterable."""
+    with pytest.raises(q.InvalidOptionError, match="list of messages or of conversations"):
+        q.process_vision_info(conversations)
+    with pytest.raises(q.InvalidOptionError, match="list of messages or of conversations"):
+        asyncio.run(q.aprocess_vision_info(conversations))
+
+
+@pytest.mark.parametrize("patch", [float("nan"), float("inf"), 14.5])
+def test_the_patch_size_is_checked_even_without_media(patch):
+    """With no image or video in the conversation, any image_patch_size passed (and a server then failed on it)."""
+    text_only = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    with pytest.raises(q.InvalidOptionError, match="image_patch_size"):
+        q.process_vision_info(text_only, image_patch_size=patch)
+    with pytest.raises(q.InvalidOptionError, match="image_patch_size"):
+        asyncio.run(q.aprocess_vision_info(text_only, image_patch_size=patch))

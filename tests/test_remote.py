@@ -172,6 +172,19 @@ def test_a_reset_in_the_middle_of_a_range_is_resumed(files, videos):
         q.fetch_video({"video": url, "nframes": 8}, policy=FetchPolicy(retries=0))
 
 
+def test_a_reset_in_the_first_response_of_a_ranged_read_is_resumed(files, videos):
+    """A reset while the first bytes came in was not resumed (only later ranges were): found attacking it."""
+    data = videos["mp4"].read_bytes()
+    assert len(data) > 300_000
+    url = files.add("/reset-first.mp4", data, reset_after=_sources.FIRST_BYTES // 2)
+    _same(url, videos["mp4"], nframes=8)
+    f = files.files["/reset-first.mp4"]
+    assert f.reset_after is None, "the server did reset a connection"
+    first_end = f.requests[0].rpartition("-")[2]
+    resumed = f.requests[1].partition("=")[2].split("-")
+    assert 0 < int(resumed[0]) <= _sources.FIRST_BYTES // 2 and resumed[1] == first_end, f.requests
+
+
 def test_503_is_retried_with_a_bounded_backoff(files):
     url = files.add("/busy.png", PNG, unavailable=2)
     start = time.monotonic()

@@ -162,7 +162,7 @@ def test_malformed_requests_get_a_json_4xx_and_no_traceback(tmp_path):
     image = tmp_path / "ok.png"
     gradient(64, 48).save(image)
     content = lambda *items: {"messages": [{"role": "user", "content": list(items)}]}  # noqa: E731
-    proc, base = _start("--max-body", str(64 << 10))
+    proc, base = _start("--max-body", str(256 << 10))
     try:
         cases = [
             (b"not json", 400),
@@ -172,8 +172,14 @@ def test_malformed_requests_get_a_json_4xx_and_no_traceback(tmp_path):
             (json.dumps({**content({"image": str(image)}), "image_patch_size": "abc"}).encode(), 422),
             (json.dumps({**content({"image": str(image)}), "image_patch_size": 3000}).encode(), 400),
             (json.dumps(content({"image": str(tmp_path)})).encode(), 400),  # a directory
-            (json.dumps(content({"image": "x" * (80 << 10)})).encode(), 413),  # over --max-body
+            (json.dumps(content({"image": "x" * (300 << 10)})).encode(), 413),  # over --max-body
             (b"\xff\xfe{", 400),
+            # found attacking from outside: 500s, the first two with a traceback
+            (b"[" * 100_000 + b"]" * 100_000, 400),  # nested past the parser's recursion limit (the body's limit
+            (json.dumps(content({"type": "image", "image": "\ud800"})).encode(), 400),  # a lone surrogate, echoed
+            (b'{"messages": [1, 2]}', 400),
+            (json.dumps(content({"type": "text", "text": "x"}))[:-1].encode() + b', "image_patch_size": NaN}', 400),
+            (json.dumps(content({"type": "text", "text": "x"}))[:-1].encode() + b', "image_patch_size": 14.5}', 400),
         ]
         for body, status in cases:
             code, answer = _raw(base, body)

@@ -108,8 +108,8 @@ def describe(source: object, limit: int = 80) -> str:
 _AUTHORITY = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)")
 #: query parameters that carry credentials: presigned S3/GCS URLs, Azure SAS, bearer tokens and API keys
 _SECRET_PARAMS = re.compile(
-    r"([?&](?:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)|signature|sig|"
-    r"token|access_token|id_token|auth|api_?key|key|password|passwd|secret|client_secret|credential)=)([^&#]*)",
+    r"([?&#;](?:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)|signature|sig|"
+    r"token|access_token|id_token|auth|api_?key|key|password|passwd|secret|client_secret|credential)=)([^&#;]*)",
     re.IGNORECASE,
 )
 
@@ -117,7 +117,8 @@ _SECRET_PARAMS = re.compile(
 def redact_url(url: str) -> str:
     """``url`` without its credentials: the password of ``user:password@`` as ``***``, a username-only token
     (``https://TOKEN@host/``) as ``***``, and the values of credential query parameters (``X-Amz-Signature``,
-    ``X-Amz-Credential``, ``sig``, ``token``, ...) as ``***``. Anything else is unchanged."""
+    ``X-Amz-Credential``, ``sig``, ``token``, ...) as ``***``, in the query, the fragment (``#access_token=``, as
+    implicit OAuth flows put it) or matrix parameters (``;token=``). Anything else is unchanged."""
     url = _SECRET_PARAMS.sub(r"\1***", url)
     m = _AUTHORITY.match(url)
     userinfo, at, host = m.group(1).rpartition("@") if m else ("", "", "")

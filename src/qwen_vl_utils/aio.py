@@ -345,6 +345,7 @@ async def aprocess_vision_info(
     under the process-wide limits. The result is the synchronous function's, element for element."""
     image_eles, video_eles = split_elements(conversations)
     policy = get_fetch_policy(policy)
+    patch_factor(image_patch_size, policy)  # checked where it enters, media or none (NaN, 14.5)
     coros = [afetch_image(ele, image_patch_size, policy=policy) for ele in image_eles]
     coros += [
         afetch_video(

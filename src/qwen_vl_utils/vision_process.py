@@ -99,6 +99,10 @@ def extract_vision_info(
         conversations = [conversations]
     infos = []
     for conversation in conversations:
+        if not isinstance(conversation, (list, tuple)):  # [1, 2], [None]: neither messages nor conversations
+            raise InvalidOptionError(
+                f"conversations must be a list of messages or of conversations, got an item {describe(conversation)}"
+            )
         for message in conversation:
             if not isinstance(message, dict):
                 raise InvalidOptionError(
@@ -140,6 +144,7 @@ def process_vision_info(
     """
     image_eles, video_eles = split_elements(conversations)
     policy = get_fetch_policy(policy)
+    patch_factor(image_patch_size, policy)  # checked where it enters, media or none (NaN, 14.5)
     images = _fetch_images(image_eles, image_patch_size, policy)
     videos = [
         fetch_video(

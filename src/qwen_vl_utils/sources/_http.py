@@ -650,6 +650,10 @@ def _send(parts: urllib.parse.SplitResult, transfer: Transfer, headers: dict) ->
     raise error
 
 
+def _malformed_redirect(transfer: Transfer, exc: Exception) -> NetworkError:
+    return NetworkError(f"{transfer.media} source {transfer.name}: the server redirects to a malformed URL ({exc})")
+
+
 def request(url: str, transfer: Transfer, headers: Optional[dict] = None) -> Response:
     """GET ``url`` under the policy: every hop checked and connected to its checked address, redirects followed
     by hand, resets and 502/503/504 retried. Returns the final response, status < 400."""
@@ -657,15 +661,25 @@ def request(url: str, transfer: Transfer, headers: Optional[dict] = None) -> Res
     name = transfer.name
     headers = dict(headers or {})
     current = url
-    for _hop in range(policy.max_redirects + 1):
-        parts = check_url(current, policy, name)
+    for hop in range(policy.max_redirects + 1):
+        try:
+            parts = check_url(current, policy, name)
+        except QwenVLError:  # a host the policy refuses, a scheme not allowed: said as for the URL given
+            raise
+        except ValueError as exc:
+            if not hop:
+                raise InvalidOptionError(f"{transfer.media} source {name} is a malformed URL ({exc})") from None
+            raise _malformed_redirect(transfer, exc) from None
         raw = _with_retries(parts, transfer, headers)
         if raw.status in (301, 302, 303, 307, 308):
             location = raw.headers.get("location", "")
             _drain(raw)
             if not location:
                 raise NetworkError(f"{transfer.media} source {name}: HTTP {raw.status} without a Location header")
-            current = urllib.parse.urljoin(current, location)
+            try:
+                current = urllib.parse.urljoin(current, location)
+            except ValueError as exc:  # a malformed Location (an unclosed IPv6 bracket...): the server's fault
+                raise _malformed_redirect(transfer, exc) from None
             continue
         resp = Response(raw, current, transfer)
         if resp.status >= 400:

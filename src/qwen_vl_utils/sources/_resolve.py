@@ -383,6 +383,12 @@ def _checked_local(path: str, media: str, policy: FetchPolicy, name: str) -> tup
     """(path, its stat) for a local path the policy allows and that is not a directory."""
     if "\x00" in path:
         raise InvalidOptionError(f"{media} source {name}: a path cannot contain a NUL character")
+    try:
+        os.fsencode(path)
+    except UnicodeError:  # a lone surrogate ("\ud800", as JSON can carry): no file can have this name
+        raise InvalidOptionError(
+            f"{media} source {name}: the path is not valid text (a lone surrogate); give a real file name"
+        ) from None
     if not policy.allow_local:
         raise SourceNotAllowedError(f"{media} source {name}: local files are not allowed by the fetch policy")
     if policy.media_root is not None:
@@ -490,11 +496,15 @@ def _fetch_http(url: str, media: str, policy: FetchPolicy) -> Source:
             reopen = _reopener(resp.url, transfer, takes_ranges, version)
             source = _stream_body(resp, media, name, reopen, policy.retries)
         else:
-            first = _read_all(resp, FIRST_BYTES)
+            first, broken = _read_first(resp, min(total, FIRST_BYTES))
+            if broken is not None and policy.retries < 1:
+                raise broken
     finally:
         resp.close()
     if total is not None:
         fetch = _range_fetcher(resp.url, transfer, version)
+        if broken is not None:  # the first response broke off: the rest of the first bytes by range
+            first += fetch(len(first), min(total, FIRST_BYTES))
         source = _ranged_source(name, media, total, fetch, first, transfer.abort)
     if cache is not None and source.opener is None and version.storable:  # fetched whole: kept as the version read
         try:
@@ -568,15 +578,18 @@ def _range_total(resp: Any) -> Optional[int]:
     return int(total)
 
 
-def _read_all(resp: Any, most: int) -> bytes:
-    chunks, n = [], 0
-    while n < most:
-        chunk = resp.read(min(1 << 16, most - n))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        n += len(chunk)
-    return b"".join(chunks)
+def _read_first(resp: Any, most: int) -> tuple[bytes, Optional[ConnectionBroken]]:
+    """(the first ``most`` bytes of a body, or those that came before it broke off; how it broke off)."""
+    chunks: list = []
+    try:
+        while sum(map(len, chunks)) < most:
+            chunk = resp.read(min(1 << 16, most - sum(map(len, chunks))))
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except ConnectionBroken as exc:
+        return b"".join(chunks), exc
+    return b"".join(chunks), None
 
 
 @dataclass
