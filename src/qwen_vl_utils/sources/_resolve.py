@@ -578,6 +578,17 @@ def _range_total(resp: Any) -> Optional[int]:
     return int(total)
 
 
+def _read_all(resp: Any, most: int) -> bytes:
+    chunks, n = [], 0
+    while n < most:
+        chunk = resp.read(min(1 << 16, most - n))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        n += len(chunk)
+    return b"".join(chunks)
+
+
 def _read_first(resp: Any, most: int) -> tuple[bytes, Optional[ConnectionBroken]]:
     """(the first ``most`` bytes of a body, or those that came before it broke off; how it broke off)."""
     chunks: list = []
