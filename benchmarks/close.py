@@ -63,9 +63,10 @@ def main() -> int:
                 t = time.perf_counter()
                 if how == "close":
                     stream.close()
-                elif how == "break":
+                elif how == "break":  # timed from the break (not from waiting for the next chunk)
                     with stream:
                         for _ in stream:
+                            t = time.perf_counter()
                             break
                 else:
                     del stream
