@@ -838,6 +838,51 @@ def test_udp_datagrams_give_chunks_and_their_end_is_a_stall(files, group):
     assert indices_of(got) == grid_indices(120, 24, 2)  # at the stall, the frames in the decoder came out first
 
 
+def test_a_udp_feed_that_starts_after_the_listener_is_waited_for_up_to_the_connect_timeout(files):
+    """The encoder starts 2 s after the listener, the read timeout is 1 s: the first datagram is waited for up to
+    connect_timeout (it was a false FetchTimeoutError after the read timeout); a feed that never starts is
+    reported after connect_timeout, saying so."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    policy = get_fetch_policy().replace(allowed_schemes=("udp",), read_timeout=1.0, connect_timeout=30.0)
+    send_datagrams(files["h264.ts"].read_bytes(), ("127.0.0.1", port), delay=2.0)
+    got = []
+    with pytest.raises(q.FetchTimeoutError, match="no data for"):  # the end: a stall after the read timeout
+        for chunk in q.stream_video({"video": f"udp://127.0.0.1:{port}"}, policy=policy):
+            got.append(chunk)
+    assert indices_of(got) == grid_indices(120, 24, 2)
+    never = policy.replace(connect_timeout=1.5, read_timeout=60.0)
+    start = time.monotonic()
+    with pytest.raises(q.FetchTimeoutError, match="connect timeout.*is its sender running"):
+        next(iter(q.stream_video({"video": f"udp://127.0.0.1:{port}"}, policy=never)))
+    assert time.monotonic() - start < 30  # the connect timeout, not the 60 s read timeout
+
+
+@needs_ffmpeg
+def test_an_hls_playlist_not_yet_written_is_waited_for_up_to_the_connect_timeout(files, tmp_path):
+    """A packager starting a second after the stream was asked for: 404, then the playlist. It failed at once
+    with HTTP 404; it is asked again until connect_timeout."""
+    folder = tmp_path / "late"
+    folder.mkdir()
+    remux(files["h264.ts"], "-f", "hls", "-hls_time", "1", "-hls_list_size", "0", folder / "staging.m3u8")
+    server = DirectoryServer(folder)
+    try:
+
+        def publish():
+            time.sleep(1.0)
+            (folder / "staging.m3u8").rename(folder / "live.m3u8")
+
+        threading.Thread(target=publish, daemon=True).start()
+        policy = get_fetch_policy().replace(connect_timeout=20.0)
+        chunks = collect(q.stream_video({"video": server.url("live.m3u8")}, policy=policy))
+        assert indices_of(chunks) == grid_indices(120, 24, 2)
+        with pytest.raises(q.NetworkError, match="404.*did not appear within the connect timeout"):
+            next(iter(q.stream_video({"video": server.url("never.m3u8")}, policy=policy.replace(connect_timeout=1))))
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize(
     "extra,indices",
     [({"video_start": 1.2, "video_end": 3.1}, [36, 48, 60, 72]), ({"video_end": 1.0}, [0, 12])],

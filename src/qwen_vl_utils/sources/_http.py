@@ -684,10 +684,12 @@ def request(url: str, transfer: Transfer, headers: Optional[dict] = None) -> Res
         resp = Response(raw, current, transfer)
         if resp.status >= 400:
             resp.close()
-            raise NetworkError(
+            error = NetworkError(
                 f"{transfer.media} source {name}: HTTP {resp.status} {resp.reason}".rstrip()
                 + (" (check the URL)" if resp.status < 500 else " (server error; retry later)")
             )
+            error.status = resp.status  # type: ignore[attr-defined]
+            raise error
         return resp
     raise NetworkError(f"{transfer.media} source {name}: more than {policy.max_redirects} redirects")
 

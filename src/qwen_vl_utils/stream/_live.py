@@ -278,7 +278,22 @@ class _LiveReader:
     def _read(self, n: int) -> bytes:
         raise NotImplementedError
 
+    #: a source that may not have started yet (a UDP listener opened before its encoder, an HLS playlist not
+    #: yet written) waits this long for its first data: the policy's connect_timeout; None: read_timeout
+    first_wait: Optional[float] = None
+    started = False  # its first data came
+
+    def limit(self) -> float:
+        """How long the source may send nothing: ``first_wait`` until its first data, then the read timeout."""
+        return self.read_timeout if self.started or self.first_wait is None else self.first_wait
+
     def stalled(self, since: float) -> FetchTimeoutError:
+        if not self.started and self.first_wait is not None:
+            return FetchTimeoutError(
+                f"video source {self.name}: nothing came in {time.monotonic() - since:.1f} s since it was opened "
+                f"(a source is waited for to start up to the connect timeout, {self.first_wait:g} s: "
+                "FetchPolicy.connect_timeout or QWENVL_CONNECT_TIMEOUT); is its sender running?"
+            )
         return FetchTimeoutError(
             f"video source {self.name}: no data for {time.monotonic() - since:.1f} s (the read timeout is "
             f"{self.read_timeout:g} s: FetchPolicy.read_timeout or QWENVL_READ_TIMEOUT); the stream stalled"
@@ -437,7 +452,7 @@ def _open_http(url: str, policy: FetchPolicy, token: Token) -> StreamInput:
     body as it arrives; an HLS playlist is followed segment by segment."""
     name = describe(url)
     transfer = Transfer(policy, "video", name)
-    resp = request(url, transfer, {"Range": f"bytes=0-{FIRST_BYTES - 1}"})
+    resp = _first_response(url, transfer, token)
     try:
         total = _range_total(resp)
         head = _read_all(resp, FIRST_BYTES if total is not None else 512)
@@ -456,6 +471,33 @@ def _open_http(url: str, policy: FetchPolicy, token: Token) -> StreamInput:
     finally:
         if resp is not None:
             resp.close()
+
+
+#: seconds between asks for an HLS playlist that is not there yet
+PLAYLIST_RETRY = 0.25
+
+
+def _first_response(url: str, transfer: Transfer, token: Token) -> Any:
+    """The first bytes of ``url``. A playlist URL (``.m3u8``) that is not there yet (404: the packager has not
+    written it; a stream about to start) is asked for again until the policy's connect_timeout."""
+    policy = transfer.policy
+    waits = urllib.parse.urlsplit(url).path.lower().endswith((".m3u8", ".m3u"))
+    start = time.monotonic()
+    while True:
+        try:
+            return request(url, transfer, {"Range": f"bytes=0-{FIRST_BYTES - 1}"})
+        except NetworkError as exc:
+            waited = time.monotonic() - start
+            if not waits or getattr(exc, "status", None) != 404 or waited + PLAYLIST_RETRY > policy.connect_timeout:
+                if waits and waited > 0:
+                    raise NetworkError(
+                        f"{exc} (the playlist did not appear within the connect timeout, {policy.connect_timeout:g} "
+                        "s: FetchPolicy.connect_timeout or QWENVL_CONNECT_TIMEOUT)"
+                    ) from None
+                raise
+        if token.event.wait(PLAYLIST_RETRY):
+            raise Cancelled(f"video source {transfer.name}: the stream was closed")
+        transfer = Transfer(policy, "video", transfer.name)
 
 
 def _is_playlist(head: bytes) -> bool:
@@ -628,6 +670,7 @@ class HlsReader(_LiveReader):
         self.last_data = time.monotonic()
         self.last_poll = 0.0
         self.lock = threading.Lock()
+        self.first_wait = policy.connect_timeout
         self._update(first if first is not None else self._fetch_playlist())
 
     def _transfer(self) -> Transfer:
@@ -664,6 +707,7 @@ class HlsReader(_LiveReader):
                 data = self.resp.read(n)
                 if data:
                     self.last_data = time.monotonic()
+                    self.started = True
                     return data
                 self._close_response()
             elif self.queue:
@@ -699,10 +743,10 @@ class HlsReader(_LiveReader):
         """Reload the playlist every half target duration until it lists a new segment; FetchTimeoutError when
         nothing new has come for the read timeout."""
         now = time.monotonic()
-        if now - self.last_data >= self.read_timeout:
+        if now - self.last_data >= self.limit():
             raise self.stalled(self.last_data)
         interval = min(max(0.1, self.target / 2), 5.0)
-        wait = min(self.last_poll + interval, self.last_data + self.read_timeout) - now
+        wait = min(self.last_poll + interval, self.last_data + self.limit()) - now
         if wait > 0:
             self.token.event.wait(wait)
             return  # the loop looks at the token, the stall and the schedule again
@@ -777,6 +821,7 @@ class UdpReader(_LiveReader):
         self.dropped = 0
         self.cond = threading.Condition()
         self.last_data = time.monotonic()
+        self.first_wait = policy.connect_timeout  # an encoder started after the listener: its first datagram
         self.error: Optional[BaseException] = None
         self.thread = threading.Thread(target=self._receive, name="qwen-vl-stream-udp", daemon=True)
         self.thread.start()
@@ -795,6 +840,7 @@ class UdpReader(_LiveReader):
                         self.buffered -= len(self.buffer.popleft())
                         self.dropped += 1
                     self.last_data = time.monotonic()
+                    self.started = True
                     self.cond.notify()
         except OSError as exc:
             if not self._closed:
@@ -809,7 +855,7 @@ class UdpReader(_LiveReader):
                     raise Cancelled(f"video source {self.name}: the stream was closed")
                 if self.error is not None:
                     raise self.error
-                if time.monotonic() - self.last_data >= self.read_timeout:
+                if time.monotonic() - self.last_data >= self.limit():
                     raise self.stalled(self.last_data)
                 self.cond.wait(TICK)
             if self.dropped:
