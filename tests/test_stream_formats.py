@@ -209,3 +209,38 @@ def test_a_streaming_container_over_http_gives_its_first_chunk_after_the_bytes_i
         assert chunks[-1].metadata["total_num_frames"] == 240
     else:  # counted as they come: the frames up to the one that completed the chunk (as for a live source)
         assert chunks[-1].metadata["total_num_frames"] == indices[-1] + 1
+
+
+# --- reproducing a chunk with the single call ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", ["mp4", "ts"])
+def test_fetch_video_with_a_chunks_frames_indices_gives_the_chunk_exactly(tmp_path, suffix):
+    """For evaluation against offline runs: the chunk's indices and size, given to fetch_video, give its
+    frames bit for bit, on every backend."""
+    path = make_video(
+        tmp_path / f"v.{suffix}", frames=150, width=192, height=96, fps=30, gop=30, pattern=numbered_frame,
+        container="mpegts" if suffix == "ts" else None,
+    )  # fmt: skip
+    with q.stream_video({"video": str(path), "fps": 3, **SIZE}, chunk_seconds=2) as stream:
+        chunks = list(stream)
+    assert len(chunks) >= 2
+    for backend in ("pyav", "torchcodec", "decord"):
+        for chunk in chunks:
+            _, _, h, w = chunk.frames.shape
+            ele = {"video": str(path), "frames_indices": chunk.metadata["frames_indices"]}
+            video, meta = q.fetch_video(
+                {**ele, "resized_height": h, "resized_width": w}, return_video_metadata=True, backend=backend
+            )
+            assert meta["frames_indices"] == chunk.metadata["frames_indices"]
+            assert video.dtype == chunk.frames.dtype and torch.equal(video, chunk.frames), (backend, chunk.index)
+
+
+def test_frames_indices_are_checked():
+    with pytest.raises(q.InvalidOptionError, match="without fps"):
+        q.fetch_video({"video": "x.mp4", "frames_indices": [0, 1], "fps": 2})
+    for bad in ([], [3, 1], [-1], [0.5], "0,1"):
+        with pytest.raises(q.InvalidOptionError, match="frames_indices"):
+            q.fetch_video({"video": "x.mp4", "frames_indices": bad})
+    with pytest.raises(q.InvalidOptionError, match="stream samples with fps"):
+        q.stream_video({"video": "x.mp4", "frames_indices": [0, 1]})

@@ -278,6 +278,32 @@ class VideoOptions:
     sample_fps: Optional[Number] = None
     raw_fps: Optional[Number] = None
     video_reader: Optional[str] = None
+    frames_indices: Optional[tuple[int, ...]] = None  # exactly these frames of a file (a stream chunk's, again)
+
+
+#: the sampling keys ``frames_indices`` replaces
+_SAMPLING = ("fps", "nframes", "min_frames", "max_frames", "video_start", "video_end")
+
+
+def _frames_indices(ele: dict) -> Optional[tuple[int, ...]]:
+    value = ele.get("frames_indices")
+    if value is None:
+        return None
+    allowed = "a non-empty list of frame indices (integers >= 0, non-decreasing), as a chunk's metadata gives them"
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise _invalid("frames_indices", value, allowed)
+    items = list(value)
+    if not items or not all(_is_real(i) and math.isfinite(i) and i >= 0 and i == int(i) for i in items):
+        raise _invalid("frames_indices", value, allowed)
+    indices = tuple(int(i) for i in items)
+    if any(b < a for a, b in itertools.pairwise(indices)):
+        raise _invalid("frames_indices", value, allowed)
+    both = [key for key in _SAMPLING if ele.get(key) is not None]
+    if both:
+        raise InvalidOptionError(
+            f"frames_indices picks the frames itself: give it without {', '.join(both)} (they choose frames too)"
+        )
+    return indices
 
 
 def image_options(ele: Any) -> ImageOptions:
@@ -315,6 +341,7 @@ def video_options(ele: Any) -> VideoOptions:
         dtype=check_dtype(ele.get("dtype")),
         timestamps=_timestamps(ele.get("timestamps")),
         video_reader=check_backend(ele.get("video_reader")),
+        frames_indices=_frames_indices(ele),
     )
 
 

@@ -178,6 +178,8 @@ def plan_frames(
     fps, total = info.fps, info.num_frames
     start_frame, end_frame = 0, total - 1
     options = as_video_options(ele)
+    if options.frames_indices is not None:
+        return _given_frames(options.frames_indices, info, get_fetch_policy(policy), name)
     start, end = options.video_start, options.video_end
     if start is not None or end is not None:
         max_duration = total / fps
@@ -215,6 +217,27 @@ def plan_frames(
         fps=fps,
         total_num_frames=total,
     )
+
+
+def _given_frames(given: tuple, info: VideoInfo, policy: FetchPolicy, name: str) -> FramePlan:
+    """The plan of an element's ``frames_indices``: exactly those frames (a stream chunk's, to reproduce it with
+    the single call), padded to whole temporal patches with the last one, as a chunk is."""
+    fps, total = info.fps, info.num_frames
+    if given[-1] >= total:
+        raise InvalidOptionError(
+            f"frames_indices asks for frame {given[-1]} of {name}, which has {total} frames (indices 0 to {total - 1})"
+        )
+    window = given[-1] - given[0] + 1
+    if policy.max_video_frames is not None and window > policy.max_video_frames:
+        raise SourceTooLargeError(
+            f"video {name} has {window} frames to decode for frames_indices, over the limit of "
+            f"{policy.max_video_frames} (raise FetchPolicy.max_video_frames)"
+        )
+    indices = list(given) + [given[-1]] * (-len(given) % FRAME_FACTOR)
+    distinct = len(set(indices))
+    sample_fps = (distinct - 1) / (given[-1] - given[0]) * fps if distinct > 1 else fps
+    first, last = given[0], given[-1]
+    return FramePlan(indices, first, last, sample_fps=sample_fps, fps=fps, total_num_frames=total)
 
 
 def video_frame_size(
@@ -425,6 +448,11 @@ def _torch_dtype(torch: Any, dtype: Any) -> Any:
 def _frame_list_metadata(options: VideoOptions, n_given: int, n_out: int) -> tuple[dict, float]:
     """0.0.14's fps/raw_fps convention, with frame indices on the source's timeline so that the Qwen3-VL
     processor's timestamps (index / fps) are right; explicit per-frame ``timestamps`` win."""
+    if options.frames_indices is not None:
+        raise InvalidOptionError(
+            "frames_indices picks frames of an encoded video (a file, URL or bytes); a list of frames or an array is "
+            "taken whole: give only the frames you want"
+        )
     sample_fps = options.sample_fps or options.fps or FPS
     if options.timestamps is not None:
         ts = list(options.timestamps)

@@ -58,6 +58,7 @@ _NOT_FOR_STREAMS = {
     "min_frames": "a stream has no fixed number of frames; sample it with fps",
     "max_frames": "a stream has no fixed number of frames; sample it with fps, bound it with video_end",
     "sample_fps": "it describes a list of frames, which stream_video does not take",
+    "frames_indices": "it picks frames for fetch_video (to reproduce a chunk); a stream samples with fps",
     "raw_fps": "it describes a list of frames, which stream_video does not take",
     "timestamps": "it describes a list of frames, which stream_video does not take",
 }
