@@ -8,6 +8,7 @@ import contextlib
 import gc
 import http.server
 import io
+import itertools
 import json
 import math
 import os
@@ -838,6 +839,37 @@ def test_udp_datagrams_give_chunks_and_their_end_is_a_stall(files, group):
     assert indices_of(got) == grid_indices(120, 24, 2)  # at the stall, the frames in the decoder came out first
 
 
+@pytest.mark.parametrize("on_lag", ["block", "drop"])
+def test_a_consumer_slower_than_a_live_source_blocks_it_or_drops_the_oldest_chunks(files, on_lag):
+    """A model taking 0.7 s per chunk on a pipe that sends 10 chunks in about 1.5 s. "block" (the default) holds
+    the writer back and delivers every chunk; "drop" keeps decoding at the source's pace, drops the oldest
+    chunks not yet taken and says so in the next chunk (``dropped``), so the consumer stays at the present."""
+    data = files["h264.ts"].read_bytes()
+    f, writer, sent = pipe_fed(data, pace=1.5 / (len(data) / 4096))
+    reference = {c.index: c for c in collect(q.stream_video({"video": str(files["h264.ts"])}, 0.5))}
+    got = []
+    with f, q.stream_video({"video": f}, 0.5, on_lag=on_lag) as stream:
+        for chunk in stream:
+            got.append(chunk)
+            time.sleep(0.7)
+    writer.join(10)
+    assert [c.index for c in got][-1] == max(reference)  # the last chunk is always delivered
+    for chunk in got:
+        assert torch.equal(chunk.frames, reference[chunk.index].frames)
+        assert chunk.metadata["frames_indices"] == reference[chunk.index].metadata["frames_indices"]
+    gaps = [b.index - a.index - 1 for a, b in itertools.pairwise(got)]
+    assert gaps == [c.dropped for c in got[1:]] and got[0].dropped == got[0].index
+    if on_lag == "block":
+        assert [c.index for c in got] == sorted(reference) and not any(c.dropped for c in got)
+    else:
+        assert sum(c.dropped for c in got) >= 3, [(c.index, c.dropped) for c in got]
+
+
+def test_on_lag_is_checked():
+    with pytest.raises(q.InvalidOptionError, match="on_lag"):
+        q.stream_video({"video": "x.ts"}, on_lag="skip")
+
+
 def test_a_udp_feed_that_starts_after_the_listener_is_waited_for_up_to_the_connect_timeout(files):
     """The encoder starts 2 s after the listener, the read timeout is 1 s: the first datagram is waited for up to
     connect_timeout (it was a false FetchTimeoutError after the read timeout); a feed that never starts is
@@ -1198,6 +1230,20 @@ def test_cli_offers_only_the_options_a_stream_uses():
         assert offered in text, offered
     res = run_cli("stream", "x.mp4", "--nframes", "4")
     assert res.returncode == 2 and "unrecognized arguments: --nframes" in res.stderr
+
+
+def test_cli_takes_on_lag(files):
+    data = files["h264.ts"].read_bytes()
+    res = subprocess.run(
+        [sys.executable, "-m", "qwen_vl_utils", "stream", "-", "--json", "--on-lag", "drop"],
+        input=data,
+        capture_output=True,
+        timeout=120,
+    )
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    assert res.returncode == 0 and [x["index"] for x in lines] == list(range(5)), res.stderr
+    assert all(x["dropped"] == 0 for x in lines)  # a reader that keeps up loses nothing
+    assert run_cli("stream", "-", "--on-lag", "skip").returncode == 2
 
 
 def test_cli_allows_udp_by_flag_with_its_read_timeout():

@@ -30,6 +30,12 @@ def add_stream_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="also allow this URL scheme (udp: live MPEG-TS datagrams; a store such as s3); repeatable",
     )
     cmd.add_argument("--read-timeout", type=float, metavar="S", help="seconds a live source may stay silent")
+    cmd.add_argument(
+        "--on-lag",
+        choices=("block", "drop"),
+        default="block",
+        help="a live source outpacing the reader: hold it back (block, default) or drop the oldest chunks (drop)",
+    )
     cmd.add_argument("--debug", action="store_true", help="print tracebacks")
     add_element_flags(cmd, stream=True)  # only the element keys a stream uses
 
@@ -53,7 +59,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        stream = stream_video(ele, args.chunk, args.patch_size, policy=policy)
+        stream = stream_video(ele, args.chunk, args.patch_size, policy=policy, on_lag=args.on_lag)
     except InvalidOptionError as exc:  # the flags cannot be honoured: a usage error
         print(error_line(args.source, exc, args.debug), file=sys.stderr)
         return EXIT_USAGE
@@ -89,8 +95,11 @@ def _line(chunk: Any, seconds: float, as_json: bool) -> str:
                 "total_num_frames": meta["total_num_frames"],
                 "shape": list(chunk.frames.shape),
                 "seconds": round(seconds, 4),
+                "dropped": chunk.dropped,
             }
         )
     frames = " ".join(str(i) for i in meta["frames_indices"])
     shape = "x".join(str(n) for n in chunk.frames.shape)
-    return f"chunk {chunk.index}  {chunk.start:.2f}-{chunk.end:.2f} s  frames {frames}  {shape}  {seconds:.3f} s"
+    dropped = f"  ({chunk.dropped} chunks dropped before it)" if chunk.dropped else ""
+    window = f"{chunk.start:.2f}-{chunk.end:.2f} s"
+    return f"chunk {chunk.index}  {window}  frames {frames}  {shape}  {seconds:.3f} s{dropped}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 __all__ = ["STOPPED", "Handoff"]
 
@@ -37,6 +37,26 @@ class Handoff(queue.Queue):
             )
             if self.stopped:
                 return False
+            self.queue.append(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+            return True
+
+    def put_dropping(self, item: Any, droppable: Callable[[Any], bool], carry: Callable[[Any, Any], None]) -> bool:
+        """Queue ``item`` without waiting: while the queue is full, the oldest ``droppable`` item is removed to
+        make room (a live stream staying at the present), and ``carry(removed, successor)`` tells the droppable
+        item that now comes next (or ``item``). False if the queue is stopped."""
+        with self.not_full:
+            if self.stopped:
+                return False
+            while self.maxsize > 0 and len(self.queue) >= self.maxsize:
+                at = next((i for i, x in enumerate(self.queue) if droppable(x)), None)
+                if at is None:
+                    break
+                oldest = self.queue[at]
+                del self.queue[at]
+                self.unfinished_tasks -= 1
+                carry(oldest, next((x for x in list(self.queue)[at:] if droppable(x)), item))
             self.queue.append(item)
             self.unfinished_tasks += 1
             self.not_empty.notify()

@@ -76,6 +76,9 @@ class VideoChunk:
     start: float
     end: float
     index: int
+    # chunks dropped just before this one (``on_lag="drop"``: the consumer fell behind a live source). Not in
+    # ``metadata``, which goes to transformers' VideoMetadata as it is
+    dropped: int = 0
 
 
 class VideoStream:
@@ -117,6 +120,11 @@ class _Settings:
     end: Optional[float]
     policy: FetchPolicy
     torch_dtype: Any
+    on_lag: str = "block"
+
+
+#: what a live stream does when its consumer falls behind
+ON_LAG = ("block", "drop")
 
 
 def stream_video(
@@ -126,6 +134,7 @@ def stream_video(
     *,
     policy: Optional[FetchPolicy] = None,
     backend: Optional[str] = None,
+    on_lag: str = "block",
 ) -> VideoStream:
     """Decode ``ele["video"]`` once, front to back, and yield :class:`VideoChunk` objects of ``chunk_seconds``.
 
@@ -134,11 +143,18 @@ def stream_video(
     ``video_start``, ``video_end``, ``min_pixels``, ``max_pixels``, ``resized_height``/``resized_width``,
     ``dtype``, ``video_reader``. ``chunk_seconds * fps`` must be a whole number of frames. Options are checked
     now; the source is opened on the first ``next()``. Decoding is PyAV's (``backend``/``video_reader`` may
-    only name ``pyav``)."""
-    return VideoStream(_settings(ele, chunk_seconds, image_patch_size, policy, backend))
+    only name ``pyav``).
+
+    ``on_lag`` is what a live source (pipe, HLS, UDP, an HTTP body) does when the consumer is slower than real
+    time: ``"block"`` holds the source back (its writer waits, HLS falls behind its live edge); ``"drop"`` keeps
+    decoding at the source's pace and drops the oldest chunks not yet taken, so the next chunk is the present
+    (``VideoChunk.dropped`` says how many went before it). A file waits for its reader either way."""
+    return VideoStream(_settings(ele, chunk_seconds, image_patch_size, policy, backend, on_lag))
 
 
-def _settings(ele: Any, chunk_seconds: Any, image_patch_size: Any, policy: Any, backend: Any) -> _Settings:
+def _settings(
+    ele: Any, chunk_seconds: Any, image_patch_size: Any, policy: Any, backend: Any, on_lag: Any = "block"
+) -> _Settings:
     from ..video import FPS, _require_torch, _torch_dtype
     from ._live import check_source
 
@@ -170,6 +186,8 @@ def _settings(ele: Any, chunk_seconds: Any, image_patch_size: Any, policy: Any, 
     start, end = options.video_start, options.video_end
     if start is not None and end is not None and start >= end:
         raise InvalidOptionError(f"video_start ({start}) must be before video_end ({end})")
+    if on_lag not in ON_LAG:
+        raise InvalidOptionError(f"on_lag={on_lag!r} must be one of {', '.join(map(repr, ON_LAG))}")
     torch = _require_torch()
     policy = get_fetch_policy(policy)
     check_source(ele["video"], policy)
@@ -184,6 +202,7 @@ def _settings(ele: Any, chunk_seconds: Any, image_patch_size: Any, policy: Any, 
         end=None if end is None else float(end),
         policy=policy,
         torch_dtype=_torch_dtype(torch, options.dtype),
+        on_lag=on_lag,
     )
 
 
@@ -218,6 +237,7 @@ class _Chunk:
     out: Any = None  # the tensor the frames are written into
     fps: float = 0.0
     total: int = 0
+    dropped: int = 0  # chunks dropped just before this one (on_lag="drop")
 
     def video_chunk(self) -> VideoChunk:
         """On the consumer's thread: wait for the frames to be in place, pad, describe."""
@@ -237,7 +257,7 @@ class _Chunk:
             "total_num_frames": max(self.total, indices[-1] + 1),
             "video_backend": "pyav",
         }
-        return VideoChunk(tensor, metadata, self.start, self.end, self.index)
+        return VideoChunk(tensor, metadata, self.start, self.end, self.index, self.dropped)
 
 
 class _Slot(NamedTuple):
@@ -316,6 +336,15 @@ def _chunks(producer: _Producer) -> Iterator[VideoChunk]:
 _END = object()
 
 
+def _is_chunk(item: Any) -> bool:
+    return isinstance(item, _Chunk)
+
+
+def _carry_dropped(dropped: _Chunk, successor: _Chunk) -> None:
+    """A chunk dropped for a slow consumer: the chunk that comes next says how many went before it."""
+    successor.dropped += dropped.dropped + 1
+
+
 class _Producer:
     """The thread that opens, demuxes, decodes and resizes, handing finished chunks over a bounded queue."""
 
@@ -327,6 +356,7 @@ class _Producer:
         self.done = threading.Event()  # set as the producer exits (not Thread.is_alive(): a Ctrl-C landing in
         # its lock handling can leave the Thread object wrong on Python 3.11)
         self.input: Any = None
+        self.dropping = False  # a live source under on_lag="drop": chunks are handed over without waiting
 
     def start(self) -> None:
         self.thread.start()
@@ -359,6 +389,10 @@ class _Producer:
         return None
 
     def put(self, item: Any) -> None:
+        if self.dropping and isinstance(item, _Chunk):
+            if self.token.cancelled or not self.queue.put_dropping(item, _is_chunk, _carry_dropped):
+                raise _cancel.Cancelled("the stream was closed")
+            return
         if self.token.cancelled or not self.queue.put(item):  # (a close stops the queue: no wait)
             raise _cancel.Cancelled("the stream was closed")
 
@@ -426,6 +460,7 @@ class _Run:
             self.producer.input = _Handle(inp)
             try:
                 if inp.live:
+                    self.producer.dropping = self.s.on_lag == "drop"
                     self._live(inp)
                 else:
                     self._file(inp)
