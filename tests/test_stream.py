@@ -891,6 +891,90 @@ def test_a_udp_feed_that_starts_after_the_listener_is_waited_for_up_to_the_conne
     assert time.monotonic() - start < 30  # the connect timeout, not the 60 s read timeout
 
 
+def _first_pts_seconds(path):
+    import av
+
+    with av.open(str(path)) as container:
+        return min(float(f.pts * f.time_base) for f, _ in zip(container.decode(video=0), range(8)))
+
+
+@needs_ffmpeg
+def test_each_chunk_carries_the_sources_own_time_of_its_first_frame(files, tmp_path):
+    """A recording from a broadcast starts at the broadcast's clock (an hour in, here), not at 0: each chunk
+    says where its first frame is on it, for a file and for the same bytes through a pipe."""
+    path = tmp_path / "hour.ts"
+    remux(files["h264.ts"], "-output_ts_offset", 3600, path)
+    start = _first_pts_seconds(path)
+    assert start > 3600
+    f, writer, _ = pipe_fed(path.read_bytes())
+    with f:  # the file, and the same bytes as a live pipe
+        runs = [collect(q.stream_video({"video": str(path)})), collect(q.stream_video({"video": f}))]
+    for chunk in runs[0] + runs[1]:
+        first = chunk.metadata["frames_indices"][0]
+        assert chunk.source_time == pytest.approx(start + first / 24, abs=1e-3), chunk.index
+        assert chunk.wall_time is None  # no date in a plain file
+
+
+def _hls_segments(ts, folder, prefix, *extra):
+    """``ts`` cut into 1 s HLS segments named ``prefix*.ts``: the (EXTINF, file name) of each."""
+    remux(ts, *extra, "-f", "hls", "-hls_time", 1, "-hls_list_size", 0, "-hls_segment_filename",
+          folder / f"{prefix}%d.ts", folder / f"{prefix}.m3u8")  # fmt: skip
+    lines = (folder / f"{prefix}.m3u8").read_text().splitlines()
+    return [(float(a.split(":")[1].rstrip(",")), b) for a, b in itertools.pairwise(lines) if a.startswith("#EXTINF")]
+
+
+@needs_ffmpeg
+def test_hls_program_dates_give_each_chunk_its_wall_clock_time(files, tmp_path):
+    """EXT-X-PROGRAM-DATE-TIME dates a segment's first frame; segments without one are dated by the EXTINF of
+    those before them; a later tag that jumps (a clock step, a gap at the packager) is followed."""
+    segments = _hls_segments(files["h264.ts"], tmp_path, "seg")
+    t0 = 1_796_454_000.0  # 2026-12-05T07:40:00Z
+    dates, at = [], t0
+    lines = ["#EXTM3U", "#EXT-X-TARGETDURATION:2", "#EXT-X-MEDIA-SEQUENCE:0"]
+    for k, (length, name) in enumerate(segments):
+        if k in (0, 3):
+            at = t0 if k == 0 else at + 100.0  # segment 3: the packager's clock stepped 100 s
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{round(at % 1 * 1000):03d}Z"
+            lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{stamp}")
+        dates.append(at)
+        lines += [f"#EXTINF:{length:.6f},", name]
+        at += length
+    (tmp_path / "dated.m3u8").write_text("\n".join([*lines, "#EXT-X-ENDLIST", ""]))
+    starts = list(itertools.accumulate([0.0] + [length for length, _ in segments]))
+    server = DirectoryServer(tmp_path)
+    try:
+        chunks = collect(q.stream_video({"video": server.url("dated.m3u8")}))
+    finally:
+        server.close()
+    assert indices_of(chunks) == grid_indices(120, 24, 2)
+    for chunk in chunks:
+        t = chunk.metadata["frames_indices"][0] / 24
+        k = max(i for i, s in enumerate(starts[:-1]) if s <= t + 1e-6)
+        assert chunk.wall_time == pytest.approx(dates[k] + t - starts[k], abs=0.01), (chunk.index, k)
+
+
+@needs_ffmpeg
+def test_an_hls_discontinuity_tag_restarts_the_timeline_even_for_a_small_forward_jump(files, tmp_path):
+    """Two recordings joined with EXT-X-DISCONTINUITY, the second's timestamps 3 s past the first's end: below
+    the 10 s bound of an untagged jump, so without the tag the 3 s were taken for lost video (72 frames of the
+    last one held); the tag says a new timeline starts, and the video continues."""
+    first = _hls_segments(files["h264.ts"], tmp_path, "a")
+    second = _hls_segments(files["h264.ts"], tmp_path, "b", "-output_ts_offset", 8)
+    lines = ["#EXTM3U", "#EXT-X-TARGETDURATION:2", "#EXT-X-MEDIA-SEQUENCE:0"]
+    lines += [x for length, name in first for x in (f"#EXTINF:{length:.6f},", name)]
+    lines.append("#EXT-X-DISCONTINUITY")
+    lines += [x for length, name in second for x in (f"#EXTINF:{length:.6f},", name)]
+    (tmp_path / "joined.m3u8").write_text("\n".join([*lines, "#EXT-X-ENDLIST", ""]))
+    server = DirectoryServer(tmp_path)
+    try:
+        chunks = collect(q.stream_video({"video": server.url("joined.m3u8")}))
+    finally:
+        server.close()
+    assert indices_of(chunks) == grid_indices(240, 24, 2)  # ten seconds, one timeline
+    got = [frame_number(f) for _, f in unpadded(chunks)]
+    assert got == [i % 120 for i in grid_indices(240, 24, 2)]
+
+
 @needs_ffmpeg
 def test_an_hls_playlist_not_yet_written_is_waited_for_up_to_the_connect_timeout(files, tmp_path):
     """A packager starting a second after the stream was asked for: 404, then the playlist. It failed at once

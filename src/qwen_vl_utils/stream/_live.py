@@ -18,6 +18,7 @@ is how closing a stream unblocks the thread that demuxes it. HTTP goes through `
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import io
@@ -473,6 +474,8 @@ def _open_http(url: str, policy: FetchPolicy, token: Token) -> StreamInput:
             resp.close()
 
 
+#: segments whose stream offsets an HLS reader remembers (the demuxer reads a few ahead of the decoder)
+MARKS_KEPT = 64
 #: seconds between asks for an HLS playlist that is not there yet
 PLAYLIST_RETRY = 0.25
 
@@ -575,6 +578,9 @@ class Segment:
     url: str
     byterange: Optional[tuple] = None  # (start, length)
     init: Optional[tuple] = None  # (url, byterange) of the EXT-X-MAP it needs
+    duration: float = 0.0  # its EXTINF
+    date: Optional[float] = None  # the wall-clock time of its first frame (EXT-X-PROGRAM-DATE-TIME), Unix seconds
+    discontinuity: bool = False  # an EXT-X-DISCONTINUITY precedes it: its timestamps start a new timeline
 
 
 @dataclass
@@ -593,9 +599,17 @@ def parse_playlist(text: str, base: str, name: str) -> Playlist:
     out = Playlist(segments=[])
     sequence, byterange, init, next_offset = 0, None, None, {}
     pending_variant: Optional[int] = None
+    duration, date, discontinuity = 0.0, None, False  # of the next segment
     for line in lines[1:]:
         tag, _, value = line.partition(":")
-        if tag == "#EXT-X-TARGETDURATION":
+        if tag == "#EXTINF":
+            with contextlib.suppress(ValueError):
+                duration = max(0.0, float(value.split(",")[0]))
+        elif tag == "#EXT-X-PROGRAM-DATE-TIME":
+            date = _program_date(value)
+        elif tag == "#EXT-X-DISCONTINUITY":
+            discontinuity = True
+        elif tag == "#EXT-X-TARGETDURATION":
             out.target_duration = max(0.1, float(value or 2))
         elif tag == "#EXT-X-MEDIA-SEQUENCE":
             sequence = int(value)
@@ -616,9 +630,30 @@ def parse_playlist(text: str, base: str, name: str) -> Playlist:
                 out.variants.append((pending_variant, url))
                 pending_variant = None
                 continue
-            out.segments.append(Segment(sequence, url, _byterange(byterange, next_offset, url), init))
+            if date is None and out.segments and out.segments[-1].date is not None and not discontinuity:
+                date = out.segments[-1].date + out.segments[-1].duration  # dated by the segments before it
+            part = _byterange(byterange, next_offset, url)
+            out.segments.append(Segment(sequence, url, part, init, duration, date, discontinuity))
             sequence, byterange = sequence + 1, None
+            duration, date, discontinuity = 0.0, None, False
     return out
+
+
+def _program_date(value: str) -> Optional[float]:
+    """An EXT-X-PROGRAM-DATE-TIME (ISO 8601 with a zone: ``2026-12-05T07:00:00.000Z``) as Unix seconds; None
+    for one that does not parse (the segment is then undated, not the stream refused)."""
+    import datetime
+
+    text = value.strip().replace("Z", "+00:00").replace("z", "+00:00")
+    if len(text) >= 5 and text[-5] in "+-" and text[-4:].isdigit():  # +0100: as fromisoformat reads it
+        text = f"{text[:-2]}:{text[-2:]}"
+    try:
+        parsed = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+    return parsed.timestamp()
 
 
 def _attributes(value: str) -> dict:
@@ -671,6 +706,7 @@ class HlsReader(_LiveReader):
         self.last_poll = 0.0
         self.lock = threading.Lock()
         self.first_wait = policy.connect_timeout
+        self.marks: list = []  # (offset in the byte stream where a segment's media starts, the segment)
         self._update(first if first is not None else self._fetch_playlist())
 
     def _transfer(self) -> Transfer:
@@ -711,13 +747,23 @@ class HlsReader(_LiveReader):
                     return data
                 self._close_response()
             elif self.queue:
-                init = self._open_segment(self.queue.popleft())
+                seg = self.queue.popleft()
+                init = self._open_segment(seg)
+                self.marks.append((self.bytes_read + len(init), seg))
+                del self.marks[: max(0, len(self.marks) - MARKS_KEPT)]
                 if init:
                     return init
             elif self.ended:
                 return b""
             else:
                 self._wait_for_segments()
+
+    def segment_at(self, pos: Optional[int]) -> Optional[Segment]:
+        """The segment whose bytes hold stream position ``pos`` (a packet's); None if unknown."""
+        if pos is None or pos < 0 or not self.marks:
+            return None
+        i = bisect.bisect_right([m[0] for m in self.marks], pos) - 1
+        return self.marks[i][1] if i >= 0 else None
 
     def _open_segment(self, seg: Segment) -> bytes:
         """Start fetching ``seg``; returns its init section's bytes when the segment needs a new one."""

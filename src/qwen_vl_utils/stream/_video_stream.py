@@ -79,6 +79,12 @@ class VideoChunk:
     # chunks dropped just before this one (``on_lag="drop"``: the consumer fell behind a live source). Not in
     # ``metadata``, which goes to transformers' VideoMetadata as it is
     dropped: int = 0
+    # the source's own presentation time of the chunk's first frame, in seconds (its timestamp as the container
+    # states it: an MPEG-TS from a broadcast starts at its clock, not at 0); None where the frame has none
+    source_time: Optional[float] = None
+    # the wall-clock time of the chunk's first frame, Unix seconds, where the source dates its frames (HLS with
+    # EXT-X-PROGRAM-DATE-TIME); else None
+    wall_time: Optional[float] = None
 
 
 class VideoStream:
@@ -238,6 +244,8 @@ class _Chunk:
     fps: float = 0.0
     total: int = 0
     dropped: int = 0  # chunks dropped just before this one (on_lag="drop")
+    source_time: Optional[float] = None
+    wall_time: Optional[float] = None
 
     def video_chunk(self) -> VideoChunk:
         """On the consumer's thread: wait for the frames to be in place, pad, describe."""
@@ -257,7 +265,9 @@ class _Chunk:
             "total_num_frames": max(self.total, indices[-1] + 1),
             "video_backend": "pyav",
         }
-        return VideoChunk(tensor, metadata, self.start, self.end, self.index, self.dropped)
+        return VideoChunk(
+            tensor, metadata, self.start, self.end, self.index, self.dropped, self.source_time, self.wall_time
+        )
 
 
 class _Slot(NamedTuple):
@@ -448,6 +458,8 @@ class _Run:
         self.last_time = -math.inf
         self.pool: Optional[ThreadPoolExecutor] = None
         self.buffers: dict = {}  # chunk number -> its tensor, while frames are written into it
+        self.first_times: dict = {}  # chunk number -> (source time, wall time) of its first frame
+        self.time_base: Any = None  # the video stream's
         self.out_size = (0, 0)
 
     def run(self) -> None:
@@ -472,14 +484,16 @@ class _Run:
 
     # -- chunks ---------------------------------------------------------------------------------------------------
 
-    def frame(self, index: int, t: float, frame: Any) -> None:
-        """A decoded frame, in display order."""
+    def frame(self, index: int, t: float, frame: Any, wall: Optional[float] = None) -> None:
+        """A decoded frame, in display order (``wall``: its wall-clock time, where the source dates it)."""
         self.last_index, self.last_time = index, t
         places: list = []  # every (chunk tensor, position) this frame fills
         done: Future = Future()
 
         def place(j: int, pos: int) -> _Slot:
             places.append(self._buffer(j)[pos])
+            if pos == 0:
+                self.first_times.setdefault(j, (_source_time(frame, self.time_base), wall))
             return _Slot(index, done)
 
         completed = self.chunker.add(t, place)
@@ -522,6 +536,7 @@ class _Run:
     def hand_over(self, chunk: _Chunk, seen: int) -> None:
         """A complete chunk goes to the consumer now: its frames may still be resizing (the consumer waits)."""
         chunk.out = self.buffers.pop(chunk.index)
+        chunk.source_time, chunk.wall_time = self.first_times.pop(chunk.index, (None, None))
         chunk.fps = self.fps
         chunk.total = self.total if self.total is not None else seen
         self.producer.put(chunk)
@@ -601,6 +616,7 @@ class _Run:
         container = open_container(source)
         try:
             stream = container.streams.video[0]
+            self.time_base = stream.time_base
             _configure(stream, _decoder_threads(), single=False)
             index, packets = self._seek(container, stream, source, info)
             if skip:
@@ -669,6 +685,7 @@ class _Run:
             if not container.streams.video:
                 raise DecodeError(f"{inp.name} has no video stream; give a stream with video")
             stream = container.streams.video[0]
+            self.time_base = stream.time_base
             from ..backends._pyav import _configure
             from ..video import _decoder_threads
 
@@ -678,12 +695,14 @@ class _Run:
             header_frames = int(stream.frames or 0)
             self.total = header_frames if header_frames > 0 else None
             clock = _LiveClock(self.fps)
-            for frame in _decode_all(container, stream, inp):
+            dates = _SegmentTimes(inp.reader)
+            for frame in _decode_all(container, stream, inp, dates.packet):
                 if self.size is None:
                     self.set_size(frame.width, frame.height, round(getattr(frame, "rotation", 0) or 0) % 360, inp.name)
-                index, t = clock.place(frame)
+                restart, wall = dates.frame(frame)
+                index, t = clock.place(frame, restart)
                 self._check_limits(index, t, inp.name)
-                self.frame(index, t, frame)
+                self.frame(index, t, frame, wall)
                 if self.chunker.finished:
                     break
         except (QwenVLError, MemoryError):
@@ -721,13 +740,15 @@ class _Handle:
             self.inp.reader.close()
 
 
-def _decode_all(container: Any, stream: Any, inp: Any) -> Iterator[Any]:
-    """Every frame of a live stream; DecodeError when it ends cut off (in the middle of a packet)."""
+def _decode_all(container: Any, stream: Any, inp: Any, seen: Callable[[Any], None]) -> Iterator[Any]:
+    """Every frame of a live stream (each packet shown to ``seen`` first); DecodeError when it ends cut off (in
+    the middle of a packet)."""
     cut = False
     try:
         for packet in container.demux(stream):
             if packet.size == 0:  # the demuxer's end: flush the decoder
                 break
+            seen(packet)
             cut = packet.is_corrupt  # a damaged packet mid-stream (a lost datagram) is concealed; at the end, cut off
             try:
                 yield from stream.codec_context.decode(packet)
@@ -762,6 +783,51 @@ _END_TOLERANCE = 2
 FORWARD_GAP = 10.0
 
 
+def _source_time(frame: Any, time_base: Any) -> Optional[float]:
+    """The frame's timestamp in seconds (a frame from a decoder of its own has no time base: the stream's)."""
+    pts, tb = frame.pts, frame.time_base or time_base
+    return None if pts is None or tb is None else float(pts * tb)
+
+
+class _SegmentTimes:
+    """For a source read in segments (HLS): which segment each frame came from, told by its packet's position
+    in the byte stream, so that a frame gets its segment's date (EXT-X-PROGRAM-DATE-TIME plus the frame's
+    timestamp past the segment's first) and the first frame after an EXT-X-DISCONTINUITY restarts the timeline.
+    Other sources: nothing."""
+
+    KEPT = 1024  # packets and segments remembered (the decoder's delay is far shorter)
+
+    def __init__(self, reader: Any) -> None:
+        self.segment_at = getattr(reader, "segment_at", None)
+        self.by_pts: dict = {}  # packet pts -> its segment
+        self.first_pts: dict = {}  # segment sequence -> pts of its first frame shown
+
+    def packet(self, packet: Any) -> None:
+        if self.segment_at is None or packet.pts is None:
+            return
+        seg = self.segment_at(packet.pos)
+        if seg is not None:
+            self.by_pts[packet.pts] = seg
+            if len(self.by_pts) > self.KEPT:
+                self.by_pts.pop(next(iter(self.by_pts)))
+
+    def frame(self, frame: Any) -> tuple:
+        """(whether the frame starts a new timeline, its wall-clock time or None)."""
+        seg = self.by_pts.pop(frame.pts, None) if frame.pts is not None else None
+        if seg is None:
+            return False, None
+        first = seg.sequence not in self.first_pts
+        if first:
+            self.first_pts[seg.sequence] = frame.pts
+            if len(self.first_pts) > self.KEPT:
+                self.first_pts.pop(next(iter(self.first_pts)))
+        base = self.first_pts[seg.sequence]
+        wall = None
+        if seg.date is not None and frame.time_base is not None:
+            wall = seg.date + float((frame.pts - base) * frame.time_base)
+        return first and seg.discontinuity, wall
+
+
 class _LiveClock:
     """Time and index of live frames: time from the presentation timestamp, relative to the first frame (a
     jump back, as at an HLS discontinuity, or forward by more than FORWARD_GAP continues the timeline instead);
@@ -773,7 +839,9 @@ class _LiveClock:
         self.t = -math.inf
         self.index = -1
 
-    def place(self, frame: Any) -> tuple:
+    def place(self, frame: Any, restart: bool = False) -> tuple:
+        """(index, time) of ``frame``; ``restart``: the source says a new timeline starts with it (an HLS
+        EXT-X-DISCONTINUITY), whatever its timestamp."""
         pts, tb = frame.pts, frame.time_base
         if pts is None or tb is None:
             t = self.t + 1 / self.fps if self.index >= 0 else 0.0
@@ -784,7 +852,8 @@ class _LiveClock:
             t = raw - self.offset
             # a discontinuity (an HLS discontinuity, an encoder restart, a camera clock step): a jump back, or
             # forward by more than FORWARD_GAP; the timeline continues one frame after the last
-            if t < self.t - 0.5 or (self.index >= 0 and t > self.t + FORWARD_GAP):
+            jumped = t < self.t - 0.5 or (self.index >= 0 and t > self.t + FORWARD_GAP)
+            if self.index >= 0 and (jumped or restart):
                 self.offset -= self.t + 1 / self.fps - t
                 t = self.t + 1 / self.fps
         self.t = max(t, self.t)
