@@ -870,6 +870,78 @@ def test_on_lag_is_checked():
         q.stream_video({"video": "x.ts"}, on_lag="skip")
 
 
+@pytest.mark.parametrize("scheme", ["rtsp", "rtmp", "srt"])
+def test_ffmpeg_protocols_are_refused_unless_allowed_and_fail_typed(scheme):
+    """RTSP, RTMP and SRT through PyAV's FFmpeg: refused by the default policy, allowed by scheme as udp is; a
+    closed port, a server that never answers and a protocol missing from PyAV's build are typed errors."""
+    from test_endpoint import SilentServer
+
+    with pytest.raises(q.SourceNotAllowedError, match=f"does not allow {scheme}"):
+        q.stream_video({"video": f"{scheme}://127.0.0.1:9/live/x"})
+    with pytest.raises(q.SourceNotAllowedError):  # the host lists hold for these hosts too
+        denied = get_fetch_policy().replace(allowed_schemes=(scheme,), denied_hosts=("10.0.0.0/8",))
+        q.stream_video({"video": f"{scheme}://10.1.2.3:9/x"}, policy=denied)
+    allowed = get_fetch_policy().replace(allowed_schemes=(scheme,), connect_timeout=1.5, read_timeout=60)
+    import av
+
+    try:
+        av.open(f"{scheme}://127.0.0.1:9/x", timeout=(0.5, 0.5)).close()
+    except av.error.ProtocolNotFoundError:
+        with pytest.raises(q.SourceError, match=f"no {scheme} protocol; relay the stream"):
+            next(iter(q.stream_video({"video": f"{scheme}://127.0.0.1:9/x"}, policy=allowed)))
+        return
+    except Exception:
+        pass
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with pytest.raises(q.NetworkError, match="connection refused"):
+        next(iter(q.stream_video({"video": f"{scheme}://127.0.0.1:{closed}/live/x"}, policy=allowed)))
+    silent = SilentServer()
+    try:
+        start = time.monotonic()
+        with pytest.raises(q.FetchTimeoutError, match="did not start within the connect timeout"):
+            next(iter(q.stream_video({"video": f"{scheme}://127.0.0.1:{silent.port}/live/x"}, policy=allowed)))
+        assert time.monotonic() - start < 30  # the connect timeout, not the read timeout
+    finally:
+        silent.close()
+
+
+def _listening(port):
+    """Is a TCP socket listening on ``port`` (from /proc/net/tcp, without connecting to it)?"""
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return any(int(row[1].rsplit(":", 1)[1], 16) == port and row[3] == "0A" for row in rows)
+
+
+@needs_ffmpeg
+@pytest.mark.slow
+def test_an_rtmp_stream_from_an_ffmpeg_server_gives_its_chunks(files):
+    """ffmpeg serves the numbered file over RTMP at its real pace (-listen 1); the chunks come as it plays, each
+    frame the one it claims to be, and the stream ends when the server's does."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"rtmp://127.0.0.1:{port}/live/numbered"
+    server = subprocess.Popen(
+        [FFMPEG, "-nostdin", "-v", "error", "-re", "-i", str(files["h264.ts"]), "-c", "copy", "-f", "flv",
+         "-listen", "1", url],
+    )  # fmt: skip
+    try:
+        policy = get_fetch_policy().replace(allowed_schemes=("rtmp",), connect_timeout=20)
+        for _ in range(200):  # until it listens (a probe connection would take its one client's place)
+            if _listening(port):
+                break
+            time.sleep(0.05)
+        chunks = collect(q.stream_video({"video": url}, policy=policy))
+    finally:
+        server.kill()
+        server.wait(10)
+    frames = unpadded(chunks)
+    assert [frame_number(f) for _, f in frames] == [i for i, _ in frames]
+    assert indices_of(chunks) == grid_indices(120, 24, 2)
+
+
 def test_a_udp_feed_that_starts_after_the_listener_is_waited_for_up_to_the_connect_timeout(files):
     """The encoder starts 2 s after the listener, the read timeout is 1 s: the first datagram is waited for up to
     connect_timeout (it was a false FetchTimeoutError after the read timeout); a feed that never starts is

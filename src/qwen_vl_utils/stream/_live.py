@@ -40,6 +40,7 @@ from .._errors import (
     FetchTimeoutError,
     InvalidOptionError,
     NetworkError,
+    QwenVLError,
     SourceError,
     describe,
 )
@@ -111,6 +112,8 @@ def check_source(value: Any, policy: FetchPolicy) -> None:
             parse_udp(value.strip(), policy)
         elif scheme in ("http", "https"):
             check_scheme(scheme, policy, describe(value))
+        elif scheme in FFMPEG_PROTOCOLS:
+            _check_protocol_url(value.strip(), scheme, policy)
 
 
 def open_input(value: Any, policy: FetchPolicy, token: Token) -> StreamInput:
@@ -122,6 +125,9 @@ def open_input(value: Any, policy: FetchPolicy, token: Token) -> StreamInput:
         scheme = _scheme(value)
         if scheme == "udp":
             return StreamInput(name, reader=UdpReader(value.strip(), policy, token), format="mpegts")
+        if scheme in FFMPEG_PROTOCOLS:
+            _check_protocol_url(value.strip(), scheme, policy)
+            return StreamInput(name, reader=ProtocolReader(value.strip(), scheme, policy))
         if scheme in ("http", "https"):
             check_scheme(scheme, policy, name)
             return _open_http(value.strip(), policy, token)
@@ -922,6 +928,95 @@ class UdpReader(_LiveReader):
         super().close()
         self.thread.join()
         self.sock.close()
+
+
+# --- RTSP, RTMP, SRT: FFmpeg's own protocols ------------------------------------------------------------------------
+
+#: live protocols that FFmpeg (PyAV's build) speaks itself; each is refused unless the policy's allowed_schemes
+#: names it, as udp
+FFMPEG_PROTOCOLS = ("rtsp", "rtsps", "rtmp", "rtmps", "srt")
+
+
+def _check_protocol_url(url: str, scheme: str, policy: FetchPolicy) -> None:
+    name = describe(url)
+    check_scheme(scheme, policy, name)
+    try:
+        host = urllib.parse.urlsplit(url).hostname
+    except ValueError as exc:
+        raise InvalidOptionError(f"malformed URL {name}: {exc}") from exc
+    if host:  # (an SRT listener, srt://:PORT?mode=listener, names none)
+        check_host(host, policy, name)
+
+
+class ProtocolReader:
+    """A live source that FFmpeg connects to itself (RTSP over TCP, RTMP, SRT): opened by PyAV from its URL, with
+    the policy's connect_timeout for the connection and the first data (the stream's header and first frames)
+    and its read_timeout for each later read; no reconnection. A close from another thread takes effect at the
+    next packet (a stalled source: when the read times out)."""
+
+    #: microseconds FFmpeg analyses a live stream before its first frame (its default, 5 s, delays chunk 0)
+    ANALYZE = 1_000_000
+
+    def __init__(self, url: str, scheme: str, policy: FetchPolicy) -> None:
+        self.url, self.scheme, self.policy = url, scheme, policy
+        self.name = describe(url)
+        self.bytes_read = 0  # (FFmpeg reads the bytes itself)
+        self.started = False
+        self.closed = False
+
+    def open_container(self) -> Any:
+        import av
+
+        options = {"analyzeduration": str(self.ANALYZE)}
+        if self.scheme.startswith("rtsp"):
+            options["rtsp_transport"] = "tcp"  # interleaved in the one connection: no UDP ports, no lost packets
+        timeouts = (self.policy.connect_timeout, self.policy.read_timeout)
+        start = time.monotonic()
+        try:
+            return av.open(self.url, mode="r", options=options, timeout=timeouts, metadata_errors="ignore")
+        except Exception as exc:
+            # FFmpeg's RTSP client reports the interrupted wait as invalid data: the clock says what it was
+            timed_out = time.monotonic() - start >= 0.95 * self.policy.connect_timeout
+            raise self.error(exc, opening=True, timed_out=timed_out) from exc
+
+    def seen(self) -> None:
+        self.started = True
+
+    def ends(self, exc: BaseException) -> bool:
+        """Is ``exc`` from the demuxer the stream's end? RTMP's publisher closing its connection after the stream
+        reads as an I/O error: an end once packets have come, as a player takes it."""
+        return self.started and isinstance(exc, OSError) and getattr(exc, "errno", None) in (5, 32, 104)
+
+    def error(self, exc: BaseException, opening: bool = False, timed_out: bool = False) -> Exception:
+        """The typed error for what FFmpeg raised while opening or reading the stream."""
+        import av
+
+        if isinstance(exc, (QwenVLError, MemoryError)):
+            return exc  # type: ignore[return-value]
+        text = f"video source {self.name}"
+        if isinstance(exc, av.error.ProtocolNotFoundError):
+            return SourceError(
+                f"{text}: the FFmpeg inside PyAV has no {self.scheme} protocol; relay the stream, e.g. `ffmpeg -i "
+                f"{self.scheme}://... -c copy -f mpegts udp://127.0.0.1:5000`, and stream udp://127.0.0.1:5000"
+            )
+        if isinstance(exc, av.error.ExitError) or timed_out:  # PyAV's timeout interrupted FFmpeg
+            if opening or not self.started:
+                return FetchTimeoutError(
+                    f"{text} did not start within the connect timeout ({self.policy.connect_timeout:g} s: "
+                    "FetchPolicy.connect_timeout or QWENVL_CONNECT_TIMEOUT); is it running?"
+                )
+            return FetchTimeoutError(
+                f"{text}: no data for {self.policy.read_timeout:g} s (the read timeout: FetchPolicy.read_timeout or "
+                "QWENVL_READ_TIMEOUT); the stream stalled"
+            )
+        if isinstance(exc, ConnectionRefusedError):
+            return NetworkError(f"{text}: connection refused (is the server running, on that port?)")
+        if isinstance(exc, (OSError, av.FFmpegError)):
+            return NetworkError(f"{text} could not be {'opened' if opening else 'read'} ({type(exc).__name__}: {exc})")
+        return DecodeError(f"{text} is not a decodable video stream ({type(exc).__name__}: {exc})")
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def refuse_unseekable_mp4(head: bytes, name: str) -> None:

@@ -676,7 +676,8 @@ class _Run:
 
         reader = inp.reader
         try:
-            container = av.open(reader, mode="r", format=inp.format, metadata_errors="ignore")
+            opener = getattr(reader, "open_container", None)  # a protocol FFmpeg speaks itself (RTSP, RTMP, SRT)
+            container = opener() if opener else av.open(reader, mode="r", format=inp.format, metadata_errors="ignore")
         except (QwenVLError, MemoryError):
             raise
         except Exception as exc:
@@ -744,11 +745,16 @@ def _decode_all(container: Any, stream: Any, inp: Any, seen: Callable[[Any], Non
     """Every frame of a live stream (each packet shown to ``seen`` first); DecodeError when it ends cut off (in
     the middle of a packet)."""
     cut = False
+    reader = inp.reader
+    ends = getattr(reader, "ends", lambda exc: False)
     try:
-        for packet in container.demux(stream):
+        for packet in _packets(container, stream, ends):
             if packet.size == 0:  # the demuxer's end: flush the decoder
                 break
+            _cancel.check()  # a close: at the next packet, whatever the source
             seen(packet)
+            if hasattr(reader, "seen"):
+                reader.seen()
             cut = packet.is_corrupt  # a damaged packet mid-stream (a lost datagram) is concealed; at the end, cut off
             try:
                 yield from stream.codec_context.decode(packet)
@@ -760,7 +766,6 @@ def _decode_all(container: Any, stream: Any, inp: Any, seen: Callable[[Any], Non
         yield from stream.codec_context.decode(None)
         raise
     yield from stream.codec_context.decode(None)
-    reader = inp.reader
     if cut or (container.format.name == "mpegts" and reader.bytes_read % 188 and reader.bytes_read % 192):
         raise DecodeError(
             f"video source {inp.name} ended in the middle of a packet after {reader.bytes_read} bytes: the stream "
@@ -768,7 +773,25 @@ def _decode_all(container: Any, stream: Any, inp: Any, seen: Callable[[Any], Non
         )
 
 
+def _packets(container: Any, stream: Any, ends: Callable[[BaseException], bool]) -> Iterator[Any]:
+    """The demuxer's packets, up to an error that the source says is its end."""
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except Exception as exc:
+            if ends(exc):
+                return
+            raise
+        yield packet
+
+
 def _live_error(inp: Any, exc: BaseException) -> QwenVLError:
+    typed = getattr(inp.reader, "error", None)  # a protocol FFmpeg reads itself: its own errors, typed
+    if typed is not None:
+        return typed(exc)
     return DecodeError(f"video source {inp.name} is not a decodable video stream ({type(exc).__name__}: {exc})")
 
 
