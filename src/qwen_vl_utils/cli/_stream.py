@@ -18,7 +18,9 @@ def add_stream_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     cmd = sub.add_parser("stream", help=text, description=text[0].upper() + text[1:] + ".")  # (no progress bar)
     cmd.set_defaults(func=cmd_stream)
     cmd.add_argument(
-        "source", metavar="SOURCE", help="path, URL, HLS playlist URL, udp://HOST:PORT, or - for standard input"
+        "source",
+        metavar="SOURCE",
+        help="path, URL, HLS playlist URL, udp://HOST:PORT, rtsp/rtmp/srt URL, or - for standard input",
     )
     cmd.add_argument("--chunk", type=float, default=1.0, help="seconds per chunk (default 1.0)")
     cmd.add_argument("--json", action="store_true", help="one JSON object per line")
