@@ -677,6 +677,12 @@ def describe_video(
             nframes = _padded_count(n_given)
             with resolve_source(value[0], "image", policy) as source:
                 width, height = oriented_size(open_image(source, policy))
+            for n, frame in enumerate(value[1:], 1):  # the others exist (stat), though only the first is read
+                if isinstance(frame, str) and "://" not in frame[:12] and not frame.startswith("data:"):
+                    try:
+                        resolve_source(frame, "image", policy).close()
+                    except QwenVLError as exc:
+                        raise type(exc)(f"frame {n} of the video's {n_given} frames: {exc}") from None
         else:
             n_given, height, width = _array_shape(value)
             frames_options = _array_options(options)

@@ -41,10 +41,15 @@ def _sample_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="--engine ray: the cluster (auto, ray://host:10001, or host:6379)")
     p.add_argument("--jobs", type=int, help="--engine local: worker processes (default: usable cores)")
     p.add_argument("--overwrite", action="store_true", help="start again instead of resuming the outputs")
+    p.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="read media paths outside --media-root (absolute paths elsewhere, ../, links out); default: outside_root",
+    )
 
 
 def _options(args: argparse.Namespace) -> dict:
-    keys = ("media_root", "patch_size", "deep", "engine", "address", "jobs", "overwrite")
+    keys = ("media_root", "patch_size", "deep", "engine", "address", "jobs", "overwrite", "allow_outside_root")
     keys += tuple(flag[2:].replace("-", "_") for flag, _, _ in _ELEMENT_FLAGS)
     return {k: getattr(args, k) for k in keys} | {"progress": not args.quiet}
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from .._errors import InvalidOptionError
 
-__all__ = ["JsonlOutput", "atomic_writer", "check_settings"]
+__all__ = ["JsonlOutput", "atomic_writer", "check_settings", "refuse_overwriting"]
 
 _TAIL = 1 << 16
 
@@ -98,6 +98,18 @@ def _count_lines(f: Any, size: int) -> int:
         if not block:
             return n
         n += block.count(b"\n")
+
+
+def refuse_overwriting(inputs: list, outputs: list) -> None:
+    """An output that is an input (the same file, by inode: ``count d.jsonl -o d.jsonl --overwrite``, checking
+    ``valid.jsonl`` into its own folder) would be truncated before it is read: refused."""
+    for out in outputs:
+        for inp in inputs:
+            if os.path.exists(out) and os.path.exists(inp) and os.path.samefile(out, inp):
+                raise InvalidOptionError(
+                    f"the output {out} is the input {inp}: it would be overwritten before it is read; "
+                    "write to another path"
+                )
 
 
 def check_settings(path: str, wanted: dict, outputs: list, overwrite: bool) -> None:

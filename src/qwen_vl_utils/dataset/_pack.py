@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .._errors import InvalidOptionError
-from ._output import atomic_writer
+from ._output import atomic_writer, refuse_overwriting
 
 __all__ = ["PackSummary", "best_fit_decreasing", "pack"]
 
@@ -136,6 +136,9 @@ def pack(counted: str, output: str, max_len: int, problems: Optional[str] = None
         raise InvalidOptionError(f"max_len must be a positive number of tokens, got {max_len!r}")
     if not os.path.isfile(counted):
         raise InvalidOptionError(f"counted file {counted} does not exist")
+    stem = output[: -len(".json")] if output.endswith(".json") else output
+    problems = problems or f"{stem}.problems.jsonl"
+    refuse_overwriting([counted], [output, problems])
     problem_records: list = []
     offsets, lengths, tokens = _scan(counted, max_len, problem_records)
     groups = best_fit_decreasing(tokens, max_len)
@@ -145,8 +148,7 @@ def pack(counted: str, output: str, max_len: int, problems: Optional[str] = None
             out.write(b",\n" if g else b"")
             out.write(b"[" + b",".join(_line(src, offsets[i], lengths[i]) for i in group) + b"]")
         out.write(b"\n]\n")
-    stem = output[: -len(".json")] if output.endswith(".json") else output
-    with atomic_writer(problems or f"{stem}.problems.jsonl") as f:
+    with atomic_writer(problems) as f:
         f.writelines(json.dumps(p).encode() + b"\n" for p in problem_records)
     return PackSummary(
         groups=len(groups),

@@ -12,7 +12,7 @@ from .._errors import InvalidOptionError
 from .._progress import Progress
 from ..sources._policy import FetchPolicy, get_fetch_policy
 from ._engines import local_engine, ray_engine
-from ._output import JsonlOutput, check_settings
+from ._output import JsonlOutput, check_settings, refuse_overwriting
 from ._records import count_records, detect_format, iter_records
 from ._samples import Settings
 from ._work import load_text_counter
@@ -70,8 +70,10 @@ def make_settings(
     tokenizer: Optional[str] = None,
     deep: bool = False,
     policy: Optional[FetchPolicy] = None,
+    allow_outside_root: bool = False,
 ) -> Settings:
-    """Settings from keyword arguments named after the CLI flags (each becomes the element key it names)."""
+    """Settings from keyword arguments named after the CLI flags (each becomes the element key it names),
+    checked first: a value no sample could be processed with is an InvalidOptionError naming the flag."""
     image = {"min_pixels": image_min_pixels, "max_pixels": image_max_pixels}
     video = {
         "min_pixels": video_min_pixels,
@@ -81,6 +83,7 @@ def make_settings(
         "min_frames": min_frames,
         "max_frames": max_frames,
     }
+    _check_flags(patch_size, image, video)
     root = media_root if media_root is not None else os.path.dirname(os.path.abspath(data))
     return Settings(
         media_root=os.path.abspath(root),
@@ -90,7 +93,61 @@ def make_settings(
         tokenizer=os.path.abspath(tokenizer) if tokenizer else None,
         deep=deep,
         policy=get_fetch_policy(policy),  # the caller's policy travels to every worker, wherever it runs
+        allow_outside_root=allow_outside_root,
     )
+
+
+def _check_flags(patch_size: int, image: dict, video: dict) -> None:
+    """Flags no sample could be processed with (``--fps 0``, ``nan``, ``--max-frames 1``, ``--image-max-pixels
+    10``) fail before the run, not as an ``invalid_option`` on every sample."""
+    from .._options import check_number, image_options, video_options
+    from ..video import FRAME_FACTOR
+
+    def flag(kind: str, key: str) -> str:
+        return f"--{kind}-{key.replace('_', '-')}" if key.endswith("pixels") else f"--{key.replace('_', '-')}"
+
+    for kind, keys in (("image", image), ("video", video)):
+        for key, value in keys.items():
+            if value is None:
+                continue
+            try:
+                check_number(value, key)
+            except InvalidOptionError as exc:
+                raise InvalidOptionError(f"{flag(kind, key)} {value}: {exc}") from None
+    image_options({"image": "x", **{k: v for k, v in image.items() if v is not None}})
+    video_options({"video": "x", **{k: v for k, v in video.items() if v is not None}})
+    smallest = (2 * patch_size) ** 2  # one merged patch: the least a resized frame has
+    for kind, keys in (("image", image), ("video", video)):
+        low, high = keys.get("min_pixels"), keys.get("max_pixels")
+        if high is not None and high < smallest:
+            raise InvalidOptionError(
+                f"--{kind}-max-pixels {high}: below one merged patch ({smallest} pixels at patch size {patch_size}); "
+                "no image could be resized to it"
+            )
+        if low is not None and high is not None and low > high:
+            raise InvalidOptionError(f"--{kind}-min-pixels {low} is over --{kind}-max-pixels {high}")
+    low, high = video.get("min_frames"), video.get("max_frames")
+    for name, value in (("--min-frames", low), ("--max-frames", high)):
+        if value is not None and value < FRAME_FACTOR:
+            raise InvalidOptionError(f"{name} {value}: a video needs at least {FRAME_FACTOR} frames (one patch)")
+    if low is not None and high is not None and low > high:
+        raise InvalidOptionError(f"--min-frames {low} is over --max-frames {high}")
+
+
+def data_identity(path: str) -> dict:
+    """What says the data file is the one an output was made from: its size, its modification time and a hash
+    of its first and last MiB (of all of it when it is small)."""
+    import hashlib
+
+    info = os.stat(path)
+    digest = hashlib.sha256()
+    block = 1 << 20
+    with open(path, "rb") as f:
+        digest.update(f.read(block))
+        if info.st_size > 2 * block:
+            f.seek(info.st_size - block)
+        digest.update(f.read())
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256_head_tail": digest.hexdigest()}
 
 
 def check(data: str, output_dir: str, **options: Any) -> RunSummary:
@@ -142,7 +199,14 @@ def _run(
     settings = make_settings(data, **options)
     if mode == "count":
         load_text_counter(settings.tokenizer)  # a bad tokenizer folder fails here, before any work starts
-    wanted = {"command": mode, "data": os.path.abspath(data), "settings": settings.fingerprint()}
+    refuse_overwriting([data], list(outputs.values()))
+    data = os.path.abspath(data)  # (a Ray worker opens it from its own directory)
+    wanted = {
+        "command": mode,
+        "data": data,
+        "data_file": data_identity(data),  # a fixed data file is not resumed from the old one's results
+        "settings": settings.fingerprint(),
+    }
     check_settings(outputs["settings"], wanted, [outputs["valid"], outputs["problems"]], overwrite)
     with JsonlOutput(outputs["valid"], overwrite) as valid, JsonlOutput(outputs["problems"], overwrite) as bad:
         start = max(valid.last_index, bad.last_index) + 1

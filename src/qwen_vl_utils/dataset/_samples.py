@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -45,11 +46,15 @@ class Settings:
     tokenizer: Optional[str] = None
     deep: bool = False
     policy: Optional[FetchPolicy] = None
+    # media paths may leave media_root (absolute paths elsewhere, ../, symlinks out); by default: outside_root
+    allow_outside_root: bool = False
 
     def fingerprint(self) -> dict:
-        """What decides the output (not how it is computed): stored next to an output to make resuming safe."""
+        """What decides the output (not how it is computed): stored next to an output to make resuming safe.
+        The fetch policy is part of it (a stricter policy refuses media an earlier run accepted)."""
         out = dataclasses.asdict(self)
-        out.pop("policy")
+        policy = out.pop("policy")
+        out["policy"] = json.loads(json.dumps(policy, sort_keys=True, default=repr)) if policy else None
         out["media_root"] = os.path.abspath(self.media_root)
         out["tokenizer"] = os.path.abspath(self.tokenizer) if self.tokenizer else None
         return json.loads(json.dumps(out, sort_keys=True))
@@ -111,16 +116,42 @@ def resolve_path(value: Any, root: str) -> Any:
 def _element(kind: str, ele: dict, settings: Settings) -> dict:
     keys = settings.image_keys if kind == "image" else settings.video_keys
     out = {**keys, **ele}
+
+    def local(value: Any) -> Any:
+        return _inside_root(resolve_path(value, settings.media_root), value, settings)
+
     if kind == "video" and isinstance(out.get("video"), list):
-        out["video"] = [resolve_path(v, settings.media_root) for v in out["video"]]
+        out["video"] = [local(v) for v in out["video"]]
     elif kind == "video":
-        out["video"] = resolve_path(out.get("video"), settings.media_root)
+        out["video"] = local(out.get("video"))
     elif isinstance(out.get("image_url"), dict) and "image" not in out:
-        out["image_url"] = {**out["image_url"], "url": resolve_path(out["image_url"].get("url"), settings.media_root)}
+        out["image_url"] = {**out["image_url"], "url": local(out["image_url"].get("url"))}
     else:
         key = "image" if out.get("image") is not None else "image_url"
-        out[key] = resolve_path(out.get(key), settings.media_root)
+        out[key] = local(out.get(key))
     return out
+
+
+def _inside_root(path: Any, given: Any, settings: Settings) -> Any:
+    """``path`` (resolved) if it is a local path inside the media root (symlinks followed), else Problem
+    ``outside_root`` (``../../etc/passwd``, an absolute path elsewhere, a link out of the folder); URLs and
+    ``data:`` as they are. ``allow_outside_root`` lets every local path through."""
+    if settings.allow_outside_root or not isinstance(path, str) or not path:
+        return path
+    local = path
+    if path[:5].lower() == "file:":
+        local = urllib.parse.unquote(urllib.parse.urlsplit(path).path)
+    elif path.startswith("data:") or "://" in path:
+        return path
+    root = os.path.realpath(settings.media_root)
+    real = os.path.realpath(local)
+    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+        raise Problem(
+            "outside_root",
+            f"{given!r} is outside the media root {root} (resolved: {real}); give paths inside it, or allow "
+            "others with --allow-outside-root",
+        )
+    return path
 
 
 def _media_list(record: dict, key: str) -> list:

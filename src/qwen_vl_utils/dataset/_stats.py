@@ -10,7 +10,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .._errors import InvalidOptionError
-from ._output import atomic_writer
+from ._output import atomic_writer, refuse_overwriting
 
 __all__ = ["stats"]
 
@@ -123,6 +123,8 @@ def stats(counted: str, output_dir: str) -> dict:
     ``"png"``: the PNG's path, or None when matplotlib is not installed (the text is written anyway)."""
     if not os.path.isfile(counted):
         raise InvalidOptionError(f"counted file {counted} does not exist")
+    names = ("summary.json", "summary.txt", "stats.png")
+    refuse_overwriting([counted], [os.path.join(output_dir, name) for name in names])
     cols = _collect(counted)
     summary = summarize(cols)
     with atomic_writer(os.path.join(output_dir, "summary.json")) as f:

@@ -29,6 +29,7 @@ PROBLEM_CODES = {
     "invalid_option": "an element key or setting that cannot be honoured for this medium (e.g. nframes > frames)",
     "too_large": "over a fetch-policy limit (bytes, pixels, seconds, frames)",
     "not_allowed": "refused by the fetch policy (scheme, host, local paths, media_root)",
+    "outside_root": "a media path outside the dataset's media root (../, an absolute path elsewhere, a link out)",
     "unreachable": "a network error or timeout",
     "unreadable": "the file exists but cannot be read (a directory, permissions)",
     "crashed": "the worker process died on the sample (a decoder's segmentation fault, the out-of-memory killer)",

@@ -1,0 +1,159 @@
+"""The dataset tools on real data: outputs never overwrite the data, resuming only from the same data under the
+same policy, impossible flags refused before the run, every frame of a frame list looked at, media paths kept
+inside the media root. Each case failed before (found attacking the tools from outside)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import qwen_vl_utils as q
+from qwen_vl_utils import dataset as ds
+from qwen_vl_utils.sources._policy import get_fetch_policy
+
+from media import gradient
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "qwen_vl_utils", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+def _sample(image: str, answer: str = "A gradient.") -> dict:
+    return {
+        "image": image,
+        "conversations": [{"from": "human", "value": "<image> what?"}, {"from": "gpt", "value": answer}],
+    }
+
+
+@pytest.fixture
+def data(tmp_path):
+    (tmp_path / "media").mkdir()
+    for i in range(3):
+        gradient(64 + i, 48).save(tmp_path / "media" / f"{i}.png")
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(_sample(f"media/{i}.png")) + "\n" for i in range(3)))
+    return path
+
+
+def _lines(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.mark.parametrize("how", ["count", "check"])
+def test_an_output_that_is_the_data_file_is_refused_and_the_data_kept(data, how):
+    """`count d.jsonl -o d.jsonl --overwrite` truncated the data before reading it and reported 0 samples, exit
+    0; so did re-checking valid.jsonl into its own folder."""
+    before = data.read_bytes()
+    if how == "count":
+        res = _cli("dataset", "count", data, "-o", data, "--overwrite")
+    else:
+        ds.check(str(data), str(data.parent / "chk"), jobs=1)
+        valid = data.parent / "chk" / "valid.jsonl"
+        before = valid.read_bytes()
+        res = _cli("dataset", "check", valid, "-o", data.parent / "chk", "--overwrite", "--media-root", data.parent)
+        data = valid
+    assert res.returncode == 2 and "it would be overwritten before it is read" in res.stderr, res.stdout + res.stderr
+    assert data.read_bytes() == before
+    link = data.parent / "alias.jsonl"  # the same file under another name (same inode)
+    os.link(data, link)
+    assert _cli("dataset", "count", data, "-o", link, "--overwrite").returncode == 2
+    assert data.read_bytes() == before
+
+
+def test_pack_and_stats_refuse_to_overwrite_their_input(data, tmp_path):
+    ds.count(str(data), str(tmp_path / "c.jsonl"), jobs=1)
+    counted = tmp_path / "c.jsonl"
+    before = counted.read_bytes()
+    assert _cli("dataset", "pack", counted, "--max-len", "100000", "-o", counted).returncode == 2
+    assert counted.read_bytes() == before
+
+
+def test_resuming_after_the_data_file_changed_is_refused(data, tmp_path):
+    """Resume was keyed on the data path and flags: a fixed data file reused the old file's results."""
+    out = tmp_path / "c.jsonl"
+    ds.count(str(data), str(out), jobs=1)
+    lines = data.read_text().splitlines()
+    lines[1] = json.dumps(_sample("media/2.png", "Another answer."))  # fixed in place, same path
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(q.InvalidOptionError, match="other settings"):
+        ds.count(str(data), str(out), jobs=1)
+    assert ds.count(str(data), str(out), jobs=1, overwrite=True).records == 3
+
+
+def test_resuming_under_a_stricter_policy_is_refused(data, tmp_path):
+    out = tmp_path / "c.jsonl"
+    ds.count(str(data), str(out), jobs=1)
+    strict = get_fetch_policy().replace(max_image_bytes=100)
+    with pytest.raises(q.InvalidOptionError, match="other settings"):
+        ds.count(str(data), str(out), jobs=1, policy=strict)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--fps", "0"],
+        ["--fps", "nan"],
+        ["--max-frames", "1"],
+        ["--min-frames", "8", "--max-frames", "4"],
+        ["--image-max-pixels", "10"],
+        ["--video-min-pixels", "200000", "--video-max-pixels", "100000"],
+    ],
+)
+def test_impossible_flags_fail_before_the_run(data, tmp_path, flags):
+    """They processed the whole set, marked every sample invalid_option, and pinned the bad value in
+    settings.json."""
+    res = _cli("dataset", "count", data, "-o", tmp_path / "c.jsonl", *flags)
+    assert res.returncode == 2 and flags[0] in res.stderr, res.stdout + res.stderr
+    assert not (tmp_path / "c.jsonl").exists() and not (tmp_path / "c.settings.json").exists()
+
+
+def test_a_frame_list_with_a_missing_frame_is_found_without_deep(data, tmp_path):
+    """Only the first frame was opened: a list with a missing frame passed check."""
+    frames = ["media/0.png", "media/nope.png", "media/2.png"]
+    sample = {
+        "messages": [
+            {"role": "user", "content": [{"type": "video", "video": frames}]},
+            {"role": "assistant", "content": "ok"},
+        ]
+    }
+    path = tmp_path / "frames.jsonl"
+    path.write_text(json.dumps(sample) + "\n")
+    summary = ds.check(str(path), str(tmp_path / "chk"), jobs=1)
+    (problem,) = _lines(tmp_path / "chk" / "problems.jsonl")
+    assert summary.valid == 0 and problem["problem"] == "missing" and "frame 1" in problem["message"]
+
+
+def test_media_paths_stay_inside_the_media_root(data, tmp_path):
+    """`../../etc/passwd`-style paths, absolute paths elsewhere and symlinks out of the folder were read, and a
+    real image there counted as valid."""
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.png"
+    gradient(50, 40).save(outside)
+    os.symlink(outside, data.parent / "media" / "link.png")
+    escapes = [os.path.relpath(outside, data.parent), str(outside), "media/link.png", f"file://{outside}"]
+    inside = [str(data.parent / "media" / "0.png"), "media/../media/1.png"]
+    path = data.parent / "escapes.jsonl"
+    path.write_text("".join(json.dumps(_sample(p)) + "\n" for p in escapes + inside))
+    summary = ds.check(str(path), str(tmp_path / "chk"), jobs=1)
+    codes = {p["index"]: p["problem"] for p in _lines(tmp_path / "chk" / "problems.jsonl")}
+    assert codes == {i: "outside_root" for i in range(len(escapes))}, codes
+    assert summary.valid == len(inside)
+    allowed = ds.check(str(path), str(tmp_path / "chk2"), jobs=1, allow_outside_root=True)
+    assert allowed.valid == len(escapes) + len(inside)
+    res = _cli("dataset", "check", path, "-o", tmp_path / "chk3", "--allow-outside-root")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_the_ray_engine_reads_a_relative_data_path(data, tmp_path, monkeypatch):
+    """Each Ray worker opened the relative DATA path from its own directory."""
+    pytest.importorskip("ray")
+    monkeypatch.chdir(data.parent)
+    res = _cli("dataset", "count", data.name, "-o", tmp_path / "c.jsonl", "--engine", "ray")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert [r["index"] for r in _lines(tmp_path / "c.jsonl")] == [0, 1, 2]
