@@ -157,3 +157,40 @@ def test_the_ray_engine_reads_a_relative_data_path(data, tmp_path, monkeypatch):
     res = _cli("dataset", "count", data.name, "-o", tmp_path / "c.jsonl", "--engine", "ray")
     assert res.returncode == 0, res.stdout + res.stderr
     assert [r["index"] for r in _lines(tmp_path / "c.jsonl")] == [0, 1, 2]
+
+
+def test_conversations_a_trainer_cannot_learn_from_and_duplicates_are_problems(data, tmp_path):
+    """Samples without an assistant turn, with an empty answer, starting with the assistant, and exact
+    duplicates passed check; trainers crash on them or learn from them twice."""
+    chat = lambda *turns: {"messages": [{"role": r, "content": c} for r, c in turns]}  # noqa: E731
+    records = [
+        _sample("media/0.png"),
+        {"image": "media/1.png", "conversations": [{"from": "human", "value": "<image> what?"}]},
+        _sample("media/1.png", answer="  "),
+        chat(("system", "Be brief."), ("assistant", "Hello."), ("user", "Hi")),
+        chat(("user", "Hi"), ("assistant", [])),
+        _sample("media/0.png"),  # the first sample again
+        chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello.")),
+        _sample("media/0.png", answer="A different answer."),  # the same image, another sample: fine
+    ]
+    path = tmp_path / "conv.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = ds.check(str(path), str(tmp_path / "chk"), jobs=2)
+    codes = {p["index"]: p["problem"] for p in _lines(tmp_path / "chk" / "problems.jsonl")}
+    assert codes == {
+        1: "no_answer",
+        2: "empty_answer",
+        3: "starts_with_assistant",
+        4: "empty_answer",
+        5: "duplicate_sample",
+    }
+    assert "index 0" in _lines(tmp_path / "chk" / "problems.jsonl")[-1]["message"]
+    assert summary.valid == 3
+    # a run stopped after sample 2 and resumed knows the samples written before it stopped
+    full = {name: (tmp_path / "chk" / name).read_text() for name in ("valid.jsonl", "problems.jsonl")}
+    for name, text in full.items():
+        kept = [line for line in text.splitlines(keepends=True) if json.loads(line)["index"] <= 2]
+        (tmp_path / "chk" / name).write_text("".join(kept))
+    resumed = ds.check(str(path), str(tmp_path / "chk"), jobs=1)
+    assert resumed.resumed > 0
+    assert {name: (tmp_path / "chk" / name).read_text() for name in full} == full

@@ -211,7 +211,8 @@ def _run(
     with JsonlOutput(outputs["valid"], overwrite) as valid, JsonlOutput(outputs["problems"], overwrite) as bad:
         start = max(valid.last_index, bad.last_index) + 1
         resumed = valid.lines + bad.lines
-        _stream(mode, data, fmt, start, settings, engine, address, jobs, progress, valid, bad)
+        dedup = _Duplicates(outputs["valid"] if valid.lines else None)
+        _stream(mode, data, fmt, start, settings, engine, address, jobs, progress, valid, bad, dedup)
     problems = _problem_codes(outputs["problems"])
     return RunSummary(valid.lines, problems, resumed, time.monotonic() - started, outputs)
 
@@ -228,6 +229,7 @@ def _stream(
     progress: bool,
     valid: JsonlOutput,
     bad: JsonlOutput,
+    dedup: _Duplicates,
 ) -> None:
     bar = Progress(progress, unit="sample")
     # the bar's total: a JSONL file's records, counted once a bar shows; a JSON array has none (count and rate)
@@ -239,11 +241,47 @@ def _stream(
     done = 0
     try:
         for batch in batches:
-            _write_in_order(batch, valid, bad)
+            _write_in_order(dedup.mark(batch), valid, bad)
             done += len(batch)
             bar.update(done, total)
     finally:
         bar.close()
+
+
+#: the fields a run adds to a sample (not part of what makes two samples the same)
+_ADDED = ("index", "visual_tokens", "text_tokens", "num_tokens", "media_info")
+
+
+class _Duplicates:
+    """Samples equal to an earlier one (every field): the first is kept, the others become ``duplicate_sample``
+    problems naming it. Judged on the driver, in input order, so that every engine gives the same answer; a
+    resumed run first reads the samples already written."""
+
+    def __init__(self, written: Optional[str]) -> None:
+        self.seen: dict = {}
+        if written is not None:
+            with open(written, "rb") as f:
+                for line in f:
+                    self._first(line)
+
+    def _first(self, line: Any) -> Optional[int]:
+        import hashlib
+
+        record = json.loads(line)
+        same = {k: v for k, v in record.items() if k not in _ADDED}
+        key = hashlib.sha256(json.dumps(same, sort_keys=True, ensure_ascii=False).encode()).digest()
+        return self.seen.setdefault(key, record["index"])
+
+    def mark(self, batch: list) -> list:
+        out = []
+        for index, kind, line in batch:
+            first = self._first(line) if kind == "valid" else index
+            if first != index:
+                message = f"the same sample as index {first} (every field equal): it would be trained on twice"
+                problem = {"problem": "duplicate_sample", "message": message}
+                kind, line = "problem", json.dumps({"index": index, **problem, "problems": [problem]})
+            out.append((index, kind, line))
+        return out
 
 
 def _write_in_order(batch: list, valid: JsonlOutput, bad: JsonlOutput) -> None:

@@ -215,7 +215,34 @@ def _finetune_sample(record: dict, settings: Settings) -> Sample:
                     f"{tags[tag]} {tag} tag(s) in the human turns for {len(pool)} {tag[1:-1]}(s) in the sample",
                 )
             )
+    problems += _conversation_problems([(_ROLES[t["from"]], t["value"]) for t in turns])
     return Sample(record, messages, media, problems)
+
+
+def _conversation_problems(turns: list) -> list:
+    """What a trainer cannot learn from, as (role, text or content) turns: no assistant turn (``no_answer``), an
+    assistant turn with nothing in it (``empty_answer``), a conversation that starts with the assistant
+    (``starts_with_assistant``; system turns aside)."""
+    roles = [_ROLES.get(role, role) for role, _ in turns]
+    problems = []
+    if "assistant" not in roles:
+        problems.append(Problem("no_answer", "no assistant turn: nothing to learn from (a trainer masks the prompt)"))
+    for n, (role, content) in enumerate(turns):
+        if _ROLES.get(role, role) == "assistant" and not _has_content(content):
+            problems.append(Problem("empty_answer", f"turn {n} is an assistant turn with no text"))
+            break
+    first = next((r for r in roles if r != "system"), None)
+    if first == "assistant":
+        problems.append(Problem("starts_with_assistant", "the conversation starts with the assistant, not the user"))
+    return problems
+
+
+def _has_content(content: Any) -> bool:
+    if isinstance(content, str):
+        return bool(content.strip())
+    if isinstance(content, list):
+        return any(not isinstance(e, dict) or _chat_kind(e) or str(e.get("text", "")).strip() for e in content)
+    return False
 
 
 # --- chat messages -------------------------------------------------------------------------------------------
@@ -266,6 +293,7 @@ def _chat_sample(record: dict, settings: Settings) -> Sample:
             if msg["role"] in _ASSISTANT_ROLES:
                 problems.append(Problem("tag_in_response", f"message {n} ({msg['role']}) holds a {kind} element"))
         messages.append({**msg, "content": new_content})
+    problems += _conversation_problems([(m["role"], m.get("content")) for m in raw_messages])
     return Sample(record, messages, media, problems)
 
 

@@ -32,6 +32,10 @@ PROBLEM_CODES = {
     "outside_root": "a media path outside the dataset's media root (../, an absolute path elsewhere, a link out)",
     "unreachable": "a network error or timeout",
     "unreadable": "the file exists but cannot be read (a directory, permissions)",
+    "no_answer": "no assistant turn: nothing for a trainer to learn from",
+    "empty_answer": "an assistant turn with no text",
+    "starts_with_assistant": "the conversation starts with the assistant turn (system turns aside)",
+    "duplicate_sample": "the same sample (every field equal) as an earlier one, named in the message",
     "crashed": "the worker process died on the sample (a decoder's segmentation fault, the out-of-memory killer)",
     "error": "an unexpected error (please report it): the sample is left out and the run goes on",
 }
