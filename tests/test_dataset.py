@@ -426,7 +426,7 @@ def test_pack_respects_max_len_and_keeps_every_sample_once(tmp_path):
         for i, n in enumerate(sizes):
             f.write(json.dumps({"index": i, "conversations": _turns(f"q{i}"), "num_tokens": n}) + "\n")
         f.write('{"index": 99999, "num_tok')  # a torn last line of an interrupted count
-    summary = ds.pack(str(counted), str(tmp_path / "packed.json"), 8192)
+    summary = ds.pack(str(counted), str(tmp_path / "packed.json"), 8192, visual_only=True)
     groups = json.loads((tmp_path / "packed.json").read_text())
     assert all(isinstance(g, list) and sum(s["num_tokens"] for s in g) <= 8192 for g in groups)
     packed = sorted(s["index"] for g in groups for s in g)
@@ -608,7 +608,8 @@ def crash_set(dataset_file, tmp_path_factory):
     record = json.dumps(_finetune({"image": str(d / "boom.png")}, "<image> crashes the decoder")) + "\n"
     path = d / "train.jsonl"
     path.write_text("".join([*lines[:7], record, *lines[7:]]))
-    ds.count(str(path), str(d / "ok.jsonl"), media_root=str(data.parent), jobs=1)  # without the crash
+    # (the crashing image lies outside the set's media root: allowed for this test)
+    ds.count(str(path), str(d / "ok.jsonl"), media_root=str(data.parent), jobs=1, allow_outside_root=True)
     return path, d, _hooked_env(d / "hook", CRASH_HOOK.format(name="boom.png"))
 
 
@@ -637,7 +638,8 @@ def _assert_crash_recorded(crash_set, out: Path) -> None:
 def test_a_worker_crash_costs_only_its_record_and_the_run_resumes(dataset_file, crash_set, tmp_path):
     path, d, env = crash_set
     out = tmp_path / "out.jsonl"
-    args = ["dataset", "count", path, "--media-root", dataset_file[0].parent, "--quiet", "-o", out]
+    args = ["dataset", "count", path, "--media-root", dataset_file[0].parent, "--allow-outside-root", "--quiet"]
+    args += ["-o", out]
     res = _cli(*args, "--jobs", "2", env=env, timeout=300)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert "1 crashed" in res.stdout
@@ -674,6 +676,7 @@ def test_ray_engine_survives_a_worker_crash(dataset_file, crash_set, tmp_path):
     path, d, env = crash_set
     out = tmp_path / "out.jsonl"
     args = ["dataset", "count", path, "--media-root", dataset_file[0].parent, "--engine", "ray", "--quiet"]
+    args.append("--allow-outside-root")
     res = _cli(*args, "-o", out, env={**env, "RAY_ADDRESS": ""}, timeout=240)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     _assert_crash_recorded(crash_set, out)
@@ -710,6 +713,10 @@ def test_cli_exit_codes(dataset_file, tmp_path):
     res = _cli("dataset", "count", data, "-o", tmp_path / "c.jsonl", "--jobs", "1", "--fps", "1")
     assert res.returncode == 1 and "visual tokens only" in res.stderr
     res = _cli("dataset", "pack", tmp_path / "c.jsonl", "--max-len", "100000", "-o", tmp_path / "p.json")
+    assert res.returncode == 2 and "--visual-only" in res.stderr, res.stderr  # counted without text tokens
+    res = _cli(
+        "dataset", "pack", tmp_path / "c.jsonl", "--max-len", "100000", "-o", tmp_path / "p.json", "--visual-only"
+    )
     assert res.returncode == 0 and "fill" in res.stdout, res.stderr
     res = _cli("dataset", "count", tmp_path / "nope.jsonl", "-o", tmp_path / "x.jsonl")
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
@@ -723,7 +730,8 @@ def test_cli_more_exit_codes_and_stats(dataset_file, tmp_path):
     res = _cli("dataset", "check", valid, "-o", tmp_path / "chk2", "--media-root", data.parent)
     assert res.returncode == 0, res.stdout + res.stderr
     ds.count(str(data), str(tmp_path / "c.jsonl"), jobs=1, fps=1.0)
-    assert _cli("dataset", "pack", tmp_path / "c.jsonl", "--max-len", "50", "-o", tmp_path / "p.json").returncode == 1
+    pack = ["dataset", "pack", tmp_path / "c.jsonl", "--visual-only"]
+    assert _cli(*pack, "--max-len", "50", "-o", tmp_path / "p.json").returncode == 1
     res = _cli("dataset", "count", data, "-o", tmp_path / "c.jsonl", "--fps", "3")
     assert res.returncode == 2 and "other settings" in res.stderr
     assert _cli("dataset", "count", data, "-o", tmp_path / "t.jsonl", "--tokenizer", tmp_path / "no").returncode == 2

@@ -194,3 +194,27 @@ def test_conversations_a_trainer_cannot_learn_from_and_duplicates_are_problems(d
     resumed = ds.check(str(path), str(tmp_path / "chk"), jobs=1)
     assert resumed.resumed > 0
     assert {name: (tmp_path / "chk" / name).read_text() for name in full} == full
+
+
+def test_pack_refuses_counts_without_text_tokens_and_reads_json_arrays(tmp_path):
+    """600 text-only samples counted without a tokenizer were packed "of 0 tokens" into one group; the JSON
+    arrays qwen-vl-finetune's tools write could not be read."""
+    text_only = [
+        {"index": i, "conversations": [{"from": "human", "value": f"q{i}"}], "num_tokens": 0} for i in range(600)
+    ]
+    counted = tmp_path / "visual.jsonl"
+    counted.write_text("".join(json.dumps(r) + "\n" for r in text_only))
+    res = _cli("dataset", "pack", counted, "--max-len", "4096", "-o", tmp_path / "p.json")
+    assert res.returncode == 2 and "600 samples" in res.stderr and "--tokenizer" in res.stderr, res.stderr
+    assert not (tmp_path / "p.json").exists()
+    assert (
+        _cli("dataset", "pack", counted, "--max-len", "4096", "-o", tmp_path / "p.json", "--visual-only").returncode
+        == 0
+    )
+    records = [{"index": i, "text_tokens": 100 + i, "num_tokens": 400 + i} for i in range(50)]
+    jsonl, array = tmp_path / "c.jsonl", tmp_path / "c.json"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    array.write_text(json.dumps(records, indent=2))
+    ds.pack(str(jsonl), str(tmp_path / "a.json"), 2048)
+    ds.pack(str(array), str(tmp_path / "b.json"), 2048)
+    assert json.loads((tmp_path / "a.json").read_text()) == json.loads((tmp_path / "b.json").read_text())

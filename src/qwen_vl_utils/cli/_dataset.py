@@ -95,7 +95,7 @@ def cmd_count(args: argparse.Namespace) -> int:
 def cmd_pack(args: argparse.Namespace) -> int:
     from ..dataset import pack
 
-    summary = pack(args.counted, args.output, args.max_len, problems=args.problems)
+    summary = pack(args.counted, args.output, args.max_len, problems=args.problems, visual_only=args.visual_only)
     print(summary.describe())
     return summary.exit_code
 
@@ -137,6 +137,11 @@ def add_dataset_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     pack.add_argument("--max-len", type=int, required=True, metavar="N")
     pack.add_argument("-o", "--output", required=True, metavar="OUT.json")
     pack.add_argument("--problems", metavar="PATH", help="too long samples (default: OUT's stem + .problems.jsonl)")
+    pack.add_argument(
+        "--visual-only",
+        action="store_true",
+        help="pack counts made without --tokenizer (by visual tokens alone; refused otherwise)",
+    )
     stats = command("stats", "histograms and a summary of a counted set", cmd_stats)
     stats.add_argument("counted", metavar="COUNTED", help="the output of dataset count")
     stats.add_argument("-o", "--output", required=True, metavar="DIR")

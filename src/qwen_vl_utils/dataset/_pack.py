@@ -7,13 +7,15 @@ each sample's line back from the counted file, so the output is the samples exac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import time
 from array import array
 from bisect import bisect_left, insort
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -98,7 +100,7 @@ class PackSummary:
 def _scan(path: str, max_len: int, problems: list) -> tuple:
     """(offsets, lengths, tokens) of the packable lines; the others become problem records."""
     offsets, lengths, tokens = array("q"), array("q"), array("q")
-    offset = 0
+    offset = textless = 0
     with open(path, "rb") as f:
         for n, line in enumerate(f):
             try:
@@ -106,6 +108,7 @@ def _scan(path: str, max_len: int, problems: list) -> tuple:
                 index, size = record.get("index", n), record["num_tokens"]
                 if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                     raise TypeError(f"num_tokens must be a non-negative integer, got {size!r}")
+                textless += "text_tokens" not in record
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 if line.strip():
                     problems.append({"line": n, "problem": "malformed", "message": f"not a counted sample ({exc})"})
@@ -124,10 +127,12 @@ def _scan(path: str, max_len: int, problems: list) -> tuple:
                     lengths.append(len(line.rstrip(b"\r\n")))
                     tokens.append(size)
             offset += len(line)
-    return offsets, lengths, tokens
+    return offsets, lengths, tokens, textless
 
 
-def pack(counted: str, output: str, max_len: int, problems: Optional[str] = None) -> PackSummary:
+def pack(
+    counted: str, output: str, max_len: int, problems: Optional[str] = None, visual_only: bool = False
+) -> PackSummary:
     """Pack the samples of ``counted`` (a :func:`count` output) into ``output``: a JSON list of groups, each a
     list of samples, as qwen-vl-finetune's packed data. Samples over ``max_len`` go to ``problems`` (default
     ``<output stem>.problems.jsonl``) with code ``too_long``. Both files are replaced atomically."""
@@ -139,8 +144,40 @@ def pack(counted: str, output: str, max_len: int, problems: Optional[str] = None
     stem = output[: -len(".json")] if output.endswith(".json") else output
     problems = problems or f"{stem}.problems.jsonl"
     refuse_overwriting([counted], [output, problems])
+    with _as_jsonl(counted) as counted:
+        return _pack(counted, output, max_len, problems, visual_only, started)
+
+
+@contextlib.contextmanager
+def _as_jsonl(counted: str) -> Iterator[str]:
+    """The counted samples as JSONL: the file itself, or a JSON array (as qwen-vl-finetune's tools write
+    them) streamed into a temporary JSONL beside nothing else."""
+    from ._records import detect_format, iter_records
+
+    if detect_format(counted) == "jsonl":
+        yield counted
+        return
+    fd, path = tempfile.mkstemp(suffix=".jsonl", prefix="counted-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for record in iter_records(counted, 0, "json"):
+                if record.raw is None:
+                    raise InvalidOptionError(f"{counted}: {record.error}")
+                out.write(b" ".join(record.raw.splitlines()) + b"\n")
+        yield path
+    finally:
+        os.unlink(path)
+
+
+def _pack(counted: str, output: str, max_len: int, problems: str, visual_only: bool, started: float) -> PackSummary:
     problem_records: list = []
-    offsets, lengths, tokens = _scan(counted, max_len, problem_records)
+    offsets, lengths, tokens, textless = _scan(counted, max_len, problem_records)
+    if textless and not visual_only:
+        raise InvalidOptionError(
+            f"{textless} samples of {counted} have no text_tokens (counted without --tokenizer): their num_tokens "
+            "are visual tokens only, and text-only samples would pack as 0 tokens. Count with --tokenizer, or "
+            "pass --visual-only to pack by visual tokens anyway"
+        )
     groups = best_fit_decreasing(tokens, max_len)
     with open(counted, "rb") as src, atomic_writer(output) as out:
         out.write(b"[\n")
