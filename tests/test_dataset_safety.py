@@ -218,3 +218,33 @@ def test_pack_refuses_counts_without_text_tokens_and_reads_json_arrays(tmp_path)
     ds.pack(str(jsonl), str(tmp_path / "a.json"), 2048)
     ds.pack(str(array), str(tmp_path / "b.json"), 2048)
     assert json.loads((tmp_path / "a.json").read_text()) == json.loads((tmp_path / "b.json").read_text())
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_filter_writes_the_clean_set_in_the_input_format(data, tmp_path, fmt):
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    records += [
+        _sample("media/nope.png"),
+        _sample("media/0.png"),
+        {"conversations": "no"},
+    ]  # missing, duplicate, malformed
+    path = tmp_path / f"mixed.{fmt}"
+    if fmt == "json":
+        path.write_text(json.dumps(records, indent=1))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / f"clean.{fmt}"
+    res = _cli("dataset", "filter", path, "-o", out, "--media-root", data.parent)
+    assert res.returncode == 0 and "kept 3" in res.stdout, res.stdout + res.stderr
+    clean = json.loads(out.read_text()) if fmt == "json" else [json.loads(x) for x in out.read_text().splitlines()]
+    assert clean == records[:3]  # as the input holds them: no fields added
+    keep_missing = ds.filter_dataset(
+        str(path), str(tmp_path / f"k.{fmt}"), drop=["malformed"], media_root=str(data.parent)
+    )
+    assert keep_missing.kept == 5 and keep_missing.dropped == {"malformed": 1}
+    short = ds.filter_dataset(
+        str(path), str(tmp_path / f"s.{fmt}"), max_len=2, media_root=str(data.parent)
+    )  # each image is 4 tokens
+    assert short.kept == 0 and short.dropped.get("too_long") == 3
+    assert _cli("dataset", "filter", path, "-o", path).returncode == 2  # never over the input
+    assert _cli("dataset", "filter", path, "-o", tmp_path / "x.jsonl", "--drop", "nonsense").returncode == 2

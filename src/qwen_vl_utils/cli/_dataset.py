@@ -37,7 +37,7 @@ def _sample_flags(p: argparse.ArgumentParser) -> None:
     for flag, kind, text in _ELEMENT_FLAGS:
         p.add_argument(flag, type=kind, help=text + "; a sample's own element keys win")
     p.add_argument("--deep", action="store_true", help="decode every medium fully instead of headers and probes")
-    p.add_argument("--engine", choices=("local", "ray"), default="local")
+    p.add_argument("--engine", choices=("local", "ray"), default="local", help="local process pool, or Ray Data")
     p.add_argument("--address", help="--engine ray: the cluster (auto, ray://host:10001, or host:6379)")
     p.add_argument("--jobs", type=int, help="--engine local: worker processes (default: usable cores)")
     p.add_argument("--overwrite", action="store_true", help="start again instead of resuming the outputs")
@@ -92,6 +92,19 @@ def cmd_count(args: argparse.Namespace) -> int:
 
 
 @_guard
+def cmd_filter(args: argparse.Namespace) -> int:
+    from ..dataset import filter_dataset
+
+    drop = None if args.drop in (None, "all") else [c.strip() for c in args.drop.split(",") if c.strip()]
+    summary = filter_dataset(
+        args.data, args.output, max_len=args.max_len, drop=drop, tokenizer=args.tokenizer, **_options(args)
+    )
+    print(summary.describe())
+    print(f"clean: {summary.outputs['clean']}\ncounts: {summary.outputs['counts']}")
+    return summary.exit_code
+
+
+@_guard
 def cmd_pack(args: argparse.Namespace) -> int:
     from ..dataset import pack
 
@@ -126,22 +139,32 @@ def add_dataset_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
     check = command("check", "write valid.jsonl and problems.jsonl", cmd_check)
     _sample_flags(check)
-    check.add_argument("-o", "--output", required=True, metavar="DIR")
+    check.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the outputs")
     count = command("count", "count each valid sample's tokens", cmd_count)
     _sample_flags(count)
-    count.add_argument("-o", "--output", required=True, metavar="OUT.jsonl")
+    count.add_argument("-o", "--output", required=True, metavar="OUT.jsonl", help="the counted samples (JSONL)")
     count.add_argument("--problems", metavar="PATH", help="default: OUT's stem + .problems.jsonl")
     count.add_argument("--tokenizer", metavar="DIR", help="a local Hugging Face tokenizer folder (text_tokens)")
     pack = command("pack", "pack counted samples into groups of at most --max-len tokens", cmd_pack)
     pack.add_argument("counted", metavar="COUNTED", help="the output of dataset count")
-    pack.add_argument("--max-len", type=int, required=True, metavar="N")
-    pack.add_argument("-o", "--output", required=True, metavar="OUT.json")
+    pack.add_argument("--max-len", type=int, required=True, metavar="N", help="tokens per group, at most")
+    pack.add_argument("-o", "--output", required=True, metavar="OUT.json", help="the groups (qwen-vl-finetune's)")
     pack.add_argument("--problems", metavar="PATH", help="too long samples (default: OUT's stem + .problems.jsonl)")
     pack.add_argument(
         "--visual-only",
         action="store_true",
         help="pack counts made without --tokenizer (by visual tokens alone; refused otherwise)",
     )
+    filt = command("filter", "write the clean set, in the input's format", cmd_filter)
+    _sample_flags(filt)
+    filt.add_argument("-o", "--output", required=True, metavar="CLEAN", help="the clean set (JSONL, or JSON as DATA)")
+    filt.add_argument("--max-len", type=int, metavar="N", help="drop samples of more tokens (too_long)")
+    filt.add_argument(
+        "--drop",
+        metavar="CODES",
+        help="problem codes to drop, comma-separated (default: all; samples with other problems are kept)",
+    )
+    filt.add_argument("--tokenizer", metavar="DIR", help="a local Hugging Face tokenizer folder (text_tokens)")
     stats = command("stats", "histograms and a summary of a counted set", cmd_stats)
     stats.add_argument("counted", metavar="COUNTED", help="the output of dataset count")
-    stats.add_argument("-o", "--output", required=True, metavar="DIR")
+    stats.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the summary and stats.png")

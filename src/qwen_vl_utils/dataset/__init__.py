@@ -9,6 +9,7 @@ Imports the core (``vision_process``, ``image``, ``video``) and ``sources/``; ne
 ``dataset`` commands (``cli/_dataset``) are thin faces over these functions.
 """
 
+from ._filter import FilterSummary, filter_dataset
 from ._pack import PackSummary, best_fit_decreasing, pack
 from ._records import detect_format, iter_records
 from ._run import RunSummary, check, count, make_settings
@@ -18,6 +19,7 @@ from ._work import PROBLEM_CODES
 
 __all__ = [
     "PROBLEM_CODES",
+    "FilterSummary",
     "PackSummary",
     "Problem",
     "RunSummary",
@@ -26,6 +28,7 @@ __all__ = [
     "check",
     "count",
     "detect_format",
+    "filter_dataset",
     "iter_records",
     "make_settings",
     "pack",
