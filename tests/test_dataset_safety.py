@@ -248,3 +248,53 @@ def test_filter_writes_the_clean_set_in_the_input_format(data, tmp_path, fmt):
     assert short.kept == 0 and short.dropped.get("too_long") == 3
     assert _cli("dataset", "filter", path, "-o", path).returncode == 2  # never over the input
     assert _cli("dataset", "filter", path, "-o", tmp_path / "x.jsonl", "--drop", "nonsense").returncode == 2
+
+
+def test_smaller_things_a_real_run_meets(data, tmp_path):
+    # an empty data file (or one of blank lines) is no success, nor are stats of nothing
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    res = _cli("dataset", "count", empty, "-o", tmp_path / "e.jsonl")
+    assert res.returncode == 1 and "no samples" in res.stdout, res.stdout + res.stderr
+    res = _cli("dataset", "stats", tmp_path / "e.jsonl", "-o", tmp_path / "st")
+    assert res.returncode == 2 and "no counted samples" in res.stderr
+    # 1e400 was written back as JSON's non-standard Infinity
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(data.read_text().splitlines()[0][:-1] + ', "score": 1e400}\n')
+    ds.check(str(odd), str(tmp_path / "chk"), jobs=1)
+    (problem,) = _lines(tmp_path / "chk" / "problems.jsonl")
+    assert problem["problem"] == "malformed" and "1e400" in problem["message"]
+    assert "Infinity" not in (tmp_path / "chk" / "valid.jsonl").read_text()
+    # 0.0.14's "exceeds limit" line for every video, even with --quiet
+    from media import make_video
+
+    make_video(data.parent / "media" / "v.mp4", frames=24)
+    video = {
+        "video": "media/v.mp4",
+        "conversations": [{"from": "human", "value": "<video>"}, {"from": "gpt", "value": "ok"}],
+    }
+    many = tmp_path / "videos.jsonl"
+    many.write_text(json.dumps(video) + "\n" + json.dumps({**video, "id": 2}) + "\n")
+    res = _cli(
+        "dataset",
+        "count",
+        many,
+        "-o",
+        tmp_path / "v.jsonl",
+        "--media-root",
+        data.parent,
+        "--video-max-pixels",
+        "10000000",
+        "--quiet",
+    )
+    assert res.returncode == 0 and "exceeds limit" not in res.stderr, res.stderr
+    # every flag of every dataset command says what it is (--max-len, -o and --engine had no help)
+    import argparse
+
+    from qwen_vl_utils.cli._main import build_parser
+
+    sub = lambda p: next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices  # noqa: E731
+    for name, command in sub(sub(build_parser())["dataset"]).items():
+        for action in command._actions:
+            if action.option_strings and action.dest not in ("help",):
+                assert action.help, (name, action.option_strings)

@@ -58,6 +58,9 @@ def main(argv: Optional[list] = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        hint = " (run the same command again to resume)" if getattr(args, "command", None) == "dataset" else ""
+        with contextlib.suppress(OSError, ValueError):
+            print(f"interrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader of our output went away (| head): a quiet end, not an error
         with contextlib.suppress(OSError):

@@ -36,11 +36,13 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 when every sample is valid, 1 when some had problems."""
-        return 1 if self.problems else 0
+        """0 when every sample is valid, 1 when some had problems or there were none at all."""
+        return 1 if self.problems or not self.records else 0
 
     def describe(self) -> str:
         codes = ", ".join(f"{n} {code}" for code, n in sorted(self.problems.items(), key=lambda kv: -kv[1]))
+        if not self.records:
+            return f"no samples: the data file holds none [{self.seconds:.1f} s]"
         text = f"{self.records} samples: {self.valid} valid, {sum(self.problems.values())} with problems"
         text += f" ({codes})" if codes else ""
         if self.resumed:

@@ -80,7 +80,7 @@ class Sample:
 def parse_sample(raw: bytes, settings: Settings) -> Sample:
     """Parse one raw record; raises :class:`Problem` ``malformed`` when it is not a valid sample."""
     try:
-        record = json.loads(raw)
+        record = json.loads(raw, parse_float=_finite_float, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise Problem("malformed", f"not valid JSON: {exc}") from None
     if not isinstance(record, dict):
@@ -90,6 +90,17 @@ def parse_sample(raw: bytes, settings: Settings) -> Sample:
     if "messages" in record:
         return _chat_sample(record, settings)
     raise Problem("malformed", "a sample needs 'conversations' (qwen-vl-finetune) or 'messages' (chat format)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e400: written back, it would be JSON's non-standard Infinity
+        raise ValueError(f"the number {text} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not standard JSON")
 
 
 def to_messages(record: dict, settings: Optional[Settings] = None) -> list:

@@ -126,6 +126,8 @@ def stats(counted: str, output_dir: str) -> dict:
     names = ("summary.json", "summary.txt", "stats.png")
     refuse_overwriting([counted], [os.path.join(output_dir, name) for name in names])
     cols = _collect(counted)
+    if not len(cols["num_tokens"]):
+        raise InvalidOptionError(f"{counted} holds no counted samples: nothing to describe")
     summary = summarize(cols)
     with atomic_writer(os.path.join(output_dir, "summary.json")) as f:
         f.write(json.dumps(summary, indent=2).encode() + b"\n")

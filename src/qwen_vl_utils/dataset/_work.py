@@ -6,7 +6,9 @@ keeps (a tokenizer, a cache of measured media) lives in this module per process.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 from collections import OrderedDict
@@ -279,6 +281,24 @@ def _examine(raw: Optional[bytes], error: Optional[str], settings: Settings) -> 
 
 
 def process_batch(records: list, settings: Settings, mode: str) -> list:
+    with _quiet_warnings():
+        return _process_batch(records, settings, mode)
+
+
+@contextlib.contextmanager
+def _quiet_warnings() -> Any:
+    """0.0.14's per-video log lines ("The given max_pixels exceeds limit") are facts a run records, not news for
+    each of a million samples: silenced while a batch runs."""
+    log = logging.getLogger("qwen_vl_utils")
+    before = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(before)
+
+
+def _process_batch(records: list, settings: Settings, mode: str) -> list:
     """``[(index, raw bytes, reader error), ...]`` -> ``[(index, "valid"|"problem", JSON line), ...]``, in order.
 
     ``mode``: ``"check"`` (valid samples as they are, plus ``index``) or ``"count"`` (plus ``visual_tokens``,
