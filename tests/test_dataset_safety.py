@@ -298,3 +298,30 @@ def test_smaller_things_a_real_run_meets(data, tmp_path):
         for action in command._actions:
             if action.option_strings and action.dest not in ("help",):
                 assert action.help, (name, action.option_strings)
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_sample_whose_media_never_deliver_times_out_and_the_run_goes_on(data, tmp_path, jobs):
+    """One media URL on a server that accepts and never answers held the whole run (nothing written) for as
+    long as the policy's timeouts allowed; a per-sample limit reports it as timeout and goes on."""
+    from test_endpoint import SilentServer
+
+    silent = SilentServer()
+    try:
+        records = [_sample("media/0.png"), _sample(f"http://127.0.0.1:{silent.port}/x.png"), _sample("media/1.png")]
+        path = data.parent / "stuck.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        env = {**os.environ, "QWENVL_READ_TIMEOUT": "600", "QWENVL_IMAGE_DEADLINE": "600"}
+        args = ["dataset", "check", path, "-o", tmp_path / "chk", "--sample-timeout", "2", "--jobs", jobs]
+        res = subprocess.run(
+            [sys.executable, "-m", "qwen_vl_utils", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+    finally:
+        silent.close()
+    assert res.returncode == 1 and "1 timeout" in res.stdout, res.stdout + res.stderr
+    assert [r["index"] for r in _lines(tmp_path / "chk" / "valid.jsonl")] == [0, 2]
+    assert _cli("dataset", "check", path, "-o", tmp_path / "x", "--sample-timeout", "-1").returncode == 2

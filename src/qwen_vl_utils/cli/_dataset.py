@@ -42,6 +42,13 @@ def _sample_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, help="--engine local: worker processes (default: usable cores)")
     p.add_argument("--overwrite", action="store_true", help="start again instead of resuming the outputs")
     p.add_argument(
+        "--sample-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="seconds one sample may take before it is reported as timeout and the run goes on (0: no limit)",
+    )
+    p.add_argument(
         "--allow-outside-root",
         action="store_true",
         help="read media paths outside --media-root (absolute paths elsewhere, ../, links out); default: outside_root",
@@ -50,6 +57,7 @@ def _sample_flags(p: argparse.ArgumentParser) -> None:
 
 def _options(args: argparse.Namespace) -> dict:
     keys = ("media_root", "patch_size", "deep", "engine", "address", "jobs", "overwrite", "allow_outside_root")
+    keys += ("sample_timeout",)
     keys += tuple(flag[2:].replace("-", "_") for flag, _, _ in _ELEMENT_FLAGS)
     return {k: getattr(args, k) for k in keys} | {"progress": not args.quiet}
 

@@ -73,6 +73,7 @@ def make_settings(
     deep: bool = False,
     policy: Optional[FetchPolicy] = None,
     allow_outside_root: bool = False,
+    sample_timeout: Optional[float] = 300.0,
 ) -> Settings:
     """Settings from keyword arguments named after the CLI flags (each becomes the element key it names),
     checked first: a value no sample could be processed with is an InvalidOptionError naming the flag."""
@@ -96,7 +97,16 @@ def make_settings(
         deep=deep,
         policy=get_fetch_policy(policy),  # the caller's policy travels to every worker, wherever it runs
         allow_outside_root=allow_outside_root,
+        sample_timeout=_check_timeout(sample_timeout),
     )
+
+
+def _check_timeout(seconds: Optional[float]) -> Optional[float]:
+    if seconds is None or seconds == 0:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < 1e9:
+        raise InvalidOptionError(f"--sample-timeout {seconds}: give seconds > 0 (0: no limit)")
+    return float(seconds)
 
 
 def _check_flags(patch_size: int, image: dict, video: dict) -> None:

@@ -48,6 +48,8 @@ class Settings:
     policy: Optional[FetchPolicy] = None
     # media paths may leave media_root (absolute paths elsewhere, ../, symlinks out); by default: outside_root
     allow_outside_root: bool = False
+    # seconds one sample may take (its media never delivering: a stalled server, a mount that hangs); None: no limit
+    sample_timeout: Optional[float] = 300.0
 
     def fingerprint(self) -> dict:
         """What decides the output (not how it is computed): stored next to an output to make resuming safe.

@@ -38,6 +38,7 @@ PROBLEM_CODES = {
     "empty_answer": "an assistant turn with no text",
     "starts_with_assistant": "the conversation starts with the assistant turn (system turns aside)",
     "duplicate_sample": "the same sample (every field equal) as an earlier one, named in the message",
+    "timeout": "the sample took longer than the per-sample time limit (--sample-timeout, 300 s by default)",
     "crashed": "the worker process died on the sample (a decoder's segmentation fault, the out-of-memory killer)",
     "error": "an unexpected error (please report it): the sample is left out and the run goes on",
 }
@@ -258,8 +259,49 @@ def _problem_line(index: int, problems: list) -> dict:
     }
 
 
+class _SampleTimeout(BaseException):
+    """Raised into a sample's work by the alarm: a BaseException, so that no ``except Exception`` on the way
+    (a decoder's, a network library's) takes it for the medium's own error."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: Optional[float]) -> Any:
+    """Interrupt the block after ``seconds`` (SIGALRM: in a worker's main thread, where the samples run; elsewhere,
+    and on systems without it, no limit). A blocking read or wait is interrupted too."""
+    import signal
+    import threading
+
+    usable = seconds and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+
+    def alarm(signum: int, frame: Any) -> None:
+        raise _SampleTimeout
+
+    before = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+
+
 def _examine(raw: Optional[bytes], error: Optional[str], settings: Settings) -> tuple:
-    """(sample, facts, problems) of one raw record."""
+    """(sample, facts, problems) of one raw record; a sample over ``settings.sample_timeout``: ``timeout``."""
+    try:
+        with _time_limit(settings.sample_timeout):
+            return _examine_in_time(raw, error, settings)
+    except _SampleTimeout:
+        message = (
+            f"the sample took over {settings.sample_timeout:g} s (--sample-timeout): a medium that never "
+            "delivers (a stalled server, a mount that does not answer)?"
+        )
+        return None, [], [Problem("timeout", message)]
+
+
+def _examine_in_time(raw: Optional[bytes], error: Optional[str], settings: Settings) -> tuple:
     if error is not None:
         return None, [], [Problem("malformed", error)]
     try:
