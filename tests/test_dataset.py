@@ -324,37 +324,59 @@ def make_tokenizer(folder: Path, template: bool = True) -> Path:
     return folder
 
 
-def _processor_length(tok, messages, images, videos, patch) -> int:
-    """len(input_ids) as the Qwen processor builds them: the chat template, then each image/video pad replaced
-    by transformers' own expansion (Qwen3-VL: per temporal group a timestamp and a vision start/end pair)."""
-    import torch
-    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+def real_processor(tok, patch):
+    """transformers' own Qwen2.5-VL (patch 14) or Qwen3-VL (patch 16) processor, built offline from explicit
+    arguments around the local tokenizer. Its class check looks the video processor up in the auto mapping,
+    which needs torchvision (not loadable next to the CPU torch): only that check is skipped."""
+    from transformers.processing_utils import ProcessorMixin
+
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as Image
+    except ImportError:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor as Image
+    # (Qwen2-VL's video processor imports torchvision at once; Qwen3-VL's, with the same patch, temporal patch
+    # and merge sizes, gives the same grid, which is all the Qwen2.5-VL processor's expansion reads from it)
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor as Video
+
+    if patch == 16:
+        from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor as Processor
+    else:
+        from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor as Processor
+    check = ProcessorMixin.check_argument_for_proper_class
+    ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None
+    try:
+        return Processor(
+            image_processor=Image(patch_size=patch, merge_size=2),
+            tokenizer=tok,
+            video_processor=Video(patch_size=patch, temporal_patch_size=2, merge_size=2),
+            chat_template=TEMPLATE,
+        )
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = check
+
+
+def _processor_length(proc, messages, images, videos) -> int:
+    """len(input_ids) from the real processor's ``__call__`` on the rendered conversation and our media (pixel
+    work that needs torchvision is turned off: it changes values, not lengths)."""
     from transformers.video_utils import VideoMetadata
 
-    text = tok.apply_chat_template(messages, tokenize=False)
-    factor = patch * 2
-    for img in images or []:
-        n = (img.height // factor) * (img.width // factor)
-        text = text.replace("<|image_pad|>", "<|placeholder|>" * n, 1)
-    proc = Qwen3VLProcessor.__new__(Qwen3VLProcessor)
-    proc.video_processor = type("VP", (), {"merge_size": 2, "temporal_patch_size": 2})()
-    proc.video_token, proc.vision_start_token, proc.vision_end_token = (
-        "<|placeholder|>",
-        "<|vision_start|>",
-        "<|vision_end|>",
-    )
-    for video, meta in videos or []:
-        t, _, h, w = video.shape
-        grid = torch.tensor([[math.ceil(t / 2), h // patch, w // patch]])
-        if patch == 16:
-            md = VideoMetadata(
-                total_num_frames=meta["total_num_frames"], fps=meta["fps"], frames_indices=list(meta["frames_indices"])
-            )
-            expansion = proc.replace_video_token({"video_grid_thw": grid, "video_metadata": [md]}, 0)
-        else:
-            expansion = "<|placeholder|>" * int(grid[0].prod() // 4)
-        text = text.replace("<|video_pad|>", expansion, 1)
-    return len(tok(text, add_special_tokens=False)["input_ids"])
+    text = proc.tokenizer.apply_chat_template(ds._samples.template_messages(messages), tokenize=False)
+    metadata = [
+        VideoMetadata(
+            total_num_frames=m["total_num_frames"],
+            fps=m["fps"],
+            frames_indices=list(m["frames_indices"]),
+            width=v.shape[3],
+            height=v.shape[2],
+        )
+        for v, m in videos or []
+    ]
+    kwargs = {"do_resize": False, "do_convert_rgb": False, "do_rescale": False, "do_normalize": False}
+    if videos:
+        kwargs.update(videos=[v for v, _ in videos], video_metadata=metadata, do_sample_frames=False)
+        kwargs.update(return_metadata=True)
+    out = proc(text=[text], images=images or None, **kwargs)
+    return len(out["input_ids"][0])
 
 
 @pytest.mark.parametrize("patch", [14, 16])
@@ -362,8 +384,7 @@ def test_num_tokens_is_the_processor_length_with_a_chat_template(dataset_file, t
     pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     folder = make_tokenizer(tmp_path / "tok")
-    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
-    tok.add_special_tokens({"additional_special_tokens": ["<|placeholder|>"]})
+    proc = real_processor(transformers.AutoTokenizer.from_pretrained(str(folder)), patch)
     data, _, _ = dataset_file
     ds.count(str(data), str(tmp_path / "out.jsonl"), jobs=1, patch_size=patch, tokenizer=str(folder), max_frames=10)
     settings = ds.make_settings(str(data), patch_size=patch, max_frames=10)
@@ -373,7 +394,7 @@ def test_num_tokens_is_the_processor_length_with_a_chat_template(dataset_file, t
         messages = ds.to_messages(_original(record), settings)
         images, videos = q.process_vision_info(messages, image_patch_size=patch, return_video_metadata=True)
         assert record["num_tokens"] == record["visual_tokens"] + record["text_tokens"]
-        assert record["num_tokens"] == _processor_length(tok, messages, images, videos, patch), record["index"]
+        assert record["num_tokens"] == _processor_length(proc, messages, images, videos), record["index"]
 
 
 def test_text_tokens_without_a_template_count_the_turns(tmp_path):

@@ -145,11 +145,14 @@ class TextCounter:
     """Text tokens of a conversation with a local tokenizer folder.
 
     With a chat template: the messages rendered by it (media as ``{"type": "image"|"video"}``, which Qwen's
-    templates write as ``<|vision_start|><|image_pad|><|vision_end|>``), minus the ``<|image_pad|>`` /
-    ``<|video_pad|>`` placeholders the processor expands into the visual tokens, plus, for Qwen3-VL (patch 16),
-    the ``<t seconds>`` timestamp and the vision start/end pair its processor writes for each temporal group
-    of a video. So ``text_tokens + visual_tokens`` is the length of the processor's ``input_ids``. Without a
-    chat template: the turns' text joined by newlines, media tags as written.
+    templates write as ``<|vision_start|><|image_pad|><|vision_end|>``), expanded as the processor expands it,
+    minus the ``<|image_pad|>`` / ``<|video_pad|>`` placeholders that become the visual tokens. For Qwen3-VL
+    (patch 16) the processor replaces a video's whole ``<|vision_start|><|video_pad|><|vision_end|>`` wrapper
+    with, per temporal group, a ``<t seconds>`` timestamp and a vision start/end pair around the group's pads:
+    the expanded conversation is tokenized whole, so a timestamp's BPE merges with the text beside it are the
+    processor's (one pad per group stands for the group: pads are special tokens and never merge). So
+    ``text_tokens + visual_tokens`` is the length of the processor's ``input_ids``. Without a chat template:
+    the turns' text joined by newlines, media tags as written.
     """
 
     def __init__(self, path: str) -> None:
@@ -157,26 +160,37 @@ class TextCounter:
         self.encode, self.render, vocab = _load(path)
         self.pads = {vocab[t] for t in ("<|image_pad|>", "<|video_pad|>") if t in vocab}
         self.video_pad = "<|video_pad|>" in vocab
-        self._stamps: dict = {}
 
     def count(self, samples: list, facts: list, patch_size: int) -> list:
         if self.render is None:
             return [len(ids) for ids in self.encode([plain_text(s) for s in samples])]
         texts = [self.render(template_messages(s.messages)) for s in samples]
-        counts = [sum(1 for i in ids if i not in self.pads) for ids in self.encode(texts)]
         if patch_size == 16 and self.video_pad:
-            counts = [n + self._qwen3_video_text(f) for n, f in zip(counts, facts)]
-        return counts
+            texts = [_qwen3_expanded(text, f) for text, f in zip(texts, facts)]
+        return [sum(1 for i in ids if i not in self.pads) for ids in self.encode(texts)]
 
-    def _qwen3_video_text(self, facts: list) -> int:
-        extra = 0
-        for fact in facts:
-            for t in fact.get("_times", ()) if fact["kind"] == "video" else ():
-                stamp = f"<{t:.1f} seconds>"
-                if stamp not in self._stamps:
-                    self._stamps[stamp] = len(self.encode([stamp])[0])
-                extra += self._stamps[stamp] + 2  # the timestamp, then vision start ... vision end
-        return extra
+
+#: what a Qwen chat template writes for a video, and what a Qwen3-VL processor writes for each temporal group
+_VIDEO_WRAPPER = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def _qwen3_expanded(text: str, facts: list) -> str:
+    """``text`` with each video's wrapper replaced, in order, as Qwen3VLProcessor replaces it (a bare
+    ``<|video_pad|>`` where a template wrote no wrapper)."""
+    pos = 0
+    for fact in facts:
+        if fact["kind"] != "video":
+            continue
+        groups = "".join(f"<{t:.1f} seconds>{_VIDEO_WRAPPER}" for t in fact.get("_times", ()))
+        at = text.find(_VIDEO_WRAPPER, pos)
+        old = _VIDEO_WRAPPER
+        if at < 0:
+            at, old = text.find("<|video_pad|>", pos), "<|video_pad|>"
+            if at < 0:
+                break
+        text = text[:at] + groups + text[at + len(old) :]
+        pos = at + len(groups)
+    return text
 
 
 def _has_template_file(path: str) -> bool:
