@@ -1397,8 +1397,11 @@ def test_cli_takes_on_lag(files):
         timeout=120,
     )
     lines = [json.loads(line) for line in res.stdout.splitlines()]
-    assert res.returncode == 0 and [x["index"] for x in lines] == list(range(5)), res.stderr
-    assert all(x["dropped"] == 0 for x in lines)  # a reader that keeps up loses nothing
+    assert res.returncode == 0 and lines and lines[-1]["index"] == 4, res.stderr
+    # (a file piped in comes faster than real time: chunks the printing falls behind on may be dropped, and
+    # each line says how many went before it)
+    gaps = [b["index"] - a["index"] - 1 for a, b in itertools.pairwise(lines)]
+    assert gaps == [x["dropped"] for x in lines[1:]] and lines[0]["dropped"] == lines[0]["index"]
     assert run_cli("stream", "-", "--on-lag", "skip").returncode == 2
 
 
