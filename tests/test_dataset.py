@@ -169,7 +169,7 @@ def _tokens_from_output(images, videos, factor):
     return total
 
 
-ADDED = ("index", "visual_tokens", "text_tokens", "num_tokens", "media_info")
+ADDED = ("index", "visual_tokens", "text_tokens", "assistant_tokens", "num_tokens", "media_info")
 
 
 def _original(record: dict) -> dict:
@@ -394,7 +394,14 @@ def test_num_tokens_is_the_processor_length_with_a_chat_template(dataset_file, t
         messages = ds.to_messages(_original(record), settings)
         images, videos = q.process_vision_info(messages, image_patch_size=patch, return_video_metadata=True)
         assert record["num_tokens"] == record["visual_tokens"] + record["text_tokens"]
-        assert record["num_tokens"] == _processor_length(proc, messages, images, videos), record["index"]
+        length = _processor_length(proc, messages, images, videos)
+        assert record["num_tokens"] == length, record["index"]
+        # the trainable tokens (a trainer masking the prompt, as qwen-vl-finetune's labels): each assistant
+        # turn's content and its <|im_end|>; the processor's own length without the answers tells them apart
+        answers = [m for m in messages if m["role"] == "assistant"]
+        unanswered = [{**m, "content": ""} if m["role"] == "assistant" else m for m in messages]
+        without = _processor_length(proc, unanswered, images, videos)
+        assert record["assistant_tokens"] == length - without + len(answers), record["index"]
 
 
 def test_text_tokens_without_a_template_count_the_turns(tmp_path):
@@ -409,6 +416,7 @@ def test_text_tokens_without_a_template_count_the_turns(tmp_path):
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     assert record["text_tokens"] == len(tok.encode("What happens?\nIt shows a scene.", add_special_tokens=False).ids)
     assert record["num_tokens"] == record["text_tokens"] and record["visual_tokens"] == 0
+    assert record["assistant_tokens"] == len(tok.encode("It shows a scene.", add_special_tokens=False).ids)
 
 
 # --- packing -------------------------------------------------------------------------------------------------

@@ -261,7 +261,7 @@ def _stream(
 
 
 #: the fields a run adds to a sample (not part of what makes two samples the same)
-_ADDED = ("index", "visual_tokens", "text_tokens", "num_tokens", "media_info")
+_ADDED = ("index", "visual_tokens", "text_tokens", "assistant_tokens", "num_tokens", "media_info")
 
 
 class _Duplicates:

@@ -162,12 +162,47 @@ class TextCounter:
         self.video_pad = "<|video_pad|>" in vocab
 
     def count(self, samples: list, facts: list, patch_size: int) -> list:
+        """(text tokens, assistant tokens) of each sample. The assistant tokens are the trainable ones when a
+        trainer masks the prompt, as qwen-vl-finetune's labels do: of each assistant turn, its content and its
+        ``<|im_end|>`` (with a template); without one, each assistant turn's text."""
         if self.render is None:
-            return [len(ids) for ids in self.encode([plain_text(s) for s in samples])]
+            totals = [len(ids) for ids in self.encode([plain_text(s) for s in samples])]
+            answers = [[t for r, t in _turn_texts(s) if r == "assistant"] for s in samples]
+            flat = self.encode([t for ts in answers for t in ts]) if any(answers) else []
+            sizes, out, k = [len(ids) for ids in flat], [], 0
+            for total, ts in zip(totals, answers):
+                out.append((total, sum(sizes[k : k + len(ts)])))
+                k += len(ts)
+            return out
         texts = [self.render(template_messages(s.messages)) for s in samples]
         if patch_size == 16 and self.video_pad:
             texts = [_qwen3_expanded(text, f) for text, f in zip(texts, facts)]
-        return [sum(1 for i in ids if i not in self.pads) for ids in self.encode(texts)]
+        out = []
+        for text, (ids, offsets) in zip(texts, self.encode(texts, offsets=True)):
+            spans = [m.span(1) for m in _ASSISTANT.finditer(text)]
+            kept = [(i, o) for i, o in zip(ids, offsets) if i not in self.pads]
+            trained = sum(1 for _, (a, b) in kept if any(s <= a and b <= e for s, e in spans))
+            out.append((len(kept), trained))
+        return out
+
+
+#: an assistant turn as Qwen's chat templates write it: what follows its header, up to and with its end
+_ASSISTANT = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.DOTALL)
+
+
+def _turn_texts(sample: Any) -> list:
+    """(role, text) of each turn, for a sample read without a chat template."""
+    if "conversations" in sample.record:
+        from ._samples import _ROLES
+
+        return [(_ROLES.get(t["from"], t["from"]), t["value"]) for t in sample.record["conversations"]]
+    out = []
+    for msg in sample.messages:
+        content = msg.get("content")
+        if isinstance(content, list):
+            content = "".join(str(e.get("text", "")) for e in content if isinstance(e, dict))
+        out.append((msg["role"], content or ""))
+    return out
 
 
 #: what a Qwen chat template writes for a video, and what a Qwen3-VL processor writes for each temporal group
@@ -217,8 +252,9 @@ def _load(path: str) -> tuple:
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ... for unusable folders
         raise InvalidOptionError(f"--tokenizer {path}: cannot load a tokenizer from it ({exc})") from exc
 
-    def encode(texts: list) -> list:
-        return tok(texts, add_special_tokens=False)["input_ids"]
+    def encode(texts: list, offsets: bool = False) -> Any:
+        out = tok(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+        return list(zip(out["input_ids"], out["offset_mapping"])) if offsets else out["input_ids"]
 
     render = None
     if getattr(tok, "chat_template", None):
@@ -243,8 +279,9 @@ def _load_tokenizers(path: str) -> tuple:
     except Exception as exc:
         raise InvalidOptionError(f"--tokenizer {path}: cannot load tokenizer.json ({exc})") from exc
 
-    def encode(texts: list) -> list:
-        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    def encode(texts: list, offsets: bool = False) -> Any:
+        encoded = tok.encode_batch(texts, add_special_tokens=False)
+        return [(e.ids, e.offsets) for e in encoded] if offsets else [e.ids for e in encoded]
 
     return encode, None, tok.get_vocab()
 
@@ -377,8 +414,8 @@ def _process_batch(records: list, settings: Settings, mode: str) -> list:
             visual = sum(f["tokens"] for f in facts)
             out["visual_tokens"] = visual
             if texts is not None:
-                out["text_tokens"] = texts[k]
-            out["num_tokens"] = visual + (texts[k] if texts is not None else 0)
+                out["text_tokens"], out["assistant_tokens"] = texts[k]
+            out["num_tokens"] = visual + (texts[k][0] if texts is not None else 0)
             out["media_info"] = [{k2: v for k2, v in f.items() if not k2.startswith("_")} for f in facts]
         results[pos] = (results[pos][0], "valid", out)
     return [(i, kind, json.dumps(obj, ensure_ascii=False)) for i, kind, obj in results]
