@@ -65,6 +65,17 @@ def _damaged(path, out, packets=40):
     return out
 
 
+def _flipped(path, out, first=80, packets=4):
+    """``path`` with the payloads of ``packets`` TS packets garbled, their headers intact: the demuxer sees
+    nothing wrong, the decoder rejects a slice (FFmpeg conceals it and shows the others)."""
+    data = bytearray(path.read_bytes())
+    for i in range(first, first + packets):
+        for j in range(20, 188, 7):
+            data[i * 188 + j] ^= 0x5A
+    out.write_bytes(bytes(data))
+    return out
+
+
 def _mismatches(indices, frames, shown):
     """(index, number in our frame, number in FFmpeg's frame at that index) wherever they differ; an index past
     FFmpeg's last frame is a mismatch; a frame FFmpeg shows garbled (damage) is not compared."""
@@ -95,6 +106,7 @@ def cuts(tmp_path_factory):
         "mpeg2-open-gop": _cut(mpeg2, d / "mpeg2-cut.ts", 0.13),
         "h264-damaged": _damaged(h264, d / "h264-damaged.ts"),
         "h264-raw-mid-gop": _raw_cut(h264, d / "cut.h264"),
+        "h264-corrupt-slices": _flipped(h264, d / "flipped.ts"),
     }
 
 
@@ -109,7 +121,14 @@ def _raw_cut(ts, out):
     return out
 
 
-CASES = ["h264-mid-gop", "h264-mid-gop-late", "mpeg2-open-gop", "h264-damaged", "h264-raw-mid-gop"]
+CASES = [
+    "h264-mid-gop",
+    "h264-mid-gop-late",
+    "mpeg2-open-gop",
+    "h264-damaged",
+    "h264-raw-mid-gop",
+    "h264-corrupt-slices",
+]
 
 
 @pytest.mark.parametrize("backend", ["pyav", "torchcodec", "decord"])

@@ -27,6 +27,8 @@ def timeline_gaps(info: VideoInfo, name: str) -> Optional[str]:
             f"{name} does not follow the edit list that hides {info.hidden_frames} frames of this file "
             "(the pre-roll of a cut): its frames are not the ones a player shows"
         )
+    if info.container in ("h264", "hevc"):  # a raw elementary stream: no timestamps to seek by
+        return f"{name} cannot seek in a raw {info.container.upper()} elementary stream"
     if info.damaged:
         return f"{name} numbers frames by packet, not as a player shows a damaged file (frames lost to the damage)"
     if info.leading_frames:

@@ -15,7 +15,7 @@ from .. import _cancel
 from .._util import usable_cpus
 from ..container._mp4 import sample_table
 from ..container._nal import fresh_start_check
-from ..container._probe import VideoInfo, open_container, seek_start
+from ..container._probe import VideoInfo, decode_or_conceal, decoded_frames, open_container, seek_start
 from ..sources._resolve import Source
 
 NAME = "pyav"
@@ -174,7 +174,7 @@ def read(source: Source, info: VideoInfo, indices: list[int], threads: int) -> I
             yield from _read_seeking(container, stream, index, indices)
         else:
             seek_start(container)
-            yield from _read_through(container.decode(stream), indices, 0)
+            yield from _read_through(decoded_frames(container, stream), indices, 0)
     finally:
         container.close()
 
@@ -391,4 +391,4 @@ def _seek(container: Any, stream: Any, index: _Index, key: int, wanted: set, car
         if skip != skipping:
             cc.skip_frame = "NONREF" if skip else "DEFAULT"
             skipping = skip
-        yield from cc.decode(packet)
+        yield from decode_or_conceal(cc, packet)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from .._errors import DecodeError, QwenVLError
 from ..sources._resolve import Source, sniff_media
@@ -84,6 +84,26 @@ def seek_start(container: Any) -> None:
         container.seek(0, unsupported_byte_offset=True)
 
 
+def decode_or_conceal(cc: Any, packet: Any) -> list:
+    """The frames ``packet`` gives; none when the decoder rejects it as invalid data (a damaged slice in the
+    middle of a file or a live feed): FFmpeg's own player conceals it and decodes on, and so does the library,
+    instead of failing the whole video."""
+    import av
+
+    try:
+        return cc.decode(packet)
+    except av.error.InvalidDataError:
+        return []
+
+
+def decoded_frames(container: Any, stream: Any) -> Iterator[Any]:
+    """``container.decode(stream)``, a damaged packet concealed (:func:`decode_or_conceal`), the decoder
+    flushed at the end."""
+    cc = stream.codec_context
+    for packet in container.demux(stream):
+        yield from decode_or_conceal(cc, packet if packet.size else None)
+
+
 def probe_video(source: Source, count: bool = True) -> VideoInfo:
     """Read the container header (and, where it has no frame count, its packet headers) and one frame.
 
@@ -131,7 +151,7 @@ def probe_video(source: Source, count: bool = True) -> VideoInfo:
                     seek_start(container)
             else:
                 hidden, exact_count = 0, False
-            first = next(iter(container.decode(stream)), None)
+            first = next(decoded_frames(container, stream), None)
         except av.FFmpegError as exc:  # its ENOMEM too (a MemoryError): corrupt sizes, not this machine's memory
             raise _undecodable(source, exc, "could not be decoded") from exc
         except (MemoryError, QwenVLError):
@@ -277,7 +297,7 @@ def _count_decoded(container: Any, stream: Any) -> int:
     n = 0
     for packet in container.demux(stream):
         _cancel.check(token)
-        n += len(cc.decode(packet) if packet.size else cc.decode(None))
+        n += len(decode_or_conceal(cc, packet if packet.size else None))
     return n
 
 

@@ -370,8 +370,8 @@ def local_special_file(value: str, policy: FetchPolicy) -> Optional[str]:
         path = urllib.parse.unquote(
             parsed.netloc + parsed.path if parsed.netloc not in ("", "localhost") else parsed.path
         )
-    elif _URL.match(stripped) and not os.path.exists(value):
-        return None
+    elif (_URL.match(stripped) or scheme == "data") and not os.path.exists(value):
+        return None  # a URL or a data: URI (which the path check took for a too long file name)
     else:
         path = value
     name = describe(value)

@@ -19,6 +19,7 @@ import threading
 from typing import Any, Callable, Iterator, Optional
 
 from .. import _cancel
+from ..container._probe import decode_or_conceal
 from ._handoff import STOPPED, Handoff
 
 
@@ -40,6 +41,17 @@ def _from_keyframe(packets: Iterator[Any]) -> Iterator[Any]:
             return
 
 
+def _decode_exactly(cc: Any, packet: Any) -> list:
+    """A segment decoder's frames; a packet the decoder rejects (a damaged slice) loses its frame, which the
+    packet numbering cannot know: decode again, numbering frames as they come out (:class:`_Inexact`)."""
+    import av
+
+    try:
+        return cc.decode(packet)
+    except av.error.InvalidDataError as exc:
+        raise _Inexact(f"a packet the decoder rejects ({exc})") from None
+
+
 def _shown_packets(packets: Iterator[Any]) -> Iterator[Any]:
     return (p for p in packets if p.size)
 
@@ -54,7 +66,7 @@ class _Counting:
     def __iter__(self) -> Iterator[tuple]:
         cc = self.stream.codec_context
         for packet in itertools.chain(self.packets, [None]):  # None: flush the decoder at the end
-            for frame in cc.decode(packet):
+            for frame in decode_or_conceal(cc, packet):
                 ordinal = self.index.ordinal_of(frame.pts) if self.index is not None else self.last_shown + 1
                 if ordinal is None or ordinal <= self.last_shown:  # no timestamp, or one out of order
                     ordinal = self.last_shown + 1
@@ -165,7 +177,7 @@ class _SegmentDecoder:
         if (not want) != self.skipping:
             self.skipping = not want
             self.cc.skip_frame = "NONREF" if self.skipping else "DEFAULT"
-        yield from self._out(self.cc.decode(packet))
+        yield from self._out(_decode_exactly(self.cc, packet))
 
     def finish(self) -> Iterator[tuple]:
         """The end of a segment: drain the decoder, check every target came out, make it ready for the next."""

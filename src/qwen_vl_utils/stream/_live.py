@@ -497,8 +497,9 @@ def _first_response(url: str, transfer: Transfer, token: Token) -> Any:
             return request(url, transfer, {"Range": f"bytes=0-{FIRST_BYTES - 1}"})
         except NetworkError as exc:
             waited = time.monotonic() - start
-            if not waits or getattr(exc, "status", None) != 404 or waited + PLAYLIST_RETRY > policy.connect_timeout:
-                if waits and waited > 0:
+            missing = getattr(exc, "status", None) == 404
+            if not waits or not missing or waited + PLAYLIST_RETRY > policy.connect_timeout:
+                if waits and missing and waited > 0:
                     raise NetworkError(
                         f"{exc} (the playlist did not appear within the connect timeout, {policy.connect_timeout:g} "
                         "s: FetchPolicy.connect_timeout or QWENVL_CONNECT_TIMEOUT)"

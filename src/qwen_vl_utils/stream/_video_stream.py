@@ -33,6 +33,7 @@ from .. import _cancel
 from .._errors import DecodeError, FetchTimeoutError, InvalidOptionError, QwenVLError, SourceTooLargeError, describe
 from .._options import VideoOptions, check_backend, patch_factor, video_options
 from .._util import usable_cpus
+from ..container._probe import decode_or_conceal
 from ..sources._policy import FetchPolicy, get_fetch_policy
 from ._file import (
     _ONE_FRAME_PER_PACKET,
@@ -630,6 +631,10 @@ class _Run:
                     self._check_limits(ordinal, ordinal / self.fps, source.name)
                 self.frame(ordinal, ordinal / self.fps, frame)
                 if self.chunker.finished:
+                    # the window is complete: a file read by range stops its reads in flight now (its readahead
+                    # asks for up to 8 MiB at a time; the decoder threads are joined on the way out)
+                    if source.ranged is not None:
+                        source.close()
                     break
             return max(last, frames.last_shown)
         except (QwenVLError, _Inexact, MemoryError):
@@ -757,7 +762,7 @@ def _decode_all(container: Any, stream: Any, inp: Any, seen: Callable[[Any], Non
                 reader.seen()
             cut = packet.is_corrupt  # a damaged packet mid-stream (a lost datagram) is concealed; at the end, cut off
             try:
-                yield from stream.codec_context.decode(packet)
+                yield from decode_or_conceal(stream.codec_context, packet)  # a bit error must not end a feed
             except Exception as exc:
                 if isinstance(exc, (QwenVLError, MemoryError)):
                     raise
