@@ -263,3 +263,51 @@ def test_frames_indices_are_checked():
             q.fetch_video({"video": "x.mp4", "frames_indices": bad})
     with pytest.raises(q.InvalidOptionError, match="stream samples with fps"):
         q.stream_video({"video": "x.mp4", "frames_indices": [0, 1]})
+
+
+# --- found attacking streams from outside --------------------------------------------------------------------------
+
+
+def test_a_window_of_a_ranged_file_ends_without_reading_the_rest(tmp_path):
+    """With video_end=1 of a 10 s file served by range at a slow rate, the iterator went on after the last chunk
+    until the whole file had come (its readahead asks for up to 8 MiB at a time)."""
+    path = make_video(
+        tmp_path / "big.ts", frames=240, width=320, height=180, fps=24, container="mpegts", pattern=_noisy,
+        options={"crf": "10"},
+    )  # fmt: skip
+    data = path.read_bytes()
+    server = FileServer()
+    try:
+        url = server.add("/big.ts", data, rate=len(data) / 6)  # the whole file would take 6 s
+        with q.stream_video({"video": url, "video_end": 1.0}) as stream:
+            chunks = list(stream)
+        sent = server.files["/big.ts"].sent
+    finally:
+        server.close()
+    assert [c.metadata["frames_indices"] for c in chunks] == [[0, 12]]
+    assert sent < len(data) * 0.9, f"{sent} of {len(data)} bytes were sent for a 1 s window"
+
+
+def test_a_data_uri_streams(tmp_path):
+    import base64
+
+    path = make_video(tmp_path / "v.mp4", frames=48, pattern=numbered_frame)
+    uri = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+    chunks = list(q.stream_video({"video": uri}))
+    assert [c.metadata["frames_indices"] for c in chunks] == [[0, 12], [24, 36]]
+    assert all(frame_number(f) == i for c in chunks for i, f in zip(c.metadata["frames_indices"], c.frames))
+
+
+@pytest.mark.parametrize("backend", ["pyav", "torchcodec", "decord"])
+def test_a_raw_h264_stream_decodes_on_every_backend(cuts, tmp_path, backend, monkeypatch):
+    """torchcodec failed with "Could not seek file to pts=0: Operation not permitted" instead of handing the file
+    to PyAV, as it does for the formats it cannot number."""
+    raw = tmp_path / "plain.h264"
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(cuts["h264-damaged"].parent / "h264.ts"),
+         "-c", "copy", "-f", "h264", str(raw)], check=True,
+    )  # fmt: skip
+    monkeypatch.setenv("FORCE_QWENVL_VIDEO_READER", backend)
+    shown = shown_by_ffmpeg(raw)
+    video, meta = q.fetch_video({"video": str(raw), "fps": 4, **SIZE}, return_video_metadata=True)
+    assert _mismatches([int(i) for i in meta["frames_indices"]], video, shown) == []
