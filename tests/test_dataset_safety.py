@@ -325,3 +325,21 @@ def test_a_sample_whose_media_never_deliver_times_out_and_the_run_goes_on(data, 
     assert res.returncode == 1 and "1 timeout" in res.stdout, res.stdout + res.stderr
     assert [r["index"] for r in _lines(tmp_path / "chk" / "valid.jsonl")] == [0, 2]
     assert _cli("dataset", "check", path, "-o", tmp_path / "x", "--sample-timeout", "-1").returncode == 2
+
+
+def test_a_samples_own_index_field_is_kept(data, tmp_path):
+    """check's output overwrote a user field named index with the run's."""
+    records = [{**_sample(f"media/{i}.png"), "index": f"user-{i}"} for i in range(3)]
+    path = tmp_path / "own.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ds.check(str(path), str(tmp_path / "chk"), jobs=1, media_root=str(data.parent))
+    valid = _lines(tmp_path / "chk" / "valid.jsonl")
+    assert [r["index"] for r in valid] == ["user-0", "user-1", "user-2"]
+    assert [r["qwen_vl_index"] for r in valid] == [0, 1, 2]
+    # resuming reads the run's index, counting and packing too
+    again = ds.check(str(path), str(tmp_path / "chk"), jobs=1, media_root=str(data.parent))
+    assert again.resumed == 3 and again.valid == 3
+    ds.count(str(path), str(tmp_path / "c.jsonl"), jobs=1, media_root=str(data.parent))
+    ds.pack(str(tmp_path / "c.jsonl"), str(tmp_path / "p.json"), 4096, visual_only=True)
+    packed = [s for g in json.loads((tmp_path / "p.json").read_text()) for s in g]
+    assert sorted(s["index"] for s in packed) == ["user-0", "user-1", "user-2"]

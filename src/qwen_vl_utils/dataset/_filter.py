@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .._errors import InvalidOptionError
-from ._output import atomic_writer, refuse_overwriting
+from ._output import atomic_writer, record_index, refuse_overwriting
 from ._records import detect_format, iter_records
 from ._run import count, sibling
 from ._work import PROBLEM_CODES
@@ -94,7 +94,7 @@ def _problem_codes(path: str) -> dict:
         with open(path, "rb") as f:
             for line in f:
                 record = json.loads(line)
-                out[record["index"]] = record["problem"]
+                out[record_index(record)] = record["problem"]
     return out
 
 
@@ -103,5 +103,5 @@ def _tokens(path: str) -> dict:
     with open(path, "rb") as f:
         for line in f:
             record = json.loads(line)
-            out[record["index"]] = record["num_tokens"]
+            out[record_index(record)] = record["num_tokens"]
     return out

@@ -15,7 +15,16 @@ from typing import Any, Optional
 
 from .._errors import InvalidOptionError
 
-__all__ = ["JsonlOutput", "atomic_writer", "check_settings", "refuse_overwriting"]
+__all__ = ["INDEX_OF_OWN", "JsonlOutput", "atomic_writer", "check_settings", "record_index", "refuse_overwriting"]
+
+#: where a run writes a sample's index when the sample has an ``index`` field of its own (kept as it is)
+INDEX_OF_OWN = "qwen_vl_index"
+
+
+def record_index(record: dict) -> int:
+    """The run's index of an output record: ``qwen_vl_index`` where the sample brought its own ``index``."""
+    return int(record[INDEX_OF_OWN] if INDEX_OF_OWN in record else record["index"])
+
 
 _TAIL = 1 << 16
 
@@ -69,7 +78,7 @@ def _repair(path: str) -> tuple[int, int]:
         last = f.read(end - start)
         lines = _count_lines(f, end)
     try:
-        index = int(json.loads(last)["index"])
+        index = record_index(json.loads(last))
     except (ValueError, KeyError, TypeError):
         raise InvalidOptionError(
             f"{path} is not an output of this tool (its last line has no 'index'); give another output path"

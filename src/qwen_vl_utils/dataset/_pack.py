@@ -20,7 +20,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from .._errors import InvalidOptionError
-from ._output import atomic_writer, refuse_overwriting
+from ._output import atomic_writer, record_index, refuse_overwriting
 
 __all__ = ["PackSummary", "best_fit_decreasing", "pack"]
 
@@ -105,7 +105,8 @@ def _scan(path: str, max_len: int, problems: list) -> tuple:
         for n, line in enumerate(f):
             try:
                 record = json.loads(line)
-                index, size = record.get("index", n), record["num_tokens"]
+                index = record_index(record) if "index" in record else n
+                size = record["num_tokens"]
                 if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                     raise TypeError(f"num_tokens must be a non-negative integer, got {size!r}")
                 textless += "text_tokens" not in record

@@ -12,7 +12,7 @@ from .._errors import InvalidOptionError
 from .._progress import Progress
 from ..sources._policy import FetchPolicy, get_fetch_policy
 from ._engines import local_engine, ray_engine
-from ._output import JsonlOutput, check_settings, refuse_overwriting
+from ._output import INDEX_OF_OWN, JsonlOutput, check_settings, record_index, refuse_overwriting
 from ._records import count_records, detect_format, iter_records
 from ._samples import Settings
 from ._work import load_text_counter
@@ -280,9 +280,10 @@ class _Duplicates:
         import hashlib
 
         record = json.loads(line)
-        same = {k: v for k, v in record.items() if k not in _ADDED}
+        own = INDEX_OF_OWN in record  # then "index" is the sample's own field, part of what it is
+        same = {k: v for k, v in record.items() if (k not in _ADDED or (own and k == "index")) and k != INDEX_OF_OWN}
         key = hashlib.sha256(json.dumps(same, sort_keys=True, ensure_ascii=False).encode()).digest()
-        return self.seen.setdefault(key, record["index"])
+        return self.seen.setdefault(key, record_index(record))
 
     def mark(self, batch: list) -> list:
         out = []

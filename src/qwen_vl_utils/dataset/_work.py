@@ -17,6 +17,7 @@ from typing import Any, Optional
 from .. import _errors as errors
 from .._errors import InvalidOptionError
 from ..sources._policy import get_fetch_policy
+from ._output import INDEX_OF_OWN
 from ._samples import Problem, Settings, parse_sample, plain_text, template_messages
 
 __all__ = ["PROBLEM_CODES", "classify", "load_text_counter", "process_batch"]
@@ -409,7 +410,7 @@ def _process_batch(records: list, settings: Settings, mode: str) -> list:
     texts = counter.count([s for _, s, _ in valid], [f for _, _, f in valid], settings.patch_size) if counter else None
     for k, (pos, sample, facts) in enumerate(valid):
         out = dict(sample.record)
-        out["index"] = results[pos][0]
+        out[INDEX_OF_OWN if "index" in out else "index"] = results[pos][0]  # a sample's own index is kept
         if mode == "count":
             visual = sum(f["tokens"] for f in facts)
             out["visual_tokens"] = visual
