@@ -397,11 +397,12 @@ def test_num_tokens_is_the_processor_length_with_a_chat_template(dataset_file, t
         length = _processor_length(proc, messages, images, videos)
         assert record["num_tokens"] == length, record["index"]
         # the trainable tokens (a trainer masking the prompt, as qwen-vl-finetune's labels): each assistant
-        # turn's content and its <|im_end|>; the processor's own length without the answers tells them apart
+        # turn's content, its <|im_end|> and the newline after it; the processor's own length without the
+        # answers tells the content apart
         answers = [m for m in messages if m["role"] == "assistant"]
         unanswered = [{**m, "content": ""} if m["role"] == "assistant" else m for m in messages]
         without = _processor_length(proc, unanswered, images, videos)
-        assert record["assistant_tokens"] == length - without + len(answers), record["index"]
+        assert record["assistant_tokens"] == length - without + 2 * len(answers), record["index"]
 
 
 def test_text_tokens_without_a_template_count_the_turns(tmp_path):

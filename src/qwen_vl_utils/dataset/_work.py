@@ -164,8 +164,8 @@ class TextCounter:
 
     def count(self, samples: list, facts: list, patch_size: int) -> list:
         """(text tokens, assistant tokens) of each sample. The assistant tokens are the trainable ones when a
-        trainer masks the prompt, as qwen-vl-finetune's labels do: of each assistant turn, its content and its
-        ``<|im_end|>`` (with a template); without one, each assistant turn's text."""
+        trainer masks the prompt, as qwen-vl-finetune's labels do: of each assistant turn, its content, its
+        ``<|im_end|>`` and the newline after it (with a template); without one, each assistant turn's text."""
         if self.render is None:
             totals = [len(ids) for ids in self.encode([plain_text(s) for s in samples])]
             answers = [[t for r, t in _turn_texts(s) if r == "assistant"] for s in samples]
@@ -187,8 +187,9 @@ class TextCounter:
         return out
 
 
-#: an assistant turn as Qwen's chat templates write it: what follows its header, up to and with its end
-_ASSISTANT = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.DOTALL)
+#: an assistant turn as Qwen's chat templates write it: what follows its header, up to and with its end and the
+#: newline after it (qwen-vl-finetune's label mask: from two tokens past "assistant" to one past <|im_end|>)
+_ASSISTANT = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>\n?)", re.DOTALL)
 
 
 def _turn_texts(sample: Any) -> list:
