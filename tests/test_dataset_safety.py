@@ -343,3 +343,27 @@ def test_a_samples_own_index_field_is_kept(data, tmp_path):
     ds.pack(str(tmp_path / "c.jsonl"), str(tmp_path / "p.json"), 4096, visual_only=True)
     packed = [s for g in json.loads((tmp_path / "p.json").read_text()) for s in g]
     assert sorted(s["index"] for s in packed) == ["user-0", "user-1", "user-2"]
+
+
+def test_the_same_medium_twice_in_a_sample_under_two_names_is_a_problem(data, tmp_path):
+    import shutil
+
+    shutil.copy(data.parent / "media" / "0.png", data.parent / "media" / "copy.png")
+
+    def two(a, b):
+        return {
+            "image": [a, b],
+            "conversations": [{"from": "human", "value": "<image><image> differ?"}, {"from": "gpt", "value": "No."}],
+        }
+
+    records = [
+        two("media/0.png", "media/copy.png"),
+        two("media/0.png", "media/0.png"),
+        two("media/0.png", "media/1.png"),
+    ]
+    path = data.parent / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = ds.check(str(path), str(tmp_path / "chk"), jobs=1)
+    (problem,) = _lines(tmp_path / "chk" / "problems.jsonl")
+    assert problem["index"] == 0 and problem["problem"] == "duplicate_media" and "copy.png" in problem["message"]
+    assert summary.valid == 2  # the same path twice, and two different pictures, are fine

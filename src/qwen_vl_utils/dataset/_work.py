@@ -38,6 +38,7 @@ PROBLEM_CODES = {
     "no_answer": "no assistant turn: nothing for a trainer to learn from",
     "empty_answer": "an assistant turn with no text",
     "starts_with_assistant": "the conversation starts with the assistant turn (system turns aside)",
+    "duplicate_media": "one medium twice in a sample under different paths (the same content, found by hash)",
     "duplicate_sample": "the same sample (every field equal) as an earlier one, named in the message",
     "timeout": "the sample took longer than the per-sample time limit (--sample-timeout, 300 s by default)",
     "crashed": "the worker process died on the sample (a decoder's segmentation fault, the out-of-memory killer)",
@@ -372,7 +373,45 @@ def _examine_in_time(raw: Optional[bytes], error: Optional[str], settings: Setti
             facts.append(measure(kind, ele, settings))
         except Problem as p:
             problems.append(p)
+    if not problems:
+        problems += _duplicate_media(sample.media)
     return sample, facts, problems
+
+
+def _duplicate_media(media: list) -> list:
+    """One medium given twice in a sample under different paths (a copy pasted in), found by content: files of
+    equal size are hashed, no other is read. The same path twice is left alone (a sample may compare a medium
+    with itself on purpose); media reused across samples are normal (one video, many questions)."""
+    import hashlib
+
+    paths = []
+    for n, (kind, ele) in enumerate(media):
+        value = ele.get(kind) if kind == "video" else ele.get("image", ele.get("image_url"))
+        if isinstance(value, str) and "://" not in value[:12] and not value.startswith("data:"):
+            with contextlib.suppress(OSError):
+                paths.append((os.path.getsize(value), os.path.realpath(value), n, kind))
+    by_size: dict = {}
+    for size, path, n, kind in paths:
+        by_size.setdefault(size, []).append((path, n, kind))
+    seen: dict = {}
+    for group in by_size.values():
+        if len({path for path, _, _ in group}) < 2:
+            continue
+        for path, n, kind in group:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            first = seen.setdefault(digest.digest(), (path, n))
+            if first[0] != path:
+                return [
+                    Problem(
+                        "duplicate_media",
+                        f"{kind} {n + 1} of the sample ({path}) has the same content as medium {first[1] + 1} "
+                        f"({first[0]}): the same picture twice under two names",
+                    )
+                ]
+    return []
 
 
 def process_batch(records: list, settings: Settings, mode: str) -> list:
