@@ -367,3 +367,47 @@ def test_the_same_medium_twice_in_a_sample_under_two_names_is_a_problem(data, tm
     (problem,) = _lines(tmp_path / "chk" / "problems.jsonl")
     assert problem["index"] == 0 and problem["problem"] == "duplicate_media" and "copy.png" in problem["message"]
     assert summary.valid == 2  # the same path twice, and two different pictures, are fine
+
+
+def test_chat_samples_pack_into_qwen_vl_finetunes_own_format(data, tmp_path):
+    """Packed chat-format samples kept their messages, which qwen-vl-finetune's loader cannot read; converted,
+    each reads back through this library's own reader of that format as the same conversation."""
+    from qwen_vl_utils.dataset._samples import Settings, parse_sample
+
+    chat = {
+        "id": 7,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": "media/0.png", "max_pixels": 50000},
+                    {"type": "text", "text": "And this?"},
+                    {"type": "image", "image": "media/1.png"},
+                ],
+            },
+            {"role": "assistant", "content": "Two gradients."},
+            {"role": "user", "content": "Sure?"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]},
+        ],
+    }
+    system = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+        ]
+    }
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(chat) + "\n" + json.dumps(system) + "\n")
+    ds.count(str(path), str(tmp_path / "c.jsonl"), jobs=1, media_root=str(data.parent))
+    summary = ds.pack(str(tmp_path / "c.jsonl"), str(tmp_path / "p.json"), 100000, visual_only=True)
+    (sample,) = [s for g in json.loads((tmp_path / "p.json").read_text()) for s in g]
+    assert "messages" not in sample and sample["id"] == 7
+    assert sample["image"] == ["media/0.png", "media/1.png"]
+    assert [t["from"] for t in sample["conversations"]] == ["human", "gpt", "human", "gpt"]
+    assert sample["conversations"][0]["value"] == "<image>\nAnd this?\n<image>"
+    settings = Settings(media_root=str(data.parent))
+    back = parse_sample(json.dumps(sample).encode(), settings)
+    assert not back.problems and [k for k, _ in back.media] == ["image", "image"]
+    (problem,) = _lines(tmp_path / "p.problems.jsonl")
+    assert problem["problem"] == "not_convertible" and "system" in problem["message"] and summary.exit_code == 1

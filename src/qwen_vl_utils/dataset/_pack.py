@@ -75,6 +75,7 @@ class PackSummary:
     tokens: int  # packed
     max_len: int
     seconds: float
+    not_convertible: int = 0  # chat samples qwen-vl-finetune's format cannot hold
 
     @property
     def fill(self) -> float:
@@ -83,7 +84,7 @@ class PackSummary:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.too_long or self.malformed else 0
+        return 1 if self.too_long or self.malformed or self.not_convertible else 0
 
     def describe(self) -> str:
         text = (
@@ -94,12 +95,59 @@ class PackSummary:
             text += f"; {self.too_long} samples longer than {self.max_len} left out"
         if self.malformed:
             text += f"; {self.malformed} records without a valid num_tokens left out"
+        if self.not_convertible:
+            text += f"; {self.not_convertible} chat samples qwen-vl-finetune's format cannot hold left out"
         return text + f" [{self.seconds:.1f} s]"
 
 
+def finetune_form(record: dict) -> dict:
+    """A chat-format sample (``messages``) in qwen-vl-finetune's own format, which its trainer reads: ``image``
+    and ``video`` lists, ``conversations`` of ``human``/``gpt`` turns with an ``<image>``/``<video>`` tag where
+    each medium stood; the other fields kept. Element keys (``max_pixels``, ``fps``...) have no place there and
+    are left out (the trainer's own arguments decide). ValueError for what it cannot hold: a system turn (its
+    loader makes every turn that is not the human's an assistant turn), media in an assistant turn, text that
+    already holds a tag."""
+    from ._samples import _ASSISTANT_ROLES, _USER_ROLES, _chat_kind
+
+    images, videos, turns = [], [], []
+    for n, msg in enumerate(record["messages"]):
+        role, content = msg.get("role"), msg.get("content")
+        if role in _USER_ROLES:
+            frm = "human"
+        elif role in _ASSISTANT_ROLES:
+            frm = "gpt"
+        else:
+            raise ValueError(f"message {n} is a {role} turn, which qwen-vl-finetune reads as an assistant turn")
+        parts = []
+        for ele in content if isinstance(content, list) else [{"type": "text", "text": content or ""}]:
+            kind = _chat_kind(ele)
+            if kind is None:
+                text = str(ele.get("text", "")) if isinstance(ele, dict) else ""
+                if "<image>" in text or "<video>" in text:
+                    raise ValueError(f"message {n}'s text holds an <image> or <video> tag of its own")
+                parts.append(text)
+                continue
+            if frm != "human":
+                raise ValueError(f"message {n} is an assistant turn with a {kind}")
+            source = ele.get("video") if kind == "video" else ele.get("image", ele.get("image_url"))
+            source = source.get("url") if isinstance(source, dict) else source
+            (videos if kind == "video" else images).append(source)
+            parts.append(f"<{kind}>")
+        turns.append({"from": frm, "value": "\n".join(p for p in parts if p)})
+    out = {k: v for k, v in record.items() if k != "messages"}
+    if images:
+        out["image"] = images if len(images) > 1 else images[0]
+    if videos:
+        out["video"] = videos if len(videos) > 1 else videos[0]
+    out["conversations"] = turns
+    return out
+
+
 def _scan(path: str, max_len: int, problems: list) -> tuple:
-    """(offsets, lengths, tokens) of the packable lines; the others become problem records."""
+    """(offsets, lengths, tokens, samples without text tokens, chat samples in qwen-vl-finetune's format by
+    offset) of the packable lines; the others become problem records."""
     offsets, lengths, tokens = array("q"), array("q"), array("q")
+    converted: dict = {}
     offset = textless = 0
     with open(path, "rb") as f:
         for n, line in enumerate(f):
@@ -113,22 +161,25 @@ def _scan(path: str, max_len: int, problems: list) -> tuple:
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 if line.strip():
                     problems.append({"line": n, "problem": "malformed", "message": f"not a counted sample ({exc})"})
+                offset += len(line)
+                continue
+            if "messages" in record and size <= max_len:
+                try:
+                    converted[offset] = json.dumps(finetune_form(record), ensure_ascii=False).encode()
+                except (ValueError, TypeError, AttributeError) as exc:
+                    message = f"a chat sample qwen-vl-finetune cannot read: {exc}"
+                    problems.append({"index": index, "problem": "not_convertible", "message": message})
+                    offset += len(line)
+                    continue
+            if size > max_len:
+                message = f"{size} tokens, over --max-len {max_len}"
+                problems.append({"index": index, "problem": "too_long", "message": message, "num_tokens": size})
             else:
-                if size > max_len:
-                    problems.append(
-                        {
-                            "index": index,
-                            "problem": "too_long",
-                            "message": f"{size} tokens, over --max-len {max_len}",
-                            "num_tokens": size,
-                        }
-                    )
-                else:
-                    offsets.append(offset)
-                    lengths.append(len(line.rstrip(b"\r\n")))
-                    tokens.append(size)
+                offsets.append(offset)
+                lengths.append(len(line.rstrip(b"\r\n")))
+                tokens.append(size)
             offset += len(line)
-    return offsets, lengths, tokens, textless
+    return offsets, lengths, tokens, textless, converted
 
 
 def pack(
@@ -172,7 +223,7 @@ def _as_jsonl(counted: str) -> Iterator[str]:
 
 def _pack(counted: str, output: str, max_len: int, problems: str, visual_only: bool, started: float) -> PackSummary:
     problem_records: list = []
-    offsets, lengths, tokens, textless = _scan(counted, max_len, problem_records)
+    offsets, lengths, tokens, textless, converted = _scan(counted, max_len, problem_records)
     if textless and not visual_only:
         raise InvalidOptionError(
             f"{textless} samples of {counted} have no text_tokens (counted without --tokenizer): their num_tokens "
@@ -184,7 +235,8 @@ def _pack(counted: str, output: str, max_len: int, problems: str, visual_only: b
         out.write(b"[\n")
         for g, group in enumerate(groups):
             out.write(b",\n" if g else b"")
-            out.write(b"[" + b",".join(_line(src, offsets[i], lengths[i]) for i in group) + b"]")
+            lines = (converted.get(offsets[i]) or _line(src, offsets[i], lengths[i]) for i in group)
+            out.write(b"[" + b",".join(lines) + b"]")
         out.write(b"\n]\n")
     with atomic_writer(problems) as f:
         f.writelines(json.dumps(p).encode() + b"\n" for p in problem_records)
@@ -193,6 +245,7 @@ def _pack(counted: str, output: str, max_len: int, problems: str, visual_only: b
         samples=len(tokens),
         too_long=sum(p["problem"] == "too_long" for p in problem_records),
         malformed=sum(p["problem"] == "malformed" for p in problem_records),
+        not_convertible=sum(p["problem"] == "not_convertible" for p in problem_records),
         tokens=sum(tokens),
         max_len=max_len,
         seconds=time.monotonic() - started,
