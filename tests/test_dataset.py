@@ -747,7 +747,8 @@ def test_cli_exit_codes(dataset_file, tmp_path):
     res = _cli(
         "dataset", "pack", tmp_path / "c.jsonl", "--max-len", "100000", "-o", tmp_path / "p.json", "--visual-only"
     )
-    assert res.returncode == 0 and "fill" in res.stdout, res.stderr
+    # (the set's frame-list video and video window are chat samples qwen-vl-finetune's format cannot hold)
+    assert res.returncode == 1 and "fill" in res.stdout and "2 chat samples" in res.stdout, res.stdout + res.stderr
     res = _cli("dataset", "count", tmp_path / "nope.jsonl", "-o", tmp_path / "x.jsonl")
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
 

@@ -242,9 +242,11 @@ def test_filter_writes_the_clean_set_in_the_input_format(data, tmp_path, fmt):
         str(path), str(tmp_path / f"k.{fmt}"), drop=["malformed"], media_root=str(data.parent)
     )
     assert keep_missing.kept == 5 and keep_missing.dropped == {"malformed": 1}
-    short = ds.filter_dataset(
-        str(path), str(tmp_path / f"s.{fmt}"), max_len=2, media_root=str(data.parent)
-    )  # each image is 4 tokens
+    with pytest.raises(q.InvalidOptionError, match="--visual-only"):  # a length without text tokens
+        ds.filter_dataset(str(path), str(tmp_path / f"s.{fmt}"), max_len=2, media_root=str(data.parent))
+    short = ds.filter_dataset(  # each image is 4 tokens
+        str(path), str(tmp_path / f"s.{fmt}"), max_len=2, visual_only=True, media_root=str(data.parent)
+    )
     assert short.kept == 0 and short.dropped.get("too_long") == 3
     assert _cli("dataset", "filter", path, "-o", path).returncode == 2  # never over the input
     assert _cli("dataset", "filter", path, "-o", tmp_path / "x.jsonl", "--drop", "nonsense").returncode == 2
@@ -411,3 +413,75 @@ def test_chat_samples_pack_into_qwen_vl_finetunes_own_format(data, tmp_path):
     assert not back.problems and [k for k, _ in back.media] == ["image", "image"]
     (problem,) = _lines(tmp_path / "p.problems.jsonl")
     assert problem["problem"] == "not_convertible" and "system" in problem["message"] and summary.exit_code == 1
+
+
+# --- found attacking the dataset tools from outside ------------------------------------------------------------
+
+
+def test_a_tiny_sample_timeout_never_breaks_later_samples(data, tmp_path):
+    """An alarm landing in the first `import av` left it half made: every later video was `undecodable`."""
+    from media import make_video
+
+    make_video(data.parent / "media" / "v.mp4", frames=12, width=64, height=48)
+    video = {
+        "video": "media/v.mp4",
+        "conversations": [{"from": "human", "value": "<video>"}, {"from": "gpt", "value": "a"}],
+    }
+    path = data.parent / "many.jsonl"
+    path.write_text("".join(json.dumps({**video, "id": i}) + "\n" for i in range(20)))
+    res = _cli(
+        "dataset", "count", path, "-o", tmp_path / "c.jsonl", "--jobs", "1", "--sample-timeout", "0.005", "--quiet"
+    )
+    codes = (
+        {p["problem"] for p in _lines(tmp_path / "c.problems.jsonl")}
+        if (tmp_path / "c.problems.jsonl").exists()
+        else set()
+    )
+    assert codes <= {"timeout"}, (codes, res.stdout)
+
+
+def test_resuming_under_another_model_seq_len_is_refused(data, tmp_path):
+    """MODEL_SEQ_LEN changes video budgets (as in 0.0.14) but was not in the fingerprint: a resume mixed counts."""
+    out = tmp_path / "c.jsonl"
+    assert _cli("dataset", "count", data, "-o", out).returncode == 0
+    env = {**os.environ, "MODEL_SEQ_LEN": "200"}
+    res = subprocess.run(
+        [sys.executable, "-m", "qwen_vl_utils", "dataset", "count", str(data), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 2 and "other settings" in res.stderr, res.stderr
+
+
+def test_outputs_that_cannot_be_written_are_usage_errors_before_the_work(data, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    ds.count(str(data), str(tmp_path / "c.jsonl"), jobs=1)
+    for args in (
+        ["check", data, "-o", tmp_path / "afile"],
+        ["count", data, "-o", "/proc/nope/c.jsonl"],
+        ["pack", tmp_path / "c.jsonl", "--max-len", "100", "-o", tmp_path / "adir", "--visual-only"],
+        ["filter", data, "-o", tmp_path / "adir"],
+        ["stats", tmp_path / "c.jsonl", "-o", tmp_path / "afile"],
+    ):
+        res = _cli("dataset", *args)
+        errors = [line for line in res.stderr.splitlines() if not line.startswith("note:")]
+        assert res.returncode == 2 and len(errors) == 1 and errors[0].startswith("error:"), (args, res.stderr)
+
+
+def test_bad_paths_in_a_sample_are_named_problems(data, tmp_path):
+    """A frame given as a file:// URI was not looked at without --deep; a NUL in a path was an `error`."""
+    missing = f"file://{data.parent}/media/nope.png"
+    frames = {
+        "messages": [
+            {"role": "user", "content": [{"type": "video", "video": [f"file://{data.parent}/media/0.png", missing]}]},
+            {"role": "assistant", "content": "a"},
+        ]
+    }
+    nul = _sample("media/0.png\u0000../x")
+    path = data.parent / "bad.jsonl"
+    path.write_text(json.dumps(frames) + "\n" + json.dumps(nul) + "\n")
+    ds.check(str(path), str(tmp_path / "chk"), jobs=1)
+    assert [p["problem"] for p in _lines(tmp_path / "chk" / "problems.jsonl")] == ["missing", "malformed"]

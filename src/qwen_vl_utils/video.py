@@ -81,7 +81,10 @@ FRAME_FACTOR = 2
 FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
 MAX_NUM_WORKERS_FETCH_VIDEO = 8
-MODEL_SEQ_LEN = int(float(os.environ.get("MODEL_SEQ_LEN", 128000)))
+try:  # 0.0.14 reads it at import; a bad value fails typed where it is used (_model_seq_len), not the import
+    MODEL_SEQ_LEN = int(float(os.environ.get("MODEL_SEQ_LEN", 128000)))
+except ValueError:
+    MODEL_SEQ_LEN = 128000
 
 
 class BackendFallbackWarning(UserWarning):
@@ -678,7 +681,8 @@ def describe_video(
             with resolve_source(value[0], "image", policy) as source:
                 width, height = oriented_size(open_image(source, policy))
             for n, frame in enumerate(value[1:], 1):  # the others exist (stat), though only the first is read
-                if isinstance(frame, str) and "://" not in frame[:12] and not frame.startswith("data:"):
+                local = "://" not in frame[:12] or frame[:5].lower() == "file:" if isinstance(frame, str) else False
+                if local and not frame.startswith("data:"):
                     try:
                         resolve_source(frame, "image", policy).close()
                     except QwenVLError as exc:

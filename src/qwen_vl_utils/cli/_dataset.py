@@ -105,7 +105,13 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
     drop = None if args.drop in (None, "all") else [c.strip() for c in args.drop.split(",") if c.strip()]
     summary = filter_dataset(
-        args.data, args.output, max_len=args.max_len, drop=drop, tokenizer=args.tokenizer, **_options(args)
+        args.data,
+        args.output,
+        max_len=args.max_len,
+        drop=drop,
+        visual_only=args.visual_only,
+        tokenizer=args.tokenizer,
+        **_options(args),
     )
     print(summary.describe())
     print(f"clean: {summary.outputs['clean']}\ncounts: {summary.outputs['counts']}")
@@ -173,6 +179,9 @@ def add_dataset_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="problem codes to drop, comma-separated (default: all; samples with other problems are kept)",
     )
     filt.add_argument("--tokenizer", metavar="DIR", help="a local Hugging Face tokenizer folder (text_tokens)")
+    filt.add_argument(
+        "--visual-only", action="store_true", help="with --max-len and no --tokenizer: filter by visual tokens alone"
+    )
     stats = command("stats", "histograms and a summary of a counted set", cmd_stats)
     stats.add_argument("counted", metavar="COUNTED", help="the output of dataset count")
     stats.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the summary and stats.png")

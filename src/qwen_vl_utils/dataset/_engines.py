@@ -86,6 +86,7 @@ def _pooled(batches: Iterator[list], settings: Settings, mode: str, jobs: int) -
 def exit_with_parent() -> None:
     """In a pool worker: exit when the parent process dies (a ``kill -9`` of the CLI would otherwise leave the
     workers waiting forever on their task queue, which they hold both ends of)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the driver handles it alone
     parent = multiprocessing.parent_process()
     if parent is None:
         return

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .._errors import InvalidOptionError
-from ._output import atomic_writer, record_index, refuse_overwriting
+from ._output import atomic_writer, check_output_file, record_index, refuse_overwriting
 from ._records import detect_format, iter_records
 from ._run import count, sibling
 from ._work import PROBLEM_CODES
@@ -26,7 +26,8 @@ class FilterSummary:
 
     @property
     def exit_code(self) -> int:
-        return 0
+        """0; 1 when the data holds no sample at all (nothing to keep is no success)."""
+        return 0 if self.kept or self.dropped else 1
 
     def describe(self) -> str:
         reasons = ", ".join(f"{n} {code}" for code, n in sorted(self.dropped.items(), key=lambda kv: -kv[1]))
@@ -39,6 +40,7 @@ def filter_dataset(
     output: str,
     max_len: Optional[int] = None,
     drop: Optional[list] = None,
+    visual_only: bool = False,
     **options: Any,
 ) -> FilterSummary:
     """Write to ``output`` the samples of ``data`` that have none of the problems in ``drop`` (a list of
@@ -53,14 +55,25 @@ def filter_dataset(
         raise InvalidOptionError(f"--drop {','.join(unknown)}: not problem codes (they are: {codes})")
     if max_len is not None and (not isinstance(max_len, int) or max_len <= 0):
         raise InvalidOptionError(f"--max-len must be a positive number of tokens, got {max_len!r}")
+    if max_len is not None and not visual_only and not options.get("tokenizer"):
+        raise InvalidOptionError(
+            "--max-len without --tokenizer would filter by visual tokens alone (text would count as 0): give "
+            "--tokenizer, or pass --visual-only to filter by visual tokens anyway"
+        )
+    if drop is not None and not drop:
+        raise InvalidOptionError("--drop names no problem code (give codes, comma-separated, or leave it out: all)")
     fmt = detect_format(data)
-    counts = sibling(output, "counts.jsonl")
+    stem = output[: -len(".json")] if output.endswith(".json") and not output.endswith(".jsonl") else output
+    counts = sibling(stem, "counts.jsonl")
     refuse_overwriting([data], [output, counts])
+    check_output_file(output)
     counted = count(data, counts, **options)
     problems = _problem_codes(counted.outputs["problems"])
     tokens = _tokens(counts)
     dropped: dict = {}
     kept = 0
+    with open(data, "rb") as f:
+        eol = b"\r\n" if f.readline().endswith(b"\r\n") else b"\n"  # lines end as the input's do
     with atomic_writer(output) as out:
         out.write(b"[\n" if fmt == "json" else b"")
         for record in iter_records(data, 0, fmt):
@@ -72,7 +85,7 @@ def filter_dataset(
             if fmt == "json":
                 out.write((b",\n" if kept else b"") + raw)
             else:
-                out.write(raw.rstrip(b"\r\n") + b"\n")
+                out.write(raw + eol)
             kept += 1
         out.write(b"\n]\n" if fmt == "json" else b"")
     outputs = {"clean": output, "counts": counts, "problems": counted.outputs["problems"]}

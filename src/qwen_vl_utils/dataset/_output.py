@@ -15,7 +15,16 @@ from typing import Any, Optional
 
 from .._errors import InvalidOptionError
 
-__all__ = ["INDEX_OF_OWN", "JsonlOutput", "atomic_writer", "check_settings", "record_index", "refuse_overwriting"]
+__all__ = [
+    "INDEX_OF_OWN",
+    "JsonlOutput",
+    "atomic_writer",
+    "check_output_dir",
+    "check_output_file",
+    "check_settings",
+    "record_index",
+    "refuse_overwriting",
+]
 
 #: where a run writes a sample's index when the sample has an ``index`` field of its own (kept as it is)
 INDEX_OF_OWN = "qwen_vl_index"
@@ -119,6 +128,24 @@ def refuse_overwriting(inputs: list, outputs: list) -> None:
                     f"the output {out} is the input {inp}: it would be overwritten before it is read; "
                     "write to another path"
                 )
+
+
+def check_output_file(path: str) -> None:
+    """A file output that can be written: not a folder, its folder a folder (made if missing); else a usage error
+    now, not after the work (exit 2, one line)."""
+    if os.path.isdir(path):
+        raise InvalidOptionError(f"cannot write {path}: it is a folder; give a file path")
+    check_output_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def check_output_dir(path: str) -> None:
+    """A folder output that can be written into (made if missing); else a usage error now."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise InvalidOptionError(f"cannot write into {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK):
+        raise InvalidOptionError(f"cannot write into {path}: permission denied")
 
 
 def check_settings(path: str, wanted: dict, outputs: list, overwrite: bool) -> None:

@@ -20,7 +20,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from .._errors import InvalidOptionError
-from ._output import atomic_writer, record_index, refuse_overwriting
+from ._output import atomic_writer, check_output_file, record_index, refuse_overwriting
 
 __all__ = ["PackSummary", "best_fit_decreasing", "pack"]
 
@@ -131,6 +131,11 @@ def finetune_form(record: dict) -> dict:
                 raise ValueError(f"message {n} is an assistant turn with a {kind}")
             source = ele.get("video") if kind == "video" else ele.get("image", ele.get("image_url"))
             source = source.get("url") if isinstance(source, dict) else source
+            if not isinstance(source, str) or source.startswith("data:"):
+                raise ValueError(f"message {n}: a {kind} that is not a file path (a frame list, inline data)")
+            window = [k for k in ("video_start", "video_end") if ele.get(k) is not None]
+            if window:
+                raise ValueError(f"message {n}: a video window ({', '.join(window)}) the format cannot say")
             (videos if kind == "video" else images).append(source)
             parts.append(f"<{kind}>")
         turns.append({"from": frm, "value": "\n".join(p for p in parts if p)})
@@ -196,6 +201,8 @@ def pack(
     stem = output[: -len(".json")] if output.endswith(".json") else output
     problems = problems or f"{stem}.problems.jsonl"
     refuse_overwriting([counted], [output, problems])
+    check_output_file(output)
+    check_output_file(problems)
     with _as_jsonl(counted) as counted:
         return _pack(counted, output, max_len, problems, visual_only, started)
 

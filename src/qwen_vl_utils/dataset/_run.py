@@ -12,7 +12,7 @@ from .._errors import InvalidOptionError
 from .._progress import Progress
 from ..sources._policy import FetchPolicy, get_fetch_policy
 from ._engines import local_engine, ray_engine
-from ._output import INDEX_OF_OWN, JsonlOutput, check_settings, record_index, refuse_overwriting
+from ._output import INDEX_OF_OWN, JsonlOutput, check_output_file, check_settings, record_index, refuse_overwriting
 from ._records import count_records, detect_format, iter_records
 from ._samples import Settings
 from ._work import load_text_counter
@@ -200,6 +200,11 @@ def _run(
     **options: Any,
 ) -> RunSummary:
     started = time.monotonic()
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise InvalidOptionError(f"--jobs {jobs}: give a number of worker processes >= 1")
+    root = options.get("media_root")
+    if root is not None and not os.path.isdir(root):
+        raise InvalidOptionError(f"--media-root {root} is not a folder")
     if engine not in ("local", "ray"):
         raise InvalidOptionError(f"engine must be 'local' or 'ray', got {engine!r}")
     fmt = detect_format(data)
@@ -212,6 +217,8 @@ def _run(
     if mode == "count":
         load_text_counter(settings.tokenizer)  # a bad tokenizer folder fails here, before any work starts
     refuse_overwriting([data], list(outputs.values()))
+    for path in outputs.values():
+        check_output_file(path)
     data = os.path.abspath(data)  # (a Ray worker opens it from its own directory)
     wanted = {
         "command": mode,

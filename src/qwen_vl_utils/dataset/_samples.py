@@ -23,6 +23,9 @@ from ..sources._policy import FetchPolicy
 
 __all__ = ["Problem", "Sample", "Settings", "parse_sample", "to_messages"]
 
+#: environment variables whose values change what a count gives: part of a run's fingerprint
+COUNTING_ENVIRONMENT = ("MODEL_SEQ_LEN", "FORCE_QWENVL_VIDEO_READER", "QWENVL_VIDEO_DTYPE")
+
 _TAG = re.compile(r"(<image>|<video>)")
 _USER_ROLES = {"human": "user", "user": "user"}
 _ASSISTANT_ROLES = {"gpt": "assistant", "assistant": "assistant", "model": "assistant"}
@@ -59,6 +62,8 @@ class Settings:
         out["policy"] = json.loads(json.dumps(policy, sort_keys=True, default=repr)) if policy else None
         out["media_root"] = os.path.abspath(self.media_root)
         out["tokenizer"] = os.path.abspath(self.tokenizer) if self.tokenizer else None
+        # settings read from the environment that change counts (0.0.14's MODEL_SEQ_LEN budget, the backend)
+        out["environment"] = {name: os.environ.get(name) for name in COUNTING_ENVIRONMENT}
         return json.loads(json.dumps(out, sort_keys=True))
 
 
@@ -156,6 +161,8 @@ def _inside_root(path: Any, given: Any, settings: Settings) -> Any:
         local = urllib.parse.unquote(urllib.parse.urlsplit(path).path)
     elif path.startswith("data:") or "://" in path:
         return path
+    if "\x00" in local:
+        raise Problem("malformed", f"the media path {given!r} holds a NUL character")
     root = os.path.realpath(settings.media_root)
     real = os.path.realpath(local)
     if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .._errors import InvalidOptionError
-from ._output import atomic_writer, refuse_overwriting
+from ._output import atomic_writer, check_output_dir, refuse_overwriting
 
 __all__ = ["stats"]
 
@@ -125,6 +125,7 @@ def stats(counted: str, output_dir: str) -> dict:
         raise InvalidOptionError(f"counted file {counted} does not exist")
     names = ("summary.json", "summary.txt", "stats.png")
     refuse_overwriting([counted], [os.path.join(output_dir, name) for name in names])
+    check_output_dir(output_dir)
     cols = _collect(counted)
     if not len(cols["num_tokens"]):
         raise InvalidOptionError(f"{counted} holds no counted samples: nothing to describe")

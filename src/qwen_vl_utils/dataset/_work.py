@@ -415,8 +415,20 @@ def _duplicate_media(media: list) -> list:
 
 
 def process_batch(records: list, settings: Settings, mode: str) -> list:
+    _import_decoders()
     with _quiet_warnings():
         return _process_batch(records, settings, mode)
+
+
+def _import_decoders() -> None:
+    """Import what measuring media imports lazily (PyAV, the image and video modules), outside any sample's time
+    limit: an alarm landing in the middle of an import leaves the module half made for the rest of the
+    process (every later video ``undecodable``)."""
+    import av
+    import av.error  # noqa: F401
+
+    from .. import image, video  # noqa: F401
+    from ..container import _probe  # noqa: F401
 
 
 @contextlib.contextmanager
