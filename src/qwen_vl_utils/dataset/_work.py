@@ -427,8 +427,7 @@ def _import_decoders() -> None:
     import av
     import av.error  # noqa: F401
 
-    from .. import image, video  # noqa: F401
-    from ..container import _probe  # noqa: F401
+    from .. import image, video  # noqa: F401 - (they import the container layer in turn)
 
 
 @contextlib.contextmanager
