@@ -169,19 +169,25 @@ def _flag(value: Any, key: str) -> Optional[bool]:
     raise _invalid(key, value, "True or False")
 
 
+def _non_decreasing(key: str, value: Any, allowed: str, whole: bool = False) -> tuple:
+    """``value`` as a tuple of finite numbers >= 0 in non-decreasing order (``whole``: integers, at least one);
+    anything else is an InvalidOptionError naming ``key``."""
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise _invalid(key, value, allowed)
+    items = list(value)
+    fit = all(_is_real(x) and math.isfinite(x) and x >= 0 and (not whole or x == int(x)) for x in items)
+    if not fit or (whole and not items):
+        raise _invalid(key, value, allowed)
+    out = tuple(int(x) if whole else float(x) for x in items)
+    if any(b < a for a, b in itertools.pairwise(out)):
+        raise _invalid(key, value, allowed)
+    return out
+
+
 def _timestamps(value: Any) -> Optional[tuple[float, ...]]:
     if value is None:
         return None
-    allowed = "a list of seconds, one per frame: numbers >= 0, non-decreasing"
-    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
-        raise _invalid("timestamps", value, allowed)
-    items = list(value)
-    if not all(_is_real(t) and math.isfinite(t) and t >= 0 for t in items):
-        raise _invalid("timestamps", value, allowed)
-    times = tuple(float(t) for t in items)
-    if any(b < a for a, b in itertools.pairwise(times)):
-        raise _invalid("timestamps", value, allowed)
-    return times
+    return _non_decreasing("timestamps", value, "a list of seconds, one per frame: numbers >= 0, non-decreasing")
 
 
 def check_dtype(value: Any, key: str = "dtype") -> Optional[str]:
@@ -290,14 +296,7 @@ def _frames_indices(ele: dict) -> Optional[tuple[int, ...]]:
     if value is None:
         return None
     allowed = "a non-empty list of frame indices (integers >= 0, non-decreasing), as a chunk's metadata gives them"
-    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
-        raise _invalid("frames_indices", value, allowed)
-    items = list(value)
-    if not items or not all(_is_real(i) and math.isfinite(i) and i >= 0 and i == int(i) for i in items):
-        raise _invalid("frames_indices", value, allowed)
-    indices = tuple(int(i) for i in items)
-    if any(b < a for a, b in itertools.pairwise(indices)):
-        raise _invalid("frames_indices", value, allowed)
+    indices = _non_decreasing("frames_indices", value, allowed, whole=True)
     both = [key for key in _SAMPLING if ele.get(key) is not None]
     if both:
         raise InvalidOptionError(

@@ -98,9 +98,13 @@ def decode_or_conceal(cc: Any, packet: Any) -> list:
 
 def decoded_frames(container: Any, stream: Any) -> Iterator[Any]:
     """``container.decode(stream)``, a damaged packet concealed (:func:`decode_or_conceal`), the decoder
-    flushed at the end."""
+    flushed at the end; a cancelled caller stops at the next packet."""
+    from .. import _cancel
+
+    token = _cancel.current()
     cc = stream.codec_context
     for packet in container.demux(stream):
+        _cancel.check(token)
         yield from decode_or_conceal(cc, packet if packet.size else None)
 
 
@@ -289,16 +293,8 @@ def _count_packets(container: Any, stream: Any) -> tuple[list, int, bool, bool]:
 def _count_decoded(container: Any, stream: Any) -> int:
     """The frames a decoder puts out for the whole stream: around damage it drops frames (7 of 277 packets for
     40 lost MPEG-TS packets, measured) and may show some out of order, which no packet header tells."""
-    from .. import _cancel
-
-    token = _cancel.current()
-    cc = stream.codec_context
-    cc.thread_type = "AUTO"
-    n = 0
-    for packet in container.demux(stream):
-        _cancel.check(token)
-        n += len(decode_or_conceal(cc, packet if packet.size else None))
-    return n
+    stream.codec_context.thread_type = "AUTO"
+    return sum(1 for _ in decoded_frames(container, stream))
 
 
 #: codecs that repeat their parameter sets on keyframes in-band, where FFmpeg's extract_extradata filter finds

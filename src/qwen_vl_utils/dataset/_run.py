@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -112,7 +113,7 @@ def _check_timeout(seconds: Optional[float]) -> Optional[float]:
 def _check_flags(patch_size: int, image: dict, video: dict) -> None:
     """Flags no sample could be processed with (``--fps 0``, ``nan``, ``--max-frames 1``, ``--image-max-pixels
     10``) fail before the run, not as an ``invalid_option`` on every sample."""
-    from .._options import check_number, image_options, video_options
+    from .._options import check_number
     from ..video import FRAME_FACTOR
 
     def flag(kind: str, key: str) -> str:
@@ -126,8 +127,6 @@ def _check_flags(patch_size: int, image: dict, video: dict) -> None:
                 check_number(value, key)
             except InvalidOptionError as exc:
                 raise InvalidOptionError(f"{flag(kind, key)} {value}: {exc}") from None
-    image_options({"image": "x", **{k: v for k, v in image.items() if v is not None}})
-    video_options({"video": "x", **{k: v for k, v in video.items() if v is not None}})
     smallest = (2 * patch_size) ** 2  # one merged patch: the least a resized frame has
     for kind, keys in (("image", image), ("video", video)):
         low, high = keys.get("min_pixels"), keys.get("max_pixels")
@@ -149,8 +148,6 @@ def _check_flags(patch_size: int, image: dict, video: dict) -> None:
 def data_identity(path: str) -> dict:
     """What says the data file is the one an output was made from: its size, its modification time and a hash
     of its first and last MiB (of all of it when it is small)."""
-    import hashlib
-
     info = os.stat(path)
     digest = hashlib.sha256()
     block = 1 << 20
@@ -284,8 +281,6 @@ class _Duplicates:
                     self._first(line)
 
     def _first(self, line: Any) -> Optional[int]:
-        import hashlib
-
         record = json.loads(line)
         own = INDEX_OF_OWN in record  # then "index" is the sample's own field, part of what it is
         same = {k: v for k, v in record.items() if (k not in _ADDED or (own and k == "index")) and k != INDEX_OF_OWN}

@@ -163,9 +163,10 @@ def _inside_root(path: Any, given: Any, settings: Settings) -> Any:
         return path
     if "\x00" in local:
         raise Problem("malformed", f"the media path {given!r} holds a NUL character")
-    root = os.path.realpath(settings.media_root)
-    real = os.path.realpath(local)
-    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+    from ..sources._resolve import path_within
+
+    if path_within(settings.media_root, local) is None:
+        root, real = os.path.realpath(settings.media_root), os.path.realpath(local)
         raise Problem(
             "outside_root",
             f"{given!r} is outside the media root {root} (resolved: {real}); give paths inside it, or allow "

@@ -379,6 +379,14 @@ def local_special_file(value: str, policy: FetchPolicy) -> Optional[str]:
     return None if stat.S_ISREG(info.st_mode) else path
 
 
+def path_within(root: str, path: str) -> Optional[str]:
+    """``path`` (joined to ``root`` when relative) with its links followed, if it lies inside ``root`` (its links
+    followed too); None when it leads out (``../``, an absolute path elsewhere, a symlink out)."""
+    root = os.path.realpath(root)
+    full = os.path.realpath(os.path.join(root, path))
+    return full if os.path.commonpath([root, full]) == root else None
+
+
 def _checked_local(path: str, media: str, policy: FetchPolicy, name: str) -> tuple:
     """(path, its stat) for a local path the policy allows and that is not a directory."""
     if "\x00" in path:
@@ -392,9 +400,9 @@ def _checked_local(path: str, media: str, policy: FetchPolicy, name: str) -> tup
     if not policy.allow_local:
         raise SourceNotAllowedError(f"{media} source {name}: local files are not allowed by the fetch policy")
     if policy.media_root is not None:
-        root = os.path.realpath(policy.media_root)
-        full = os.path.realpath(os.path.join(root, path))
-        if os.path.commonpath([root, full]) != root:
+        full = path_within(policy.media_root, path)
+        if full is None:
+            root = os.path.realpath(policy.media_root)
             raise SourceNotAllowedError(f"{media} source {name} is outside the allowed media root {root}")
         path = full
     info = _stat(path, media, policy, name)
@@ -579,25 +587,27 @@ def _range_total(resp: Any) -> Optional[int]:
 
 
 def _read_all(resp: Any, most: int) -> bytes:
-    chunks, n = [], 0
+    chunks: list = []
+    _read_into(resp, most, chunks)
+    return b"".join(chunks)
+
+
+def _read_into(resp: Any, most: int, chunks: list) -> None:
+    """Up to ``most`` bytes of the body into ``chunks`` (what came stays there if the body breaks off)."""
+    n = 0
     while n < most:
         chunk = resp.read(min(1 << 16, most - n))
         if not chunk:
-            break
+            return
         chunks.append(chunk)
         n += len(chunk)
-    return b"".join(chunks)
 
 
 def _read_first(resp: Any, most: int) -> tuple[bytes, Optional[ConnectionBroken]]:
     """(the first ``most`` bytes of a body, or those that came before it broke off; how it broke off)."""
     chunks: list = []
     try:
-        while sum(map(len, chunks)) < most:
-            chunk = resp.read(min(1 << 16, most - sum(map(len, chunks))))
-            if not chunk:
-                break
-            chunks.append(chunk)
+        _read_into(resp, most, chunks)
     except ConnectionBroken as exc:
         return b"".join(chunks), exc
     return b"".join(chunks), None
