@@ -38,7 +38,7 @@ from ._frame_resize import resize_pool as _resize_pool
 from ._frame_resize import resize_threads as _resize_threads
 from ._options import VideoOptions, as_video_options, check_backend, check_dtype, patch_factor, video_options
 from ._util import caller_stacklevel, env_int
-from .container._probe import VideoInfo, probe_video
+from .container._probe import PacketSpan, VideoInfo, packet_span, probe_video
 from .image import (
     array_to_pil,
     ceil_by_factor,
@@ -706,6 +706,20 @@ def describe_video(
         raise AspectRatioError(f"video {describe(value)}: {exc}") from None
     tokens = visual_tokens(rh, rw, factor, nframes, FRAME_FACTOR)
     return VideoFacts(tokens, nframes, rh, rw, width, height, duration, indices, fps)
+
+
+def probe_element(
+    ele: dict[str, Any], *, policy: Optional[FetchPolicy] = None, span: bool = False
+) -> tuple[VideoInfo, Optional[PacketSpan]]:
+    """The container facts of a video element's file, URL or bytes: the probe :func:`describe_video` reads
+    (the header, packet headers where it states no frame count, and one frame), and with ``span`` the packet
+    scan a decoder indexing the whole file makes (every packet header read once, nothing decoded)."""
+    _checked_element(ele)
+    policy = get_fetch_policy(policy)
+    with resolve_source(ele["video"], "video", policy) as source:
+        _check_encoded(source)
+        info = probe_video(source)
+        return info, packet_span(source) if span else None
 
 
 def video_token_count(

@@ -33,7 +33,25 @@ _ELEMENT_FLAGS = (
 def _sample_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", metavar="DATA", help="qwen-vl-finetune JSON/JSONL, or JSONL of {'messages': [...]}")
     p.add_argument("--media-root", help="folder relative media paths are resolved against (default: DATA's folder)")
-    p.add_argument("--patch-size", type=int, choices=(14, 16), default=14, help="14: Qwen2.5-VL, 16: Qwen3-VL")
+    p.add_argument(
+        "--patch-size", type=int, choices=(14, 16), help="14: Qwen2.5-VL (default), 16: Qwen3-VL; --model sets it"
+    )
+    p.add_argument(
+        "--rules",
+        metavar="TRAINER",
+        help="count as this trainer preprocesses: qwen-vl-utils (default), qwen-vl-finetune, "
+        "qwen-vl-finetune-legacy, llamafactory, ms-swift (see: dataset rules)",
+    )
+    p.add_argument(
+        "--trainer-args",
+        metavar="JSON|FILE",
+        help="--rules: the trainer's own arguments, a JSON object or a JSON/YAML file (a LLaMA-Factory training "
+        "YAML; ms-swift: its environment variables)",
+    )
+    p.add_argument(
+        "--model", choices=("qwen2.5-vl", "qwen3-vl"), help="--rules: the checkpoint's processor configs (built in)"
+    )
+    p.add_argument("--processor", metavar="DIR", help="--rules: a local model folder's processor configs instead")
     for flag, kind, text in _ELEMENT_FLAGS:
         p.add_argument(flag, type=kind, help=text + "; a sample's own element keys win")
     p.add_argument("--deep", action="store_true", help="decode every medium fully instead of headers and probes")
@@ -57,7 +75,7 @@ def _sample_flags(p: argparse.ArgumentParser) -> None:
 
 def _options(args: argparse.Namespace) -> dict:
     keys = ("media_root", "patch_size", "deep", "engine", "address", "jobs", "overwrite", "allow_outside_root")
-    keys += ("sample_timeout",)
+    keys += ("sample_timeout", "rules", "trainer_args", "model", "processor")
     keys += tuple(flag[2:].replace("-", "_") for flag, _, _ in _ELEMENT_FLAGS)
     return {k: getattr(args, k) for k in keys} | {"progress": not args.quiet}
 
@@ -77,12 +95,25 @@ def _guard(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
     return wrapped
 
 
+def _notes(summary: Any) -> None:
+    for note in getattr(summary, "notes", ()):
+        print(f"note: {note}", file=sys.stderr)
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    from ..dataset._rules import describe_rule_sets
+
+    print(describe_rule_sets(), end="")
+    return EXIT_OK
+
+
 @_guard
 def cmd_check(args: argparse.Namespace) -> int:
     from ..dataset import check
 
     summary = check(args.data, args.output, **_options(args))
     print(summary.describe())
+    _notes(summary)
     print(f"valid: {summary.outputs['valid']}\nproblems: {summary.outputs['problems']}")
     return summary.exit_code
 
@@ -95,6 +126,7 @@ def cmd_count(args: argparse.Namespace) -> int:
         print("note: no --tokenizer: num_tokens counts the visual tokens only", file=sys.stderr)
     summary = count(args.data, args.output, problems=args.problems, tokenizer=args.tokenizer, **_options(args))
     print(summary.describe())
+    _notes(summary)
     print(f"counted: {summary.outputs['valid']}\nproblems: {summary.outputs['problems']}")
     return summary.exit_code
 
@@ -114,6 +146,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
         **_options(args),
     )
     print(summary.describe())
+    _notes(summary)
     print(f"clean: {summary.outputs['clean']}\ncounts: {summary.outputs['counts']}")
     return summary.exit_code
 
@@ -182,6 +215,7 @@ def add_dataset_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     filt.add_argument(
         "--visual-only", action="store_true", help="with --max-len and no --tokenizer: filter by visual tokens alone"
     )
+    command("rules", "the trainers --rules can count for: their arguments, defaults and sources", cmd_rules)
     stats = command("stats", "histograms and a summary of a counted set", cmd_stats)
     stats.add_argument("counted", metavar="COUNTED", help="the output of dataset count")
     stats.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the summary and stats.png")

@@ -8,12 +8,12 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 from .._errors import DecodeError, QwenVLError
 from ..sources._resolve import Source, sniff_media
 
-__all__ = ["VideoInfo", "open_container", "probe_video"]
+__all__ = ["PacketSpan", "VideoInfo", "open_container", "packet_span", "probe_video"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,9 @@ class VideoInfo:
     # as a player shows them (a decoder drops or reorders frames around damage); read it in that same order
     damaged: bool = False
     exact_count: bool = True  # num_frames is exact; False: estimated from the duration (a probe without counting)
+    header_frames: int = 0  # the frame count the header states (0: none, as in WebM, Matroska, MPEG-TS)
+    stream_duration: Optional[float] = None  # seconds, the video stream's own duration field where it has one
+    rate_in_header: bool = True  # the stream states an average frame rate (Ogg's Theora does not: fps is guessed)
 
     @property
     def display_size(self) -> tuple[int, int]:
@@ -137,9 +140,10 @@ def probe_video(source: Source, count: bool = True) -> VideoInfo:
         rate = _rate(stream)
         tb = stream.time_base
         duration = float(stream.duration * tb) if stream.duration and tb else 0.0
+        stream_duration = duration or None
         if not duration and container.duration:
             duration = container.duration / 1_000_000
-        num_frames = int(stream.frames or 0)
+        num_frames = header_frames = int(stream.frames or 0)
         length_in_header = num_frames > 0 or bool(container.duration)
         exact_count, damaged = True, False
         size_changes, shown_pts, first_pts = False, None, None
@@ -200,6 +204,9 @@ def probe_video(source: Source, count: bool = True) -> VideoInfo:
             leading_frames=leading,
             damaged=damaged,
             exact_count=exact_count,
+            header_frames=header_frames,
+            stream_duration=stream_duration,
+            rate_in_header=bool(stream.average_rate),
         )
     finally:
         container.close()
@@ -288,6 +295,39 @@ def _count_packets(container: Any, stream: Any) -> tuple[list, int, bool, bool]:
         if watch is not None and packet.is_keyframe:
             watch.check(packet)
     return shown, hidden, watch is not None and watch.changed, damaged
+
+
+class PacketSpan(NamedTuple):
+    """The video stream's packets as a demuxer lists them (no decoding): how many (discarded ones aside), and the
+    time from the first one's timestamp to the end of the last (its timestamp plus its duration), in seconds."""
+
+    packets: int
+    begin: float
+    end: float
+
+
+def packet_span(source: Source) -> PacketSpan:
+    """Demux the whole video stream once, reading only packet headers: what a decoder that scans the file to
+    index it (torchcodec's exact mode) counts and times."""
+    container = open_container(source)
+    try:
+        stream = container.streams.video[0]
+        tb = float(stream.time_base)
+        count, begin, end = 0, None, None
+        for packet in container.demux(stream):
+            if not packet.size or packet.is_discard:
+                continue
+            count += 1
+            ts = packet.pts if packet.pts is not None else packet.dts
+            if ts is None:
+                continue
+            begin = ts if begin is None else min(begin, ts)
+            end = ts + (packet.duration or 0) if end is None else max(end, ts + (packet.duration or 0))
+    except Exception as exc:  # FFmpeg errors on a damaged file
+        raise _undecodable(source, exc, "could not be read through") from exc
+    finally:
+        container.close()
+    return PacketSpan(count, (begin or 0) * tb, (end or 0) * tb)
 
 
 def _count_decoded(container: Any, stream: Any) -> int:

@@ -23,6 +23,7 @@ class FilterSummary:
     dropped: dict  # reason (a problem code, or too_long) -> samples
     seconds: float
     outputs: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # the count's notes (rule sets)
 
     @property
     def exit_code(self) -> int:
@@ -89,7 +90,7 @@ def filter_dataset(
             kept += 1
         out.write(b"\n]\n" if fmt == "json" else b"")
     outputs = {"clean": output, "counts": counts, "problems": counted.outputs["problems"]}
-    return FilterSummary(kept, dropped, time.monotonic() - started, outputs)
+    return FilterSummary(kept, dropped, time.monotonic() - started, outputs, counted.notes)
 
 
 def _reason(index: int, problems: dict, tokens: dict, drop: Optional[list], max_len: Optional[int]) -> Optional[str]:

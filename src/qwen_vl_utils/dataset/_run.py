@@ -30,6 +30,7 @@ class RunSummary:
     resumed: int  # records that were already in the outputs before this run
     seconds: float
     outputs: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # what the user should know about the counts (rule sets)
 
     @property
     def records(self) -> int:
@@ -61,7 +62,11 @@ def make_settings(
     data: str,
     *,
     media_root: Optional[str] = None,
-    patch_size: int = 14,
+    patch_size: Optional[int] = None,
+    rules: Optional[str] = None,
+    trainer_args: Optional[str] = None,
+    model: Optional[str] = None,
+    processor: Optional[str] = None,
     image_min_pixels: Optional[int] = None,
     image_max_pixels: Optional[int] = None,
     video_min_pixels: Optional[int] = None,
@@ -76,8 +81,11 @@ def make_settings(
     allow_outside_root: bool = False,
     sample_timeout: Optional[float] = 300.0,
 ) -> Settings:
-    """Settings from keyword arguments named after the CLI flags (each becomes the element key it names),
-    checked first: a value no sample could be processed with is an InvalidOptionError naming the flag."""
+    """Settings from keyword arguments named after the CLI flags (each becomes the element key it names), checked
+    first: a value no sample could be processed with is an InvalidOptionError naming the flag.
+    ``rules`` counts by a trainer's rules (:mod:`._rules`), configured by ``trainer_args`` (the trainer's own
+    argument names: a JSON object or a JSON/YAML file) and the model (``model``: a built-in checkpoint's
+    configs, or ``processor``: a local model folder); ``rules["notes"]`` say what the user should know."""
     image = {"min_pixels": image_min_pixels, "max_pixels": image_max_pixels}
     video = {
         "min_pixels": video_min_pixels,
@@ -87,6 +95,26 @@ def make_settings(
         "min_frames": min_frames,
         "max_frames": max_frames,
     }
+    from ._rules import resolve_rules
+
+    resolved, patch_size = resolve_rules(rules, trainer_args, model, processor, patch_size)
+    if resolved is not None and deep:
+        raise InvalidOptionError(
+            f"--deep decodes as this library does; with --rules {rules} the counts follow the trainer (from headers "
+            "and packet headers): leave --deep out"
+        )
+    if resolved is not None:
+        given = [
+            f"--{kind}-{k.replace('_', '-')}"
+            for kind, keys in (("image", image), ("video", video))
+            for k, v in keys.items()
+            if v is not None
+        ]
+        if given:
+            raise InvalidOptionError(
+                f"{', '.join(given)}: with --rules {rules} the trainer's own arguments decide; give them with "
+                "--trainer-args (its names: see qwen-vl-utils dataset rules)"
+            )
     _check_flags(patch_size, image, video)
     root = media_root if media_root is not None else os.path.dirname(os.path.abspath(data))
     return Settings(
@@ -99,6 +127,7 @@ def make_settings(
         policy=get_fetch_policy(policy),  # the caller's policy travels to every worker, wherever it runs
         allow_outside_root=allow_outside_root,
         sample_timeout=_check_timeout(sample_timeout),
+        rules=resolved,
     )
 
 
@@ -211,6 +240,7 @@ def _run(
             f"(jq -c '.[]' {data} > data.jsonl) or use --engine local"
         )
     settings = make_settings(data, **options)
+    notes = list(settings.rules["notes"]) if settings.rules else []
     if mode == "count":
         load_text_counter(settings.tokenizer)  # a bad tokenizer folder fails here, before any work starts
     refuse_overwriting([data], list(outputs.values()))
@@ -230,7 +260,7 @@ def _run(
         dedup = _Duplicates(outputs["valid"] if valid.lines else None)
         _stream(mode, data, fmt, start, settings, engine, address, jobs, progress, valid, bad, dedup)
     problems = _problem_codes(outputs["problems"])
-    return RunSummary(valid.lines, problems, resumed, time.monotonic() - started, outputs)
+    return RunSummary(valid.lines, problems, resumed, time.monotonic() - started, outputs, notes)
 
 
 def _stream(

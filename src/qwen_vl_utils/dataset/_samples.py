@@ -53,6 +53,8 @@ class Settings:
     allow_outside_root: bool = False
     # seconds one sample may take (its media never delivering: a stalled server, a mount that hangs); None: no limit
     sample_timeout: Optional[float] = 300.0
+    # counting by a trainer's rules (--rules): resolved by dataset._rules.resolve_rules; None: the library's own
+    rules: Optional[dict] = None
 
     def fingerprint(self) -> dict:
         """What decides the output (not how it is computed): stored next to an output to make resuming safe.
@@ -64,6 +66,8 @@ class Settings:
         out["tokenizer"] = os.path.abspath(self.tokenizer) if self.tokenizer else None
         # settings read from the environment that change counts (0.0.14's MODEL_SEQ_LEN budget, the backend)
         out["environment"] = {name: os.environ.get(name) for name in COUNTING_ENVIRONMENT}
+        if self.rules is None:
+            del out["rules"]  # (outputs written before rule sets existed stay resumable)
         return json.loads(json.dumps(out, sort_keys=True))
 
 

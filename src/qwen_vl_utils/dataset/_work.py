@@ -40,6 +40,8 @@ PROBLEM_CODES = {
     "starts_with_assistant": "the conversation starts with the assistant turn (system turns aside)",
     "duplicate_media": "one medium twice in a sample under different paths (the same content, found by hash)",
     "duplicate_sample": "the same sample (every field equal) as an earlier one, named in the message",
+    "trainer_fails": "--rules: the trainer's own code fails on the sample (it drops it or stops), as the message says",
+    "trainer_drops_media": "--rules: the trainer keeps the sample's tokens but drops a medium's pixels: corrupt input",
     "timeout": "the sample took longer than the per-sample time limit (--sample-timeout, 300 s by default)",
     "crashed": "the worker process died on the sample (a decoder's segmentation fault, the out-of-memory killer)",
     "error": "an unexpected error (please report it): the sample is left out and the run goes on",
@@ -77,11 +79,14 @@ _CACHE_SIZE = 65536
 def measure(kind: str, ele: dict, settings: Settings) -> dict:
     """Tokens and facts of one medium, or raises its :class:`Problem`; cached per process (datasets reuse
     media: one video, many questions). The cache holds small dicts and problems, never decoded data."""
-    key = (kind, json.dumps(ele, sort_keys=True, default=repr), settings.patch_size, settings.deep)
+    rules = json.dumps(settings.rules, sort_keys=True) if settings.rules else None
+    key = (kind, json.dumps(ele, sort_keys=True, default=repr), settings.patch_size, settings.deep, rules)
     hit = _CACHE.get(key)
     if hit is None:
         try:
             hit = _measure(kind, ele, settings)
+        except Problem as p:  # a rule set's verdict on the medium (trainer_fails)
+            hit = p
         except MemoryError:
             raise
         except Exception as exc:
@@ -98,6 +103,10 @@ def measure(kind: str, ele: dict, settings: Settings) -> dict:
 
 def _measure(kind: str, ele: dict, settings: Settings) -> dict:
     policy = get_fetch_policy(settings.policy)
+    if settings.rules is not None:
+        from ._rules import measure_by_rules
+
+        return measure_by_rules(kind, ele, settings.rules, policy)
     measure = _image_facts if kind == "image" else _video_facts
     facts = measure(ele, policy, settings.patch_size)
     if settings.deep:
@@ -373,9 +382,23 @@ def _examine_in_time(raw: Optional[bytes], error: Optional[str], settings: Setti
             facts.append(measure(kind, ele, settings))
         except Problem as p:
             problems.append(p)
+    if not problems and settings.rules is not None:
+        from ._rules import trainer_problems
+
+        problems += trainer_problems(sample.media, facts, _media_turns(sample), settings.rules)
     if not problems:
         problems += _duplicate_media(sample.media)
     return sample, facts, problems
+
+
+def _media_turns(sample: Any) -> list:
+    """The index of the message holding each medium, in media order, system turns left out."""
+    turns = []
+    for n, msg in enumerate(m for m in sample.messages if m.get("role") != "system"):
+        content = msg.get("content")
+        if isinstance(content, list):
+            turns += [n for e in content if isinstance(e, dict) and e.get("type") in ("image", "video")]
+    return turns
 
 
 def _duplicate_media(media: list) -> list:
