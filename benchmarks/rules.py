@@ -1,7 +1,8 @@
 """Counting by each trainer's rules: ``python benchmarks/rules.py [--quick] [--out DIR]``.
 
 The sets of ``benchmarks/dataset.py`` (2,000 image samples over a few hundred photos; 2,000 video samples over
-tens of clips) and a set of distinct videos (every sample its own clip: no measurement reused), counted with
+tens of clips) and a set of distinct videos (50 clips of 3 to 20 s, each under 4 names: every sample is
+probed afresh, nothing reused from a cache), counted with
 ``dataset count --rules R`` for every rule set, each in a fresh process with the local engine (default workers),
 rule sets alternating, median of ``--reps`` runs. That the counts are the trainers' own is what
 ``tests/test_rules.py`` checks against their code; here the speed is measured, and the counts of the rule sets
@@ -49,16 +50,21 @@ def main(argv: list | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/rules.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer media")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--only", help="one set: image, video or distinct video")
     p.add_argument("--media", default=os.path.join(tempfile.gettempdir(), "qwen-vl-utils-bench-dataset"))
     p.add_argument("--out", help="write rules.json into this folder")
     args = p.parse_args(argv)
     images, videos = make_media(args.media, 60 if args.quick else 300, 8 if args.quick else 30)
-    unique = distinct_videos(args.media, 20 if args.quick else 100)
+    unique = distinct_videos(args.media, 20 if args.quick else 50)
     distinct = os.path.join(args.media, "distinct.jsonl")
-    with open(distinct, "w") as f:  # every clip once
-        for name in unique:
-            conv = [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "A."}]
-            f.write(json.dumps({"video": name, "conversations": conv}) + "\n")
+    with open(distinct, "w") as f:  # every clip under 4 names (hard links): 4 x the clips, each measured afresh
+        for copy in range(4):
+            for name in unique:
+                alias = f"{copy}-{name}"
+                if not os.path.exists(os.path.join(args.media, alias)):
+                    os.link(os.path.join(args.media, name), os.path.join(args.media, alias))
+                conv = [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "A."}]
+                f.write(json.dumps({"video": alias, "conversations": conv}) + "\n")
     sets = {
         "image": write_set(os.path.join(args.media, "images.jsonl"), "image", images, 2000),
         "video": write_set(os.path.join(args.media, "videos.jsonl"), "video", videos, 2000),
@@ -66,6 +72,8 @@ def main(argv: list | None = None) -> int:
     }
     results: dict = {"machine": describe_machine(), "cases": {}}
     for kind, data in sets.items():
+        if args.only not in (None, kind):
+            continue
         runs: dict = {r: [] for r in RULES}
         tokens: dict = {}
         for _ in range(args.reps):

@@ -308,3 +308,30 @@ def test_counting_by_rules_needs_no_decoding_of_pictures(corpus, tmp_path, monke
     summary = ds.count(str(data), str(tmp_path / "o.jsonl"), rules="llamafactory", model="qwen2.5-vl", jobs=1)
     assert summary.records == len(ids) and "error" not in summary.problems
     assert math.isfinite(summary.seconds)
+
+
+def test_stats_says_which_rules_the_counts_follow(small, tmp_path):
+    args = json.dumps({"FPS_MAX_FRAMES": "12"})
+    out = tmp_path / "s.jsonl"
+    assert _cli("dataset", "count", small, "--rules", "ms-swift", "--trainer-args", args, "-o", out).returncode == 0
+    res = _cli("dataset", "stats", out, "-o", tmp_path / "stats")
+    assert 'counted by: ms-swift for qwen2.5-vl, trainer arguments {"FPS_MAX_FRAMES": 12}' in res.stdout
+    assert _cli("dataset", "count", small, "-o", tmp_path / "own.jsonl").returncode == 0
+    res = _cli("dataset", "stats", tmp_path / "own.jsonl", "-o", tmp_path / "stats2")
+    assert "counted by: qwen-vl-utils (patch size 14)" in res.stdout
+
+
+@pytest.mark.slow
+def test_the_ray_engine_counts_by_the_same_rules(corpus, tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'qwen-vl-utils[ray]')")
+    data, _ = corpus
+    options = {"rules": "llamafactory", "model": "qwen3-vl", "trainer_args": '{"video_maxlen": 16}'}
+    ds.count(str(data), str(tmp_path / "local.jsonl"), jobs=1, **options)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = ds.count(str(data), str(tmp_path / "ray.jsonl"), engine="ray", **options)
+    finally:
+        ray.shutdown()
+    assert summary.problems.get("trainer_fails")
+    assert (tmp_path / "ray.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
+    assert (tmp_path / "ray.problems.jsonl").read_text() == (tmp_path / "local.problems.jsonl").read_text()

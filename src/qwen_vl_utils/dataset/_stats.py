@@ -77,15 +77,32 @@ def summarize(cols: dict) -> dict:
     }
 
 
+def counted_by(counted: str) -> Optional[str]:
+    """The rules a count was made by, from the settings it left beside itself (None where it left none)."""
+    stem = counted[: -len(".jsonl")] if counted.endswith(".jsonl") else counted
+    try:
+        with open(f"{stem}.settings.json", encoding="utf-8") as f:
+            settings = json.load(f)["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    rules = settings.get("rules")
+    if not rules:
+        return f"qwen-vl-utils (patch size {settings.get('patch_size')})"
+    given = {k: v for k, v in rules["args"].items() if v is not None}
+    return f"{rules['name']} for {rules['model']}, trainer arguments {json.dumps(given, sort_keys=True)}"
+
+
 def to_text(summary: dict) -> str:
     lines = [f"samples: {summary['samples']}"]
+    if summary.get("counted_by"):
+        lines.append(f"counted by: {summary['counted_by']}")
     head = f"{'':22}{'count':>10}{'min':>10}{'p50':>10}{'p90':>10}{'p99':>10}{'max':>10}{'mean':>11}"
     lines.append(head)
     for key, value in summary.items():
         if isinstance(value, dict):
             row = "".join(f"{value[c]:>10g}" for c in ("count", "min", "p50", "p90", "p99", "max"))
             lines.append(f"{key:22}{row}{value['mean']:>11g}")
-        elif value is None and key != "samples":
+        elif value is None and key not in ("samples", "counted_by"):
             lines.append(f"{key:22}{'-':>10}")
     return "\n".join(lines) + "\n"
 
@@ -129,7 +146,7 @@ def stats(counted: str, output_dir: str) -> dict:
     cols = _collect(counted)
     if not len(cols["num_tokens"]):
         raise InvalidOptionError(f"{counted} holds no counted samples: nothing to describe")
-    summary = summarize(cols)
+    summary = {"counted_by": counted_by(counted), **summarize(cols)}
     with atomic_writer(os.path.join(output_dir, "summary.json")) as f:
         f.write(json.dumps(summary, indent=2).encode() + b"\n")
     with atomic_writer(os.path.join(output_dir, "summary.txt")) as f:
