@@ -146,9 +146,11 @@ MAY_IMPORT = {
     "_options": {"backends", "sources"},  # backend names, checked lazily; the policy's patch sizes
     "_frame_resize": set(),
     "image": {"_options", "sources"},
-    "video": {"image", "_options", "_frame_resize", "backends", "container", "sources"},
+    "audio": {"_options", "container", "sources"},
+    "video": {"audio", "image", "_options", "_frame_resize", "backends", "container", "sources"},
     "vision_process": {"image", "video", "_options", "sources"},
     "aio": {"vision_process", "image", "video", "_options", "sources"},
+    "omni_process": {"vision_process", "audio", "video", "_options", "sources"},
     "stream": {"video", "_options", "_frame_resize", "backends", "container", "sources"},
     "dataset": {"vision_process", "image", "video", "_options", "sources"},
 }
@@ -227,7 +229,9 @@ def test_the_top_level_holds_only_the_core():
         "_util.py",
         "_version.py",
         "aio.py",
+        "audio.py",
         "image.py",
+        "omni_process.py",
         "video.py",
         "vision_process.py",
     ]

@@ -12,6 +12,10 @@ from qwen_vl_utils import InvalidOptionError, process_vision_info
 from media import gradient, make_video
 
 PUBLIC = [
+    "audio_token_count",
+    "fetch_audio",
+    "process_audio_info",
+    "process_mm_info",
     "AspectRatioError",
     "BackendFallbackWarning",
     "DecodeError",

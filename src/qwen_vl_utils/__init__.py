@@ -48,6 +48,10 @@ from .vision_process import (
 
 #: public names whose modules load on first use (asyncio, streaming): ``import qwen_vl_utils`` stays light
 _LAZY = {
+    "process_mm_info": "omni_process",
+    "process_audio_info": "omni_process",
+    "fetch_audio": "audio",
+    "audio_token_count": "audio",
     "acount_visual_tokens": "aio",
     "afetch_image": "aio",
     "afetch_video": "aio",
@@ -69,6 +73,10 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "audio_token_count",
+    "fetch_audio",
+    "process_audio_info",
+    "process_mm_info",
     "FPS",
     "FPS_MAX_FRAMES",
     "FPS_MIN_FRAMES",

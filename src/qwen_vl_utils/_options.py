@@ -88,6 +88,8 @@ _NUMBERS: dict[str, tuple[float, bool, str]] = {
     "max_frames": (2, False, "most frames sampled by fps"),
     "video_start": (0, False, "start of the window in seconds"),
     "video_end": (0, True, "end of the window in seconds"),
+    "audio_start": (0, False, "start of the audio window in seconds"),
+    "audio_end": (0, True, "end of the audio window in seconds"),
     "sample_fps": (0, True, "frames per second of a frame list"),
     "raw_fps": (0, True, "frame rate of the frame list's source"),
 }
@@ -104,6 +106,8 @@ _HIGHEST: dict[str, float] = {
     "resized_width": 1 << 16,
     "video_start": 1e9,
     "video_end": 1e9,
+    "audio_start": 1e9,
+    "audio_end": 1e9,
 }
 
 _DTYPES = {"float32": "float32", "float": "float32", "uint8": "uint8"}

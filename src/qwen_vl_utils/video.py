@@ -617,10 +617,14 @@ def _decode(
     resize: bool = True,
     on_frame: Optional[Callable[[int, int], None]] = None,
     allocate: Allocate = _numpy_frames,
+    audio_out: Optional[list] = None,
 ) -> DecodedVideo:
-    """:func:`decode_video` for an element's source and its checked options."""
+    """:func:`decode_video` for an element's source and its checked options; with ``audio_out``, the audio of
+    the window the frames cover is appended to it, read from the same resolved source (:mod:`.audio`)."""
     factor = patch_factor(image_patch_size, policy)
     policy = get_fetch_policy(policy)
+    if audio_out is not None and (isinstance(value, (list, tuple)) or _is_array(value)):
+        raise InvalidOptionError(_NO_SOUND.format(describe(value)))
     if isinstance(value, (list, tuple)):
         return DecodedVideo(*_fetch_frames(options, value, factor, policy), None)
     if _is_array(value):
@@ -641,6 +645,8 @@ def _decode(
             raise AspectRatioError(f"video {source.name}: {exc}") from None
         module = _backend_for(name, info, source)
         frames = _read_frames(module, source, info, plan, size, on_frame, allocate)
+        if audio_out is not None:
+            audio_out.append(_window_audio(source, info, plan))
     metadata = {
         "fps": info.fps,
         "frames_indices": list(plan.indices),
@@ -755,6 +761,56 @@ def fetch_video(
     ``dtype`` key for 4x less memory), optionally with the metadata dict (``fps``, ``frames_indices``,
     ``total_num_frames``, ``video_backend``) and the sample fps, in 0.0.14's nesting.
     """
+    return _fetch_video(
+        ele,
+        image_patch_size,
+        return_video_sample_fps,
+        return_video_metadata,
+        backend=backend,
+        dtype=dtype,
+        policy=policy,
+    )
+
+
+def _window_audio(source: Source, info: VideoInfo, plan: FramePlan) -> np.ndarray:
+    from .audio import video_audio
+
+    return video_audio(source, info.start_time, info.fps, plan.start_frame, plan.end_frame)
+
+
+def fetch_video_audio(ele: dict[str, Any], *, policy: Optional[FetchPolicy] = None) -> np.ndarray:
+    """The sound of the window a video element's frames cover (16 kHz mono float32, on the container's
+    timeline), without decoding its frames: the probe and the frame plan only."""
+    options = _checked_element(ele)
+    value = ele["video"]
+    if isinstance(value, (list, tuple)) or _is_array(value):
+        raise InvalidOptionError(_NO_SOUND.format(describe(value)))
+    policy = get_fetch_policy(policy)
+    with resolve_source(value, "video", policy) as source:
+        _check_encoded(source)
+        info = probe_video(source)
+        return _window_audio(source, info, plan_frames(info, options, policy, source.name))
+
+
+_NO_SOUND = (
+    "video {} is given as frames, which carry no sound: use_audio_in_video needs a video file, URL or bytes (or "
+    "give its audio as an audio element)"
+)
+
+
+def _fetch_video(
+    ele: dict[str, Any],
+    image_patch_size: int = 14,
+    return_video_sample_fps: bool = False,
+    return_video_metadata: bool = False,
+    *,
+    backend: Optional[str] = None,
+    dtype: Any = None,
+    policy: Optional[FetchPolicy] = None,
+    audio_out: Optional[list] = None,
+) -> Any:
+    """:func:`fetch_video`; with ``audio_out``, the audio of the frames' window is appended to it (from the same
+    resolved source: one download, one probe)."""
     options = video_options(ele)  # a bad option fails here, before any download or decode
     dtype = check_dtype(dtype) or options.dtype
     torch = _require_torch()
@@ -767,7 +823,13 @@ def fetch_video(
         return tensors[0].numpy()
 
     frames, metadata, sample_fps, _ = _decode(
-        ele["video"], options, image_patch_size, backend=backend, policy=policy, allocate=allocate
+        ele["video"],
+        options,
+        image_patch_size,
+        backend=backend,
+        policy=policy,
+        allocate=allocate,
+        audio_out=audio_out,
     )
     video = tensors[0] if tensors else _to_tensor(frames, torch_dtype)
     del frames

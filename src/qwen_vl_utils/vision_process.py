@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from PIL import Image
 
@@ -87,6 +87,11 @@ def extract_vision_info(
     conversations: Union[list[dict[str, Any]], list[list[dict[str, Any]]]],
 ) -> list[dict[str, Any]]:
     """Every image and video element of one conversation or a batch of them, in order."""
+    return extract_elements(conversations, _is_vision)
+
+
+def extract_elements(conversations: Any, wanted: Callable[[Any], bool]) -> list[dict[str, Any]]:
+    """The content elements ``wanted`` picks, of one conversation or a batch of them, in document order."""
     if isinstance(conversations, dict):
         conversations = [conversations]
     if not isinstance(conversations, (list, tuple)):
@@ -110,7 +115,7 @@ def extract_vision_info(
                 )
             content = message.get("content")
             if isinstance(content, list):
-                infos.extend(ele for ele in content if _is_vision(ele))
+                infos.extend(ele for ele in content if wanted(ele))
     return infos
 
 

@@ -42,6 +42,7 @@ class VideoInfo:
     header_frames: int = 0  # the frame count the header states (0: none, as in WebM, Matroska, MPEG-TS)
     stream_duration: Optional[float] = None  # seconds, the video stream's own duration field where it has one
     rate_in_header: bool = True  # the stream states an average frame rate (Ogg's Theora does not: fps is guessed)
+    start_time: float = 0.0  # seconds on the container's timeline at which the first frame shown is shown
 
     @property
     def display_size(self) -> tuple[int, int]:
@@ -207,6 +208,7 @@ def probe_video(source: Source, count: bool = True) -> VideoInfo:
             header_frames=header_frames,
             stream_duration=stream_duration,
             rate_in_header=bool(stream.average_rate),
+            start_time=float(first.time) if first.time is not None else 0.0,
         )
     finally:
         container.close()

@@ -220,8 +220,9 @@ def _is_decoded_object(value: Any) -> bool:
 
 
 def resolve_source(value: Any, media: str, policy: FetchPolicy) -> Source:
-    """Resolve one element value. ``media`` is 'image' or 'video' and selects the byte limit. An already
-    resolved :class:`Source` passes through as a borrowed view: closing it leaves the original open."""
+    """Resolve one element value. ``media`` is "image", "video" or "audio" (read as a video is) and selects the
+    byte limit. An already resolved :class:`Source` passes through as a borrowed view: closing it leaves the
+    original open."""
     if isinstance(value, Source):
         return dataclasses.replace(value, is_temporary=False, closers=[])
     name = describe(value)
@@ -479,7 +480,7 @@ def _fetch_http(url: str, media: str, policy: FetchPolicy) -> Source:
     transfer = Transfer(policy, media, name)
     cache = cache_for(policy)
     entry = cache.lookup(url) if cache is not None else None
-    headers = {"Range": f"bytes=0-{FIRST_BYTES - 1}"} if media == "video" else {}
+    headers = {"Range": f"bytes=0-{FIRST_BYTES - 1}"} if media != "image" else {}
     resp = request(url, transfer, {**headers, **(entry.conditional_headers() if entry else {})})
     if resp.status == 304:
         resp.close()
@@ -492,7 +493,7 @@ def _fetch_http(url: str, media: str, policy: FetchPolicy) -> Source:
         resp = request(url, transfer)
     version = _Version.of(resp)  # every later part of the body must come from this version of the file
     try:
-        total = _range_total(resp) if media == "video" else None
+        total = _range_total(resp) if media != "image" else None
         if total is None:  # the whole body: no range support, or an image
             declared = resp.content_length
             if declared is not None and declared > transfer.limit:
@@ -732,7 +733,7 @@ def _stream_body(resp: Any, media: str, name: str, reopen: Optional[Callable] = 
     reopened = None
     broken = 0
     try:
-        if media == "video":
+        if media != "image":
             fd, path = tempfile.mkstemp(suffix=".media", dir=library_tmpdir())
             out = os.fdopen(fd, "wb")
         head = b""

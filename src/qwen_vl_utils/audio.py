@@ -1,0 +1,245 @@
+"""Audio for Qwen-Omni: 16 kHz mono float32, decoded and resampled by PyAV, placed on the container's timeline.
+
+The flow for an audio element::
+
+    resolve_source (the fetch policy, as for images and videos) -> the audio stream's window -> decode (PyAV)
+    -> resample to 16 kHz keeping the channels (swresample) -> the mean of the channels
+
+and for the audio of a video (``use_audio_in_video``): the video's own resolved source and probe, and the window
+its frames cover (``video.plan_frames``; :mod:`.video` calls :func:`video_audio`), on the container's timeline:
+sample 0 is the time of the window's first frame, silence where the track starts late or ends early, so that
+audio and frames line up. Nothing before the window is decoded: the audio stream is sought to it. The Omni
+processors' audio token counts (:func:`audio_token_count`) follow from the sample count alone, so they are known
+from a header's duration without decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import numpy as np
+
+from . import _cancel
+from ._errors import DecodeError, InvalidOptionError, describe
+from ._options import check_number
+from .container._probe import decode_or_conceal, open_container
+from .sources._policy import FetchPolicy, get_fetch_policy
+from .sources._resolve import Source, resolve_source
+
+__all__ = ["SAMPLE_RATE", "audio_token_count", "decode_audio", "fetch_audio"]
+
+#: the rate every Omni feature extractor takes
+SAMPLE_RATE = 16000
+#: seconds into the track past which a window is sought to, not read up to
+_SEEK_AFTER = 1.0
+#: the models whose audio token count :func:`audio_token_count` knows
+OMNI_MODELS = ("qwen2.5-omni", "qwen3-omni")
+
+
+def audio_source(ele: dict) -> Any:
+    """The value an audio element holds (``audio`` wins over ``audio_url``, as in qwen-omni-utils)."""
+    if not isinstance(ele, dict):
+        raise InvalidOptionError(f"an audio element must be a dict, got {describe(ele)}")
+    value = ele.get("audio", ele.get("audio_url"))
+    if value is None:
+        raise InvalidOptionError(
+            f"an audio element needs an 'audio' or 'audio_url' key holding the source; got keys {sorted(ele)}"
+        )
+    if isinstance(value, dict) and "url" in value:  # {"audio_url": {"url": ...}}, as OpenAI-style messages write
+        value = value["url"]
+    return value
+
+
+def audio_window(ele: dict) -> tuple[float, Optional[float]]:
+    """``(audio_start, audio_end)`` in seconds, checked (``audio_end`` None: to the end)."""
+    start = check_number(ele.get("audio_start"), "audio_start") or 0.0
+    end = check_number(ele.get("audio_end"), "audio_end")
+    if end is not None and end <= start:
+        raise InvalidOptionError(f"audio_start ({start}) must be before audio_end ({end})")
+    return float(start), None if end is None else float(end)
+
+
+def fetch_audio(ele: dict, sr: int = SAMPLE_RATE, *, policy: Optional[FetchPolicy] = None) -> np.ndarray:
+    """One audio element as a 1-D float32 array at ``sr`` (16 kHz), mono (the mean of the channels), within
+    [-1, 1], cut to ``audio_start`` / ``audio_end`` (seconds from the start of the audio).
+
+    Sources: a path, ``file://``, ``http(s)://``, an object store URL, ``data:`` (base64 of any format PyAV reads),
+    bytes, a binary file object, or a 1-D array of samples already at ``sr`` (a float array is taken as it is, an
+    integer one scaled to [-1, 1]); under the fetch policy, as images and videos are.
+    """
+    value = audio_source(ele)
+    start, end = audio_window(ele)
+    if _is_samples(value):
+        return _samples(value, start, end, sr)
+    policy = get_fetch_policy(policy)
+    with resolve_source(value, "audio", policy) as source:
+        return decode_audio(source, start, end, sr=sr)
+
+
+def _is_samples(value: Any) -> bool:
+    return isinstance(value, np.ndarray) or (
+        hasattr(value, "__array__") and not isinstance(value, (str, bytes, bytearray, memoryview, Source))
+    )
+
+
+def _samples(value: Any, start: float, end: Optional[float], sr: int) -> np.ndarray:
+    samples = np.asarray(value)
+    if samples.ndim != 1:
+        raise InvalidOptionError(
+            f"an audio array must be 1-D mono samples at {sr} Hz, got shape {samples.shape}; downmix it first "
+            "(e.g. samples.mean(axis=0) for a channels-first array)"
+        )
+    if np.issubdtype(samples.dtype, np.integer):
+        samples = samples.astype(np.float32) / float(np.iinfo(samples.dtype).max + 1)
+    elif not np.issubdtype(samples.dtype, np.floating):
+        raise InvalidOptionError(f"an audio array must hold numbers, got dtype {samples.dtype}")
+    first = int(sr * start)
+    last = None if end is None else int(sr * end)
+    return np.ascontiguousarray(samples[first:last], dtype=np.float32)
+
+
+def decode_audio(
+    source: Source,
+    start: float = 0.0,
+    end: Optional[float] = None,
+    *,
+    sr: int = SAMPLE_RATE,
+    origin: Optional[float] = None,
+    pad: bool = False,
+) -> np.ndarray:
+    """The first audio stream of ``source`` from ``start`` to ``end`` seconds after ``origin`` (a time on the
+    container's timeline; None: the audio stream's first sample), resampled to ``sr``, mono.
+
+    With ``pad``, the result is exactly ``round((end - start) * sr)`` samples and sample 0 is the time ``origin +
+    start``: silence where the track begins later or ends sooner (audio beside video frames). Without it, the
+    samples the stream has within the window (an audio file)."""
+    import av
+
+    container = open_container(source)
+    try:
+        if not container.streams.audio:
+            kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+            raise DecodeError(
+                f"{source.name} has no audio stream (it has: {', '.join(kinds)}); give a file with sound"
+            )
+        stream = container.streams.audio[0]
+        tb = float(stream.time_base) if stream.time_base else 1.0 / (stream.rate or sr)
+        if origin is None:
+            origin = stream.start_time * tb if stream.start_time is not None else 0.0
+        t0 = origin + start
+        t1 = None if end is None else origin + end
+        if t0 - (stream.start_time or 0) * tb > _SEEK_AFTER:  # a window well into the track: go there
+            try:
+                container.seek(max(0, int(t0 / tb)), stream=stream, backward=True)
+            except av.FFmpegError:
+                container.seek(0, stream=stream)
+        first, chunks = _decode_window(container, stream, tb, t0, t1, sr)
+    except av.FFmpegError as exc:
+        raise DecodeError(f"{source.name}: its audio could not be decoded ({type(exc).__name__}: {exc})") from exc
+    finally:
+        container.close()
+    data = np.concatenate(chunks, axis=1).mean(axis=0) if chunks else np.zeros(0, np.float32)
+    np.clip(data, -1.0, 1.0, out=data)
+    skip = 0 if first is None else round((t0 - first) * sr)  # samples decoded before the window's start
+    if skip > 0:
+        data = data[skip:]
+    if pad:
+        lead = max(0, -skip)  # the track starts after the window does
+        length = round((t1 - t0) * sr) if t1 is not None else lead + len(data)
+        out = np.zeros(length, np.float32)
+        body = data[: max(0, length - lead)]
+        out[lead : lead + len(body)] = body
+        return out
+    if t1 is not None:
+        data = data[: round((t1 - max(t0, first if first is not None else t0)) * sr)]
+    return np.ascontiguousarray(data, dtype=np.float32)
+
+
+def _decode_window(container: Any, stream: Any, tb: float, t0: float, t1: Optional[float], sr: int) -> tuple:
+    """(the time of the first sample kept, [channels x samples arrays at ``sr``]) of the frames overlapping the
+    window, the first cut at the source sample of ``t0`` (so that, as when a file is cut at its own rate, sample 0
+    is that time), resampled as one run (swresample keeps the channels: their mean is taken after)."""
+    import av
+
+    layout = stream.layout.name if stream.layout and stream.layout.nb_channels else None
+    resampler = av.AudioResampler(format="fltp", layout=layout or "mono", rate=sr)
+    token = _cancel.current()
+    cc = stream.codec_context
+    first = None
+    clock = None  # the expected time of the next frame, for frames without a timestamp
+    chunks: list = []
+    for packet in container.demux(stream):
+        _cancel.check(token)
+        for frame in decode_or_conceal(cc, packet if packet.size else None):
+            begins = frame.pts * tb if frame.pts is not None else clock
+            if begins is None:
+                begins = t0 if first is None else clock
+            clock = begins + frame.samples / frame.sample_rate
+            if t1 is not None and begins >= t1:
+                return first, chunks + _flush(resampler)
+            if clock <= t0:
+                continue
+            if first is None:
+                cut = max(0, round((t0 - begins) * frame.sample_rate))
+                first = begins + cut / frame.sample_rate
+                if cut:
+                    frame = _tail(frame, cut)
+            chunks.extend(out.to_ndarray() for out in resampler.resample(frame))
+    return first, chunks + _flush(resampler)
+
+
+def _tail(frame: Any, cut: int) -> Any:
+    """``frame`` without its first ``cut`` samples."""
+    import av
+
+    data = frame.to_ndarray()
+    planar = frame.format.is_planar
+    rest = data[:, cut:] if planar else data[:, cut * len(frame.layout.channels) :]
+    out = av.AudioFrame.from_ndarray(np.ascontiguousarray(rest), format=frame.format.name, layout=frame.layout.name)
+    out.sample_rate = frame.sample_rate
+    out.time_base = frame.time_base
+    if frame.pts is not None and frame.time_base:
+        out.pts = frame.pts + round(cut / frame.sample_rate / float(frame.time_base))
+    return out
+
+
+def _flush(resampler: Any) -> list:
+    return [out.to_ndarray() for out in resampler.resample(None)]
+
+
+def video_audio(
+    source: Source, start_time: float, fps: float, first: int, last: int, sr: int = SAMPLE_RATE
+) -> np.ndarray:
+    """The audio of the window a video's frames cover: from its frame ``first`` to the end of its frame ``last``,
+    on the container's timeline (the first frame shown is at ``start_time`` seconds), exactly ``(last + 1 -
+    first) / fps * sr`` samples, silence where the track does not reach."""
+    try:
+        return decode_audio(source, first / fps, (last + 1) / fps, sr=sr, origin=start_time, pad=True)
+    except DecodeError as exc:
+        if "has no audio stream" in str(exc):
+            raise DecodeError(f"{exc}: use_audio_in_video=True needs the video's sound; pass False for it") from None
+        raise
+
+
+# --- tokens ----------------------------------------------------------------------------------------------------------
+
+
+def audio_token_count(samples: int, model: str = "qwen2.5-omni") -> int:
+    """Audio tokens the Omni processor gives ``samples`` samples at 16 kHz.
+
+    Qwen2.5-Omni: mel frames ``L = min(ceil(N / 160), 30000)`` (its processor pads to and truncates at 300 s),
+    tokens ``((L - 1) // 2 + 1 - 2) // 2 + 1``, about 25 per second. Qwen3-Omni: ``L = N // 160`` (no cap in
+    transformers 5), tokens ``13 * (L // 100)`` plus ``((f - 1) // 2 + 1 - 1) // 2 + 1`` with ``f = (L % 100 - 1)
+    // 2 + 1`` for the rest, about 13 per second."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise InvalidOptionError(f"samples must be a whole number >= 0, got {samples!r}")
+    if model == "qwen2.5-omni":
+        frames = min(math.ceil(samples / 160), 30000)
+        return ((frames - 1) // 2 + 1 - 2) // 2 + 1 if frames else 0
+    if model == "qwen3-omni":
+        frames = samples // 160
+        rest = frames % 100
+        feat = (rest - 1) // 2 + 1
+        return ((feat - 1) // 2 + 1 - 1) // 2 + 1 + (frames // 100) * 13
+    raise InvalidOptionError(f"model must be one of {', '.join(OMNI_MODELS)}, got {model!r}")

@@ -1,0 +1,274 @@
+"""Audio for Qwen-Omni (issue 26): ``fetch_audio``, ``process_audio_info``, ``process_mm_info`` and the audio token
+counts, on media generated here whose signal encodes time (a tone whose frequency steps every 100 ms), so that
+misalignment is measurable; token counts against transformers' own Whisper feature extractor and Omni formulas."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+import qwen_vl_utils as q
+from qwen_vl_utils import _errors as errors
+
+SR = 16000
+
+
+def stepped(seconds: float, rate: int = SR, shift: float = 0.0) -> np.ndarray:
+    """A tone whose frequency steps by 100 Hz every 100 ms (wrapping after 2 s), a function of the time ``shift +
+    i / rate`` with its phase integrated exactly (the same signal at any rate): two windows of it line up only at
+    the right offset."""
+    t = shift + np.arange(round(seconds * rate)) / rate
+    step = np.floor(t * 10).astype(np.int64)
+    freqs = 300 + (100 * np.arange(step.max() + 2)) % 2000
+    start_phase = np.concatenate([[0.0], np.cumsum(freqs * 0.1)])  # the phase at the start of each step
+    phase = start_phase[step] + freqs[step] * (t - step / 10)
+    return (0.4 * np.sin(2 * np.pi * phase)).astype(np.float32)
+
+
+def write_audio(path: Path, codec: str, rate: int, channels: int, seconds: float = 3.0) -> Path:
+    """``seconds`` of the stepped tone (channel 2: the same at half the amplitude): a WAV written with PyAV,
+    encoded by the ffmpeg command line into ``codec`` where it is not PCM."""
+    mono = stepped(seconds, rate)
+    data = np.stack([mono, mono * 0.5][:channels])
+    layout = "mono" if channels == 1 else "stereo"
+    wav = path.with_suffix(".src.wav") if codec != "pcm_s16le" else path
+    with av.open(str(wav), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=rate)
+        stream.layout = layout
+        pcm = (np.clip(data, -1, 1) * 32767).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(pcm.T.reshape(1, -1).copy(), format="s16", layout=layout)
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    if codec != "pcm_s16le":
+        cmd = ["ffmpeg", "-v", "error", "-y", "-i", str(wav), "-c:a", codec, "-ar", str(rate), str(path)]
+        subprocess.run(cmd, check=True)
+    return path
+
+
+def write_video(path: Path, seconds: float = 6.0, fps: int = 25, audio_at: float = 0.0, audio_to=None) -> Path:
+    """A video of ``seconds`` at ``fps`` whose audio track (AAC, mono 16 kHz, the stepped tone of the container
+    time) runs from ``audio_at`` to ``audio_to`` seconds on the container's timeline."""
+    audio_to = seconds if audio_to is None else audio_to
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=fps)
+        vs.width, vs.height, vs.pix_fmt = 160, 96, "yuv420p"
+        aus = out.add_stream("aac", rate=SR)
+        aus.layout = "mono"
+        for i in range(int(seconds * fps)):
+            frame = av.VideoFrame.from_ndarray(np.full((96, 160, 3), i % 250, np.uint8), format="rgb24")
+            frame.pts = i
+            for packet in vs.encode(frame):
+                out.mux(packet)
+        for packet in vs.encode():
+            out.mux(packet)
+        tone = stepped(audio_to, SR)[int(audio_at * SR) :]
+        for start in range(0, len(tone), 1024):
+            frame = av.AudioFrame.from_ndarray(tone[None, start : start + 1024], format="flt", layout="mono")
+            frame.sample_rate = SR
+            frame.pts = start + int(audio_at * SR)
+            frame.time_base = Fraction(1, SR)
+            for packet in aus.encode(frame):
+                out.mux(packet)
+        for packet in aus.encode():
+            out.mux(packet)
+    return path
+
+
+def lag(ours: np.ndarray, ref: np.ndarray, most: int = 400) -> int:
+    """The shift (samples) that best lines ``ours`` up with ``ref`` (positive: ours is late)."""
+    n = min(len(ours), len(ref)) - 2 * most
+    scores = [float(np.dot(ours[most + k : most + k + n], ref[most : most + n])) for k in range(-most, most + 1)]
+    return int(np.argmax(scores)) - most
+
+
+def snr_db(ours: np.ndarray, ref: np.ndarray) -> float:
+    n = min(len(ours), len(ref))
+    noise = ours[:n] - ref[:n]
+    return 10 * np.log10(float(np.sum(ref[:n] ** 2)) / max(float(np.sum(noise**2)), 1e-20))
+
+
+def _message(*content):
+    return [{"role": "user", "content": list(content)}]
+
+
+CODECS = [  # (file, codec): the container follows the name
+    ("a.wav", "pcm_s16le"),
+    ("a.flac", "flac"),
+    ("a.mp3", "libmp3lame"),
+    ("a.ogg", "libvorbis"),
+    ("a.opus", "libopus"),
+    ("a.m4a", "aac"),
+    ("a.mka", "flac"),
+    ("a.webm", "libopus"),
+]
+# (AAC in Matroska is left out: FFmpeg marks no encoder delay there, so its 1024 priming samples sit at time 0 on
+# the container's timeline for every decoder, the ffmpeg command line's included)
+
+
+@pytest.mark.parametrize("name, codec", CODECS)
+@pytest.mark.parametrize("rate, channels", [(8000, 1), (16000, 2), (44100, 2), (48000, 1)])
+def test_every_codec_and_rate_gives_16khz_mono_on_time(tmp_path, name, codec, rate, channels):
+    if codec == "libopus" and rate == 44100:
+        pytest.skip("Opus encodes at 8, 12, 16, 24 or 48 kHz")
+    path = write_audio(tmp_path / name, codec, rate, channels)
+    audio = q.fetch_audio({"type": "audio", "audio": str(path)})
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert audio.min() >= -1.0 and audio.max() <= 1.0
+    ref = stepped(3.0, SR) * (0.75 if channels == 2 else 1.0)  # the mean of the two channels
+    # at most one codec frame of the encoder's end padding (AAC: 1024 samples at the source rate)
+    assert -16 <= len(audio) - len(ref) <= 1024 * SR / rate + 1  # (WebM rounds its end trim to 1 ms)
+    assert abs(lag(audio, ref)) <= 16  # within 1 ms
+    if rate >= 16000 and codec in ("pcm_s16le", "flac"):
+        assert snr_db(audio, ref) > 40  # lossless: what two good resamplers differ by
+
+
+def test_a_window_starts_at_audio_start_on_the_tracks_timeline(tmp_path):
+    path = write_audio(tmp_path / "a.wav", "pcm_s16le", 44100, 1, seconds=5.0)
+    part = q.fetch_audio({"audio": str(path), "audio_start": 2.55, "audio_end": 3.25})
+    assert len(part) == round(0.7 * SR)
+    ref = stepped(5.0, SR)[round(2.55 * SR) : round(3.25 * SR)]  # (2.55 s is a whole sample at 44.1 and 16 kHz)
+    assert lag(part, ref, most=100) == 0 and snr_db(part, ref) > 50
+
+
+def test_sources_of_every_kind_give_the_same_samples(tmp_path):
+    path = write_audio(tmp_path / "a.m4a", "aac", 44100, 2)
+    data = path.read_bytes()
+    want = q.fetch_audio({"audio": str(path)})
+    b64 = "data:audio/mp4;base64," + base64.b64encode(data).decode()
+    for value in (path.as_uri(), data, io.BytesIO(data), b64, {"url": str(path)}):
+        key = "audio_url" if isinstance(value, dict) else "audio"
+        got = q.fetch_audio({"type": "audio", key: value})
+        assert np.array_equal(got, want), type(value)
+
+
+def test_arrays_are_taken_as_16khz_samples(tmp_path):
+    tone = stepped(2.0)
+    assert np.array_equal(q.fetch_audio({"audio": tone, "audio_start": 0.5, "audio_end": 1.0}), tone[8000:16000])
+    ints = (tone * 32767).astype(np.int16)
+    assert np.allclose(q.fetch_audio({"audio": ints}), tone, atol=1e-4)  # scaled to [-1, 1]
+    with pytest.raises(errors.InvalidOptionError, match="1-D mono"):
+        q.fetch_audio({"audio": np.stack([tone, tone])})
+
+
+@pytest.mark.parametrize(
+    "ele, error, needle",
+    [
+        ({"type": "audio"}, errors.InvalidOptionError, "needs an 'audio' or 'audio_url'"),
+        ({"audio": "missing.wav"}, errors.SourceNotFoundError, "missing.wav"),
+        ({"audio": "x.wav", "audio_start": 2, "audio_end": 1}, errors.InvalidOptionError, "before audio_end"),
+        ({"audio": "x.wav", "audio_start": float("nan")}, errors.InvalidOptionError, "audio_start"),
+        ({"audio": 3}, errors.InvalidOptionError, "cannot use"),
+    ],
+)
+def test_bad_audio_elements_are_typed_errors(tmp_path, monkeypatch, ele, error, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.wav").write_bytes(b"")
+    with pytest.raises(error, match=needle):
+        q.fetch_audio(ele)
+
+
+def test_a_file_without_sound_is_a_typed_error(tmp_path):
+    from media import make_video
+
+    video = make_video(tmp_path / "silent.mp4", frames=10)
+    with pytest.raises(errors.DecodeError, match="no audio stream"):
+        q.fetch_audio({"audio": str(video)})
+    with pytest.raises(errors.DecodeError, match="use_audio_in_video"):
+        q.process_mm_info(_message({"type": "video", "video": str(video)}), use_audio_in_video=True)
+    (tmp_path / "junk.wav").write_bytes(b"RIFF not really")
+    with pytest.raises(errors.DecodeError):
+        q.fetch_audio({"audio": str(tmp_path / "junk.wav")})
+
+
+def test_the_sound_of_a_video_lines_up_with_its_frames(tmp_path):
+    """The track starts 1 s after the video and ends 1 s before it: silence fills both, and every sample sits at
+    its container time (qwen-omni-utils returns this track shifted 1 s early against the frames)."""
+    path = write_video(tmp_path / "late.mp4", seconds=6.0, audio_at=1.0, audio_to=5.0)
+    audios, images, videos = q.process_mm_info(_message({"type": "video", "video": str(path)}), True)
+    assert images is None and len(videos) == 1 and len(audios) == 1
+    sound = audios[0]
+    assert len(sound) == 6 * SR  # the frames' whole span
+    assert np.abs(sound[: int(0.9 * SR)]).max() < 1e-3 and np.abs(sound[int(5.1 * SR) :]).max() < 1e-3
+    ref = stepped(6.0)
+    ref[: SR * 1] = 0
+    ref[SR * 5 :] = 0
+    assert abs(lag(sound, ref)) <= 16
+
+
+def test_a_video_window_gets_the_sound_of_its_frames_exactly(tmp_path):
+    path = write_video(tmp_path / "v.mp4", seconds=6.0, fps=25)
+    ele = {"type": "video", "video": str(path), "video_start": 2.02, "video_end": 4.0}
+    audios, _, videos, kwargs = q.process_mm_info(_message(ele), True, return_video_kwargs=True)
+    frames = q.fetch_video(ele, return_video_metadata=True)[1]["frames_indices"]
+    first, last = frames[0] / 25, (frames[-1] + 1) / 25  # the frames' window: 2.04 s to the end of frame 100
+    sound = audios[0]
+    assert len(sound) == round((last - first) * SR)
+    ref = stepped(6.0)[round(first * SR) : round(last * SR)]
+    assert abs(lag(sound, ref, most=200)) <= 16
+    assert kwargs["fps"] and len(videos) == 1
+    assert np.array_equal(q.process_audio_info(_message(ele), True)[0], sound)  # without decoding the frames
+
+
+def test_audios_come_in_document_order_across_a_batch(tmp_path):
+    a = write_audio(tmp_path / "a.wav", "pcm_s16le", 16000, 1, seconds=1.0)
+    b = write_audio(tmp_path / "b.wav", "pcm_s16le", 16000, 1, seconds=2.0)
+    v = write_video(tmp_path / "v.mp4", seconds=3.0)
+    batch = [
+        _message({"type": "audio", "audio": str(b)}, {"type": "text", "text": "x"}),
+        _message({"type": "video", "video": str(v)}, {"type": "audio", "audio": str(a)}),
+    ]
+    assert [len(x) for x in q.process_audio_info(batch, use_audio_in_video=True)] == [2 * SR, 3 * SR, SR]
+    assert [len(x) for x in q.process_audio_info(batch, use_audio_in_video=False)] == [2 * SR, SR]
+    assert q.process_audio_info(_message({"type": "text", "text": "hi"}), False) is None
+    audios, images, videos = q.process_mm_info(_message({"type": "text", "text": "hi"}), False)
+    assert audios is images is videos is None
+    with pytest.raises(TypeError):
+        q.process_mm_info(batch)  # use_audio_in_video stays required, as in qwen-omni-utils
+    with pytest.raises(errors.InvalidOptionError, match="use_audio_in_video"):
+        q.process_mm_info(batch, use_audio_in_video="yes")
+
+
+def test_audio_token_counts_are_the_omni_processors():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.qwen2_5_omni import processing_qwen2_5_omni as p25
+    from transformers.models.qwen3_omni_moe import processing_qwen3_omni_moe as p3
+
+    # the checkpoints' feature extractor (preprocessor_config.json of Qwen2.5-Omni-7B): what counts is chunk_length
+    fe = transformers.WhisperFeatureExtractor(
+        feature_size=128, sampling_rate=SR, hop_length=160, chunk_length=300, n_fft=400, return_attention_mask=True
+    )
+    for n in (1601, 16000, 16159, 16160, 16161, 59200, 480000, 4_800_000, 4_800_001, 5_000_000):
+        x = np.zeros(n, np.float32)
+        # Qwen2.5-Omni's processor pads to 300 s and truncates there
+        mask = fe(x, sampling_rate=SR, padding="max_length", return_attention_mask=True)["attention_mask"]
+        frames25 = int(np.asarray(mask).sum())
+        assert q.audio_token_count(n, "qwen2.5-omni") == int(
+            p25._get_feat_extract_output_lengths(torch.tensor(frames25))
+        )
+        # Qwen3-Omni's (transformers 5): the longest in the batch, no truncation
+        mask = fe(x, sampling_rate=SR, padding=True, truncation=False, return_attention_mask=True)["attention_mask"]
+        frames3 = int(np.asarray(mask).sum())
+        assert q.audio_token_count(n, "qwen3-omni") == int(p3._get_feat_extract_output_lengths(torch.tensor(frames3)))
+    assert q.audio_token_count(59200) == 92 and q.audio_token_count(59200, "qwen3-omni") == 48
+
+
+def test_importing_the_package_imports_no_decoder():
+    code = "import qwen_vl_utils, sys; print([m for m in ('torch', 'av', 'librosa') if m in sys.modules])"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+    assert not any(Path(p).name == "qwen_omni_utils" for p in map(Path, sys.path) if p.is_dir() and False)
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_omni_utils")
+    assert spec is None or "qwen_vl_utils" not in (spec.origin or "")  # never shadows the real package
