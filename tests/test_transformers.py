@@ -101,3 +101,34 @@ def test_qwen2_vl_image_processor(tmp_path):
     w, h = images[0].size
     assert out["image_grid_thw"].tolist() == [[1, h // 16, w // 16]]
     assert q.count_visual_tokens({"image": str(path)}, 16) == (h // 32) * (w // 32)
+
+
+@pytest.mark.parametrize("window", [{}, {"video_start": 2.0, "video_end": 6.0}, {"video_start": 5.5}])
+def test_qwen25_vl_second_per_grid_ts_and_qwen3_vl_timestamps_are_right_for_windows(tmp_path, window):
+    """transformers 5's Qwen2.5-VL processor derives ``second_per_grid_ts`` from the metadata
+    (``sampled_fps = len(frames_indices) / total_num_frames * fps``): with the whole file's frame count a window's
+    rate came out halved (issue 26). The real processor is called on our output and metadata."""
+    from test_dataset import TEMPLATE, make_tokenizer, real_processor
+    from transformers.video_utils import VideoMetadata
+
+    path = make_video(tmp_path / "v.mp4", frames=240, width=160, height=96, fps=30)
+    ele = {"video": str(path), **window}
+    (video, meta), sample_fps = q.fetch_video(ele, return_video_metadata=True, return_video_sample_fps=True)
+    tok = transformers.AutoTokenizer.from_pretrained(str(make_tokenizer(tmp_path / "tok")))
+    md = VideoMetadata(
+        total_num_frames=meta["total_num_frames"],
+        fps=meta["fps"],
+        frames_indices=list(meta["frames_indices"]),
+        width=video.shape[3],
+        height=video.shape[2],
+    )
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What?"}]}]
+    kwargs = {"do_resize": False, "do_convert_rgb": False, "do_rescale": False, "do_normalize": False}
+    kwargs.update(do_sample_frames=False, return_metadata=True)
+    proc = real_processor(tok, 14)
+    text = tok.apply_chat_template(messages, tokenize=False, chat_template=TEMPLATE)
+    out = proc(text=[text], videos=[video], video_metadata=[md], **kwargs)
+    assert out["second_per_grid_ts"][0] == pytest.approx(2 / sample_fps)
+    start = window.get("video_start", 0.0)
+    times = q.video.qwen3_timestamps(meta["frames_indices"], meta["fps"])
+    assert times[0] >= start - 1 / 30  # Qwen3-VL's timestamps: absolute, from frames_indices / fps

@@ -650,10 +650,21 @@ def _decode(
     metadata = {
         "fps": info.fps,
         "frames_indices": list(plan.indices),
-        "total_num_frames": info.num_frames,
+        "total_num_frames": _metadata_total(options, info, plan),
         "video_backend": module.NAME,
     }
     return DecodedVideo(frames, metadata, plan.sample_fps, info)
+
+
+def _metadata_total(options: VideoOptions, info: VideoInfo, plan: FramePlan) -> int:
+    """``total_num_frames`` of the metadata: the frames of the window the frames were sampled from. transformers 5
+    derives the sampling rate from it (``VideoMetadata.sampled_fps = len(frames_indices) / total_num_frames *
+    fps``, which the Qwen2.5-VL processor turns into ``second_per_grid_ts``), so a ``video_start`` /
+    ``video_end`` window reports its own frames, not the file's (0.0.14 reports the file's: 240 for a 4 s window
+    of an 8 s clip, halving the rate). A whole video reports all its frames, as 0.0.14 does."""
+    if options.video_start is None and options.video_end is None:
+        return info.num_frames
+    return plan.end_frame - plan.start_frame + 1
 
 
 class VideoFacts(NamedTuple):
