@@ -108,8 +108,9 @@ def test_qwen25_vl_second_per_grid_ts_and_qwen3_vl_timestamps_are_right_for_wind
     """transformers 5's Qwen2.5-VL processor derives ``second_per_grid_ts`` from the metadata
     (``sampled_fps = len(frames_indices) / total_num_frames * fps``): with the whole file's frame count a window's
     rate came out halved (issue 26). The real processor is called on our output and metadata."""
-    from test_dataset import TEMPLATE, make_tokenizer, real_processor
     from transformers.video_utils import VideoMetadata
+
+    from test_dataset import TEMPLATE, make_tokenizer, real_processor
 
     path = make_video(tmp_path / "v.mp4", frames=240, width=160, height=96, fps=30)
     ele = {"video": str(path), **window}
