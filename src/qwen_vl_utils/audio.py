@@ -116,7 +116,11 @@ def decode_audio(
     samples the stream has within the window (an audio file)."""
     import av
 
-    container = open_container(source)
+    try:
+        container = open_container(source)
+    except DecodeError as exc:
+        cause = str(exc.__cause__ or exc)
+        raise DecodeError(f"{source.name} is not a readable audio or video file ({cause})") from None
     try:
         if not container.streams.audio:
             kinds = sorted({s.type for s in container.streams}) or ["no streams"]

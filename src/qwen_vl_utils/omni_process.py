@@ -30,8 +30,14 @@ def _media(conversations: Conversations, use_audio_in_video: Any) -> list:
     """(kind, element) of every audio, image and video element, in document order across the batch."""
     if not isinstance(use_audio_in_video, bool):
         raise InvalidOptionError(f"use_audio_in_video must be True or False, got {describe(use_audio_in_video)}")
-    eles = extract_elements(conversations, lambda e: _is_audio(e) or _is_vision(e))
+    eles = extract_elements(conversations, lambda e: _is_audio(e) or _is_vision(e) or _is_video_url(e))
+    eles = [{**e, "video": e["video_url"]} if _is_video_url(e) else e for e in eles]
     return [("audio" if _is_audio(ele) and not _is_vision(ele) else _kind(ele), ele) for ele in eles]
+
+
+def _is_video_url(ele: Any) -> bool:
+    """``{"type": "video", "video_url": ...}``: qwen-omni-utils reads its sound (not its frames); both are read."""
+    return isinstance(ele, dict) and "video_url" in ele and "video" not in ele
 
 
 def process_audio_info(
