@@ -143,7 +143,7 @@ def decode_audio(
         raise DecodeError(f"{source.name}: its audio could not be decoded ({type(exc).__name__}: {exc})") from exc
     finally:
         container.close()
-    data = np.concatenate(chunks, axis=1).mean(axis=0) if chunks else np.zeros(0, np.float32)
+    data = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     np.clip(data, -1.0, 1.0, out=data)
     skip = 0 if first is None else round((t0 - first) * sr)  # samples decoded before the window's start
     if skip > 0:
@@ -161,18 +161,16 @@ def decode_audio(
 
 
 def _decode_window(container: Any, stream: Any, tb: float, t0: float, t1: Optional[float], sr: int) -> tuple:
-    """(the time of the first sample kept, [channels x samples arrays at ``sr``]) of the frames overlapping the
-    window, the first cut at the source sample of ``t0`` (so that, as when a file is cut at its own rate, sample 0
-    is that time), resampled as one run (swresample keeps the channels: their mean is taken after)."""
-    import av
-
-    layout = stream.layout.name if stream.layout and stream.layout.nb_channels else None
-    resampler = av.AudioResampler(format="fltp", layout=layout or "mono", rate=sr)
+    """(the time of the first sample kept, [mono arrays at ``sr``]) of the frames overlapping the window: each
+    decoded frame averaged over its channels at its own rate, the first cut at the source sample of ``t0`` (so
+    that, as when a file is cut at its own rate, sample 0 is that time), resampled by swresample in blocks of a
+    second (its state carried across them: one continuous run)."""
     token = _cancel.current()
     cc = stream.codec_context
     first = None
     clock = None  # the expected time of the next frame, for frames without a timestamp
-    chunks: list = []
+    out: list = []
+    block = _Block(sr)
     for packet in container.demux(stream):
         _cancel.check(token)
         for frame in decode_or_conceal(cc, packet if packet.size else None):
@@ -181,35 +179,95 @@ def _decode_window(container: Any, stream: Any, tb: float, t0: float, t1: Option
                 begins = t0 if first is None else clock
             clock = begins + frame.samples / frame.sample_rate
             if t1 is not None and begins >= t1:
-                return first, chunks + _flush(resampler)
+                return first, out + block.flush()
             if clock <= t0:
                 continue
+            channels = _channels(frame)
             if first is None:
                 cut = max(0, round((t0 - begins) * frame.sample_rate))
                 first = begins + cut / frame.sample_rate
-                if cut:
-                    frame = _tail(frame, cut)
-            chunks.extend(out.to_ndarray() for out in resampler.resample(frame))
-    return first, chunks + _flush(resampler)
+                channels = [c[cut:] for c in channels]
+            out.extend(block.add(channels, frame.format.name, frame.sample_rate))
+    return first, out + block.flush()
 
 
-def _tail(frame: Any, cut: int) -> Any:
-    """``frame`` without its first ``cut`` samples."""
-    import av
-
-    data = frame.to_ndarray()
-    planar = frame.format.is_planar
-    rest = data[:, cut:] if planar else data[:, cut * len(frame.layout.channels) :]
-    out = av.AudioFrame.from_ndarray(np.ascontiguousarray(rest), format=frame.format.name, layout=frame.layout.name)
-    out.sample_rate = frame.sample_rate
-    out.time_base = frame.time_base
-    if frame.pts is not None and frame.time_base:
-        out.pts = frame.pts + round(cut / frame.sample_rate / float(frame.time_base))
-    return out
+#: PyAV sample formats -> (numpy type, scale to [-1, 1], offset)
+_FORMATS = {
+    "flt": ("<f4", 1.0, 0.0),
+    "dbl": ("<f8", 1.0, 0.0),
+    "s16": ("<i2", 1 / 32768, 0.0),
+    "s32": ("<i4", 1 / 2147483648, 0.0),
+    "s64": ("<i8", 1 / 9223372036854775808, 0.0),
+    "u8": ("u1", 1 / 128, -128.0),
+}
 
 
-def _flush(resampler: Any) -> list:
-    return [out.to_ndarray() for out in resampler.resample(None)]
+def _channels(frame: Any) -> list:
+    """A decoded frame's samples, one array per channel, read from its planes (views: nothing converted yet)."""
+    name = frame.format.name
+    dtype = _FORMATS[name.rstrip("p")][0]
+    n, channels = frame.samples, len(frame.layout.channels) or 1
+    if name.endswith("p"):
+        return [np.frombuffer(plane, dtype, n) for plane in frame.planes[:channels]]
+    interleaved = np.frombuffer(frame.planes[0], dtype, n * channels)
+    return [interleaved[c::channels] for c in range(channels)]
+
+
+class _Block:
+    """Decoded samples gathered into blocks of about a second, then averaged over the channels (as float) and
+    resampled to ``sr`` by one swresample context, its state carried across blocks (a new one if the rate or the
+    format changes mid-stream): per-frame work stays a few views."""
+
+    def __init__(self, sr: int) -> None:
+        self.sr = sr
+        self.kind: Optional[tuple] = None  # (sample format, rate, channels)
+        self.parts: list = []
+        self.size = 0
+        self.resampler: Any = None
+
+    def add(self, channels: list, fmt: str, rate: int) -> list:
+        out = []
+        kind = (fmt, rate, len(channels))
+        if kind != self.kind:
+            out = self.flush()
+            self.kind = kind
+        self.parts.append(channels)
+        self.size += len(channels[0])
+        if self.size >= rate:
+            out += self._resample()
+        return out
+
+    def _mono(self) -> np.ndarray:
+        fmt, _, count = self.kind
+        _, scale, offset = _FORMATS[fmt.rstrip("p")]
+        total = None
+        for c in range(count):
+            samples = np.concatenate([part[c] for part in self.parts]).astype(np.float32)
+            total = samples if total is None else total + samples
+        mono = total if count == 1 else total / count
+        if offset or scale != 1.0:
+            mono = (mono + offset) * scale
+        return mono.astype(np.float32, copy=False)
+
+    def _resample(self) -> list:
+        import av
+
+        if not self.parts:
+            return []
+        data = self._mono()
+        self.parts, self.size = [], 0
+        if self.resampler is None:
+            self.resampler = av.AudioResampler(format="flt", layout="mono", rate=self.sr)
+        frame = av.AudioFrame.from_ndarray(data[None, :], format="flt", layout="mono")
+        frame.sample_rate = self.kind[1]
+        return [o.to_ndarray()[0] for o in self.resampler.resample(frame)]
+
+    def flush(self) -> list:
+        out = self._resample()
+        if self.resampler is not None:
+            out += [o.to_ndarray()[0] for o in self.resampler.resample(None)]
+            self.resampler = None
+        return out
 
 
 def video_audio(

@@ -306,6 +306,7 @@ class PacketSpan(NamedTuple):
     packets: int
     begin: float
     end: float
+    all_packets: int = 0  # the discarded ones (an edit list's pre-roll) too, as decord's index counts them
 
 
 def packet_span(source: Source) -> PacketSpan:
@@ -315,9 +316,12 @@ def packet_span(source: Source) -> PacketSpan:
     try:
         stream = container.streams.video[0]
         tb = float(stream.time_base)
-        count, begin, end = 0, None, None
+        count, every, begin, end = 0, 0, None, None
         for packet in container.demux(stream):
-            if not packet.size or packet.is_discard:
+            if not packet.size:
+                continue
+            every += 1
+            if packet.is_discard:
                 continue
             count += 1
             ts = packet.pts if packet.pts is not None else packet.dts
@@ -329,7 +333,7 @@ def packet_span(source: Source) -> PacketSpan:
         raise _undecodable(source, exc, "could not be read through") from exc
     finally:
         container.close()
-    return PacketSpan(count, (begin or 0) * tb, (end or 0) * tb)
+    return PacketSpan(count, (begin or 0) * tb, (end or 0) * tb, every)
 
 
 def _count_decoded(container: Any, stream: Any) -> int:

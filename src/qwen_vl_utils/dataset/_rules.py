@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -43,9 +44,13 @@ class RuleSet:
     configure: Callable[[dict, dict, str], dict]  # (args, processor configs, model) -> the config below
     image: Callable[[ImageHead, dict], Planned]  # (image header, config) -> what the trainer feeds
     video: Callable[[VideoHead, dict], Planned]
-    # (the sample's media kinds, their facts, the message index of each medium, config) -> (code, message) or None
-    sample: Optional[Callable[[list, list, list, dict], Optional[tuple]]] = None
-    needs_span: Callable[[dict], bool] = lambda config: False  # does a video need the whole-file packet scan?
+    # (the sample, its media's facts, the message index of each medium, config) -> (code, message) or None
+    sample: Optional[Callable[[Any, list, list, dict], Optional[tuple]]] = None
+    environment: bool = False  # the trainer reads its arguments from the environment (ms-swift)
+    # (kind, source value) -> why the trainer cannot open it, or None: what its loaders read
+    opens: Callable[[str, str], Optional[str]] = lambda kind, value: None
+    untagged_media: bool = False  # media without tags are put before the first user text (not tag_mismatch)
+    decodes: Callable[[Any], Optional[str]] = lambda head: None  # (video head) -> why its decoder fails, or None
 
 
 RULE_SETS: dict = {}
@@ -59,10 +64,29 @@ def _rule_set(rs: RuleSet) -> RuleSet:
 # --- trainer arguments -----------------------------------------------------------------------------------------
 
 
-def load_trainer_args(value: Optional[str]) -> dict:
-    """``--trainer-args``: a JSON object, or a JSON / YAML file (a LLaMA-Factory training YAML as it is)."""
+def load_trainer_args(value: Any) -> dict:
+    """``--trainer-args``: a JSON object, or a JSON / YAML file (a LLaMA-Factory training YAML as it is); from
+    Python, a dict too. The names must be text."""
     if value is None:
         return {}
+    if isinstance(value, dict):
+        return _named(dict(value), "trainer_args")
+    if not isinstance(value, str):
+        raise InvalidOptionError(f"trainer_args must be a dict, a JSON object or a file, got {type(value).__name__}")
+    return _named(_load_text(value), f"--trainer-args {value if len(value) < 60 else value[:57] + '...'}")
+
+
+def _named(args: dict, where: str) -> dict:
+    bad = [repr(k) for k in args if not isinstance(k, str)]
+    if bad:
+        raise InvalidOptionError(
+            f"{where}: argument names must be text, got {', '.join(bad)} (YAML reads on/off/yes/no and numbers as "
+            "other types: quote them)"
+        )
+    return args
+
+
+def _load_text(value: str) -> dict:
     text, where = value, "--trainer-args"
     if not value.lstrip().startswith("{"):
         if not os.path.isfile(value):
@@ -70,8 +94,11 @@ def load_trainer_args(value: Optional[str]) -> dict:
                 f"--trainer-args {value}: neither a JSON object nor a file; give '{{\"name\": value}}' or a "
                 "JSON/YAML file of the trainer's arguments"
             )
-        with open(value, encoding="utf-8") as f:
-            text, where = f.read(), f"--trainer-args {value}"
+        try:
+            with open(value, encoding="utf-8") as f:
+                text, where = f.read(), f"--trainer-args {value}"
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidOptionError(f"--trainer-args {value}: cannot read it as text ({exc})") from None
         if value.endswith((".yaml", ".yml")):
             return _yaml(text, where)
     try:
@@ -99,13 +126,17 @@ def _yaml(text: str, where: str) -> dict:
     return args
 
 
+#: integer arguments their trainer reads with int(float(...)) (qwen-vl-utils 0.0.14's MODEL_SEQ_LEN): 1e5 is fine
+_FLOAT_READ = {"MODEL_SEQ_LEN"}
+
+
 def _number(args: dict, name: str, kind: type, where: str) -> Any:
     value = args[name]
     if value is None:
         return None
     if isinstance(value, str):
         try:
-            value = float(value) if kind is float else int(value)
+            value = float(value) if kind is float or name in _FLOAT_READ else int(value)
         except ValueError:
             raise InvalidOptionError(f"{where} {name}={value!r}: not a number") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -171,16 +202,28 @@ def processor_configs(folder: str, where: str) -> dict:
         if out[key] is not None and not isinstance(out[key], dict):
             raise InvalidOptionError(f"{where}: {path} is not a JSON object")
     model = None
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            model = _MODEL_TYPES.get(json.load(f).get("model_type"))
-    except (OSError, ValueError, AttributeError):
-        pass
-    if model is None:
-        patch = out["image"].get("patch_size")
-        model = {14: "qwen2.5-vl", 16: "qwen3-vl"}.get(patch)
-    if model is None:
-        raise InvalidOptionError(f"{where}: not a Qwen2.5-VL or Qwen3-VL folder (config.json's model_type)")
+    config_path = os.path.join(folder, "config.json")
+    if os.path.exists(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                model_type = json.load(f).get("model_type")
+        except (OSError, ValueError, AttributeError, UnicodeDecodeError) as exc:
+            raise InvalidOptionError(f"{where}: cannot read {config_path} ({exc})") from None
+        model = _MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
+        if model is None:
+            raise InvalidOptionError(
+                f"{where}: config.json's model_type is {json.dumps(model_type)[:40]}, not a Qwen2.5-VL or Qwen3-VL "
+                f"model ({', '.join(sorted(_MODEL_TYPES))})"
+            )
+    else:
+        model = {14: "qwen2.5-vl", 16: "qwen3-vl"}.get(out["image"].get("patch_size"))
+        if model is None:
+            raise InvalidOptionError(f"{where}: no config.json, and its patch_size is neither 14 nor 16")
+    if out["image"].get("patch_size", MODELS[model]) != MODELS[model]:
+        raise InvalidOptionError(f"{where}: patch_size {out['image'].get('patch_size')!r} is not {model}'s")
+    for key in ("image", "video"):
+        if out[key] is not None:
+            _processor_limits(out[key], where)
     out["model"] = model
     return out
 
@@ -205,38 +248,60 @@ def resolve_rules(
         choices = ", ".join(["qwen-vl-utils", *sorted(RULE_SETS)])
         raise InvalidOptionError(f"--rules {name}: unknown; choose one of: {choices}")
     given = load_trainer_args(trainer_args)
+    if rs.environment:  # ms-swift reads its settings from the environment: what the shell exports counts too
+        exported = {k: os.environ[k] for k in rs.defaults if k.isupper() and k in os.environ and k not in given}
+        if exported:
+            notes.append(f"read from the environment, as {name} reads it: " + ", ".join(f"{k}={v}" for k, v in
+                         sorted(exported.items())))  # fmt: skip
+            given = {**exported, **given}
     if model is not None and processor is not None:
         raise InvalidOptionError("--model and --processor both name the model: give one")
+    named = _model_from_template(given) if name == "llamafactory" else None
     if processor is not None:
         configs = processor_configs(processor, f"--processor {processor}")
         model = configs["model"]
     else:
         if model is None:
-            model = _model_from_args(given) or ("qwen3-vl" if patch_size == 16 else "qwen2.5-vl")
+            model = named or ("qwen3-vl" if patch_size == 16 else "qwen2.5-vl")
             notes.append(f"counting for {model} (its built-in processor configs); --model or --processor to change")
         if model not in MODELS:
             raise InvalidOptionError(f"--model {model}: unknown; choose one of: {', '.join(MODELS)}")
         configs = processor_configs(os.path.join(_MODEL_DIR, model), f"--model {model}")
+    if named is not None and named != model:
+        raise InvalidOptionError(
+            f"--trainer-args template {given['template']} is LLaMA-Factory's template for {named}, not {model}"
+        )
     patch = MODELS[model]
     if patch_size is not None and patch_size != patch:
         raise InvalidOptionError(f"--patch-size {patch_size} contradicts {model} (patch size {patch}): leave it out")
     args, ignored = effective_args(rs, given)
     if ignored:
-        notes.append(f"--trainer-args: {', '.join(ignored)} do not change what {name} counts (ignored)")
+        notes.append(
+            f"--trainer-args: {', '.join(ignored)} do not change what {name} counts (ignored; check the spelling: "
+            "the trainer refuses names it does not know)"
+        )
     config = rs.configure(args, configs, model)
     notes += config.pop("notes", [])
     rules = {"name": name, "model": model, "args": args, "processor": configs, "config": config, "notes": notes}
+    rules["untagged_media"] = rs.untagged_media
     return rules, patch
 
 
-def _model_from_args(args: dict) -> Optional[str]:
-    """A LLaMA-Factory YAML names its template (qwen2_vl, qwen3_vl, ...)."""
-    template = str(args.get("template") or "")
-    if template.startswith("qwen3_vl"):
-        return "qwen3-vl"
-    if template.startswith("qwen2_vl"):
-        return "qwen2.5-vl"
-    return None
+#: LLaMA-Factory's templates whose plugin a rule set reproduces (its template registry: qwen3_5 runs Qwen3-VL's)
+_TEMPLATES = {"qwen2_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl", "qwen3_vl_nothink": "qwen3-vl", "qwen3_5": "qwen3-vl"}
+
+
+def _model_from_template(args: dict) -> Optional[str]:
+    """The model a LLaMA-Factory YAML's ``template`` implies; a template of another plugin is refused."""
+    template = args.get("template")
+    if template is None:
+        return None
+    if template not in _TEMPLATES:
+        raise InvalidOptionError(
+            f"--trainer-args template {template!r}: the llamafactory rule set reproduces the Qwen2-VL and Qwen3-VL "
+            f"plugins (templates {', '.join(sorted(_TEMPLATES))})"
+        )
+    return _TEMPLATES[template]
 
 
 # --- what the trainers read from a medium ------------------------------------------------------------------------
@@ -252,6 +317,7 @@ class ImageHead:
 
     stored: tuple  # (width, height) as stored
     shown: tuple  # (width, height) after the EXIF orientation
+    format: str = ""  # Pillow's name of the file format
 
 
 @dataclass(frozen=True)
@@ -266,7 +332,9 @@ class VideoHead:
     coded: tuple  # (width, height) as coded
     shown: tuple  # (width, height) after the display rotation
     rate_in_header: bool = True  # the stream states an average frame rate
-    span: Any = None  # the packet scan (packets, begin, end seconds), for rule sets that read it (needs_span)
+    codec: str = ""
+    container: str = ""
+    span: Any = None  # the packet scan (packets, begin, end seconds, all packets): what decoders that index count
 
 
 @dataclass(frozen=True)
@@ -278,6 +346,31 @@ class Planned:
     size: tuple
     indices: Optional[list] = None
     fps: Optional[float] = None
+
+
+def _is_uri(value: str) -> bool:
+    return "://" in value[:16] or value[:5].lower() == "file:"
+
+
+def _local_only(kind: str, value: str) -> Optional[str]:
+    if _is_uri(value):
+        return (
+            f"qwen-vl-finetune joins every media path to its data_path: a URL or file:// URI ({value[:60]}) becomes "
+            "a path that does not exist"
+        )
+    return None
+
+
+def _images_by_path(kind: str, value: str) -> Optional[str]:
+    if kind == "image" and _is_uri(value):
+        return f"it opens images with Image.open(path): a URL or file:// URI ({value[:60]}) is not a path"
+    return None
+
+
+def _swift_opens(kind: str, value: str) -> Optional[str]:
+    if value[:5].lower() == "file:":
+        return f"ms-swift reads http(s) URLs and paths, not file:// URIs ({value[:60]})"
+    return None
 
 
 def resize_0014(height: int, width: int, factor: int, min_pixels: int, max_pixels: int, max_ratio: float) -> tuple:
@@ -357,11 +450,17 @@ def _finetune_configure(args: dict, configs: dict, model: str) -> dict:
     c = dict(args, factor=MODELS[model] * 2, model=model, notes=[])
     video = configs.get("video") or {}
     c["sample_frames"] = bool(video.get("do_sample_frames", model == "qwen3-vl"))
+    if model == "qwen2.5-vl" and c["sample_frames"]:
+        raise InvalidOptionError(
+            "--processor: a Qwen2.5-VL folder whose video processor samples frames (do_sample_frames true) is not "
+            "what its checkpoint ships, and its Qwen2-VL frame sampling is not reproduced: count without it"
+        )
     if not c["sample_frames"]:
+        which = "its checkpoint has no video processor config, so" if model == "qwen2.5-vl" else "its processor's"
         c["notes"].append(
-            "qwen-vl-finetune feeds Qwen2.5-VL EVERY frame of a video: its checkpoint has no video processor config, "
-            "so transformers' Qwen2-VL video processor samples nothing (video_fps, video_min_frames and "
-            "video_max_frames are set but unused); a 2 s 1080p clip at 30 fps is 30,240 tokens"
+            f"qwen-vl-finetune feeds {model} EVERY frame of a video: {which} do_sample_frames is off (video_fps, "
+            "video_min_frames and video_max_frames are set but unused); a 2 s 1080p clip at 30 fps is 30,240 "
+            "tokens for Qwen2.5-VL"
         )
     return c
 
@@ -375,20 +474,34 @@ def _finetune_image(head: ImageHead, c: dict) -> Planned:
 
 def _finetune_video(head: VideoHead, c: dict) -> Planned:
     """transformers reads the video with torchcodec in exact mode (every packet indexed, frames display-rotated).
-    Qwen2.5-VL: every frame, each within video_min/max_pixels. Qwen3-VL: ``int(N / fps * video_fps)`` frames
-    (fps: N over the packets' time span) within video_min/max_frames, one pixel budget over all of them."""
+    Without frame sampling (Qwen2.5-VL's checkpoint): every frame; Qwen2.5-VL resizes each within
+    video_min/max_pixels, Qwen3-VL within one budget over all. With it (Qwen3-VL's): ``int(N / fps * video_fps)``
+    frames (fps: N over the packets' time span) within video_min/max_frames, one pixel budget over all of them."""
     width, height = head.shown
     n_all, f = head.span.packets, c["factor"]
-    if not c["sample_frames"]:
-        return Planned(n_all, resize_hf(height, width, f, c["video_min_pixels"], c["video_max_pixels"]))
+    if head.span.end <= head.span.begin:
+        raise TrainerFails("torchcodec finds no time span in its packets (no timestamps): it cannot index them")
     fps = n_all / (head.span.end - head.span.begin)
-    n = int(n_all / fps * c["video_fps"])
-    n = min(min(max(n, c["video_min_frames"]), c["video_max_frames"]), n_all)
+    if not c["sample_frames"]:
+        n = n_all
+    else:
+        n = int(n_all / fps * c["video_fps"])
+        n = min(min(max(n, c["video_min_frames"]), c["video_max_frames"]), n_all)
+    if c["model"] == "qwen2.5-vl":
+        return Planned(n, resize_hf(height, width, f, c["video_min_pixels"], c["video_max_pixels"]))
     size = resize_hf_video(n, height, width, f, c["video_min_pixels"], c["video_max_pixels"])
     return Planned(n, size, linspace_indices(n_all, n), fps)
 
 
-def _finetune_sample(kinds: list, facts: list, turns: list, c: dict) -> Optional[tuple]:
+def _finetune_sample(sample: Any, facts: list, turns: list, c: dict) -> Optional[tuple]:
+    kinds = [kind for kind, _ in sample.media]
+    for n, turn in enumerate(sample.record.get("conversations") or []):
+        if turn.get("from") != "human" and "<" in turn.get("value", "") and _TAGS.search(turn["value"]):
+            return (
+                "trainer_fails",
+                f"qwen-vl-finetune: turn {n} is from {turn.get('from')!r}, which it reads as the assistant (only "
+                "'human' is the user): its media tags are never consumed (ValueError: media remain unused)",
+            )
     if c["model"] == "qwen2.5-vl" and kinds.count("video") > 1:
         return (
             "trainer_fails",
@@ -397,6 +510,9 @@ def _finetune_sample(kinds: list, facts: list, turns: list, c: dict) -> Optional
             "sample is silently replaced by the next one",
         )
     return None
+
+
+_TAGS = re.compile(r"<(image|video)>")
 
 
 QWEN_VL_FINETUNE = _rule_set(
@@ -418,7 +534,7 @@ QWEN_VL_FINETUNE = _rule_set(
         _finetune_image,
         _finetune_video,
         _finetune_sample,
-        needs_span=lambda c: True,
+        opens=_local_only,
     )
 )
 
@@ -441,7 +557,7 @@ def _legacy_image(head: ImageHead, c: dict) -> Planned:
 def _legacy_video(head: VideoHead, c: dict) -> Planned:
     """decord: ``round(seconds / base_interval)`` frames within video_min/max_frames (seconds: frames over the
     header's average rate), unique truncated linspace indices, each frame within the per-frame pixel budget."""
-    total, fps = head.frames, head.fps
+    total, fps = head.span.all_packets, head.fps  # decord counts every packet of the stream
     n = min(max(round(total / fps / c["base_interval"]), c["video_min_frames"]), c["video_max_frames"])
     import numpy as np
 
@@ -451,7 +567,8 @@ def _legacy_video(head: VideoHead, c: dict) -> Planned:
     return Planned(len(indices), size, indices, fps)
 
 
-def _legacy_sample(kinds: list, facts: list, turns: list, c: dict) -> Optional[tuple]:
+def _legacy_sample(sample: Any, facts: list, turns: list, c: dict) -> Optional[tuple]:
+    kinds = [kind for kind, _ in sample.media]
     if not kinds:
         return (
             "trainer_fails",
@@ -492,6 +609,8 @@ QWEN_VL_FINETUNE_LEGACY = _rule_set(
         _legacy_image,
         _legacy_video,
         _legacy_sample,
+        opens=_images_by_path,
+        untagged_media=True,
     )
 )
 
@@ -499,14 +618,20 @@ QWEN_VL_FINETUNE_LEGACY = _rule_set(
 # --- LLaMA-Factory --------------------------------------------------------------------------------------------------
 
 
-def _processor_limits(config: dict) -> tuple:
+def _processor_limits(config: dict, where: str = "the processor config") -> tuple:
     """(min_pixels, max_pixels) a transformers processor takes from its config: ``size`` (shortest_edge /
-    longest_edge) where given, else ``min_pixels`` / ``max_pixels``."""
+    longest_edge) where given, else ``min_pixels`` / ``max_pixels``; checked."""
     size = config.get("size") or {}
+    if not isinstance(size, dict):
+        raise InvalidOptionError(f"{where}: 'size' must be an object with shortest_edge / longest_edge")
     low = size.get("shortest_edge", config.get("min_pixels"))
     high = size.get("longest_edge", config.get("max_pixels"))
-    if not isinstance(low, int) or not isinstance(high, int):
-        raise InvalidOptionError("the processor config gives no pixel limits (size or min_pixels / max_pixels)")
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (low, high))
+    if not ok or low > high:
+        raise InvalidOptionError(
+            f"{where}: pixel limits {low!r}..{high!r} are not two positive whole numbers, the first the smaller "
+            "(size's shortest_edge / longest_edge, or min_pixels / max_pixels)"
+        )
     return low, high
 
 
@@ -553,28 +678,33 @@ def _llamafactory_image(head: ImageHead, c: dict) -> Planned:
 
 def _llamafactory_video(head: VideoHead, c: dict) -> Planned:
     """Frames: ``floor(duration * video_fps)`` (the stream's duration) within video_maxlen and the header's frame
-    count, by truncated linspace; a header without a frame count: every frame up to video_maxlen. An odd count is
-    padded by one. Sizes: the coded size (no rotation), LLaMA-Factory's pre-resize, then the processor's
+    count, by truncated linspace; a header without a frame count: every frame up to video_maxlen. The frames fed
+    are those of the indices a decoder reaches (an edit list or a header that overstates hides the last ones); an
+    odd count is padded by one. When the text's tokens (from the header) are not the features', the model's
+    forward fails. Sizes: the coded size (no rotation), LLaMA-Factory's pre-resize, then the processor's
     (Qwen3-VL: one budget over all frames)."""
-    maxlen = c["video_maxlen"]
+    maxlen, decodable = c["video_maxlen"], head.span.packets
     if not head.rate_in_header:
         raise TrainerFails("the video stream states no average frame rate (TypeError: float() of None)")
     if head.header_frames == 0:
-        fed = min(head.frames, maxlen)
+        fed = min(decodable, maxlen)
         indices = list(range(fed))
-        if head.stream_duration is not None and fed + fed % 2 != maxlen + maxlen % 2:
-            raise TrainerFails(
-                f"the header states a duration but no frame count: LLaMA-Factory writes {maxlen + maxlen % 2} "
-                f"frames' tokens into the text and feeds the {fed} it decodes (the model's forward fails: video "
-                "features and video tokens do not match)"
-            )
+        written = maxlen if head.stream_duration is not None else fed  # the text's count, from the header
     else:
         if head.stream_duration is None:
             raise TrainerFails("the video stream states a frame count but no duration (TypeError)")
         n = min(head.header_frames, maxlen, max(1, math.floor(head.stream_duration * c["video_fps"])))
-        indices = [int(i) for i in linspace_indices_trunc(head.header_frames, n)]
-        fed = len(indices)
+        wanted = [int(i) for i in linspace_indices_trunc(head.header_frames, n)]
+        indices = [i for i in wanted if i < decodable]
+        fed, written = len(indices), len(wanted)
     frames = fed + fed % 2
+    if written + written % 2 != frames:
+        raise TrainerFails(
+            f"LLaMA-Factory writes {written + written % 2} frames' tokens into the text (from the header) and feeds "
+            f"the {frames} it decodes: the model's forward fails (video features and video tokens do not match)"
+        )
+    if not fed:
+        raise TrainerFails("no frame of the video can be decoded")
     width, height = _lf_shrink(*head.coded, c["video_max_pixels"], c["video_min_pixels"])
     if c["model"] == "qwen3-vl":
         size = resize_hf_video(frames, height, width, c["factor"], *c["video_limits"])
@@ -590,9 +720,18 @@ def linspace_indices_trunc(total: int, n: int) -> list:
     return [int(i) for i in np.linspace(0, total - 1, n).astype(np.int32)]
 
 
-def _llamafactory_sample(kinds: list, facts: list, turns: list, c: dict) -> Optional[tuple]:
-    """Qwen3-VL: the plugin writes every video's tokens with the first video's temporal length, and takes each
-    video's timestamps from the metadata at the index of the message holding it."""
+def _llamafactory_sample(sample: Any, facts: list, turns: list, c: dict) -> Optional[tuple]:
+    """Its converter skips conversations that do not alternate user / assistant from the user (a system turn
+    aside) and end with the assistant. Qwen3-VL: the plugin writes every video's tokens with the first video's
+    temporal length, and takes each video's timestamps from the metadata at the index of the message holding it."""
+    kinds = [kind for kind, _ in sample.media]
+    roles = [m["role"] for m in sample.messages if m["role"] != "system"]
+    if len(roles) % 2 or any(r != ("user" if n % 2 == 0 else "assistant") for n, r in enumerate(roles)):
+        return (
+            "trainer_fails",
+            "llamafactory: its sharegpt converter skips a conversation that does not alternate user and assistant "
+            "turns from the user to an assistant turn ('Invalid message count' / 'Invalid role tag')",
+        )
     if c["model"] != "qwen3-vl":
         return None
     groups = [-(-f["frames"] // 2) for f in facts if f.get("kind") == "video"]
@@ -634,6 +773,7 @@ LLAMAFACTORY = _rule_set(
         _llamafactory_image,
         _llamafactory_video,
         _llamafactory_sample,
+        opens=_images_by_path,
     )
 )
 
@@ -741,7 +881,7 @@ def _swift_video(head: VideoHead, c: dict) -> Planned:
             "the video stream states no average frame rate, which decord needs; qwen-vl-utils 0.0.14's torchvision "
             "fallback (torchvision.io.read_video, gone since torchvision 0.25) fails too"
         )
-    ff, total, fps = c["FRAME_FACTOR"], head.frames, head.fps
+    ff, total, fps = c["FRAME_FACTOR"], head.span.all_packets, head.fps  # decord counts every packet
     min_f = math.ceil(c["FPS_MIN_FRAMES"] / ff) * ff
     max_f = math.floor(min(c["FPS_MAX_FRAMES"], total) / ff) * ff
     n = math.floor(min(max(total / fps * c["FPS"], min_f), max_f, total) / ff) * ff
@@ -759,6 +899,14 @@ def _swift_video(head: VideoHead, c: dict) -> Planned:
     return Planned(n, size, linspace_indices(total, n), fps)
 
 
+def _decord_decodes(head: VideoHead) -> Optional[str]:
+    """What decord 0.6 cannot open (then 0.0.14's torchvision fallback fails too: no io.read_video since 0.25)."""
+    if head.container == "gif" or head.codec == "av1":
+        what = "an animated GIF" if head.container == "gif" else "AV1"
+        return f"decord 0.6 cannot read {what}, and qwen-vl-utils 0.0.14's torchvision fallback fails too"
+    return None
+
+
 MS_SWIFT = _rule_set(
     RuleSet(
         "ms-swift",
@@ -774,6 +922,10 @@ MS_SWIFT = _rule_set(
         _swift_configure,
         _swift_image,
         _swift_video,
+        opens=_swift_opens,
+        untagged_media=True,
+        decodes=_decord_decodes,
+        environment=True,
     )
 )
 
@@ -781,8 +933,17 @@ MS_SWIFT = _rule_set(
 # --- measuring by a rule set -------------------------------------------------------------------------------------
 
 
-def _trainer_path(kind: str, ele: dict, name: str) -> None:
+#: containers of raw elementary streams (no timestamps, no index): every trainer's decoder fails on them
+_RAW_STREAM = {
+    name: "a raw elementary stream (no container): torchcodec cannot seek it, decord cannot open it, LLaMA-Factory's "
+    "reader fails to rewind it"
+    for name in ("h264", "hevc", "mpegvideo", "m4v", "vvc", "obu")
+}
+
+
+def _trainer_path(kind: str, ele: dict, rs: RuleSet) -> None:
     """Trainers read media by path or URL from their own format: what cannot be written there is not counted."""
+    name = rs.name
     value = ele.get(kind) if kind == "video" else ele.get("image", ele.get("image_url"))
     if isinstance(value, dict):  # {"image_url": {"url": ...}}
         value = value.get("url")
@@ -793,6 +954,9 @@ def _trainer_path(kind: str, ele: dict, name: str) -> None:
         )
     if kind == "video" and any(k in ele for k in ("video_start", "video_end")):
         raise TrainerFails(f"{name} reads whole videos: video_start / video_end cannot be given to it")
+    why = rs.opens(kind, value)
+    if why:
+        raise TrainerFails(why)
 
 
 def measure_by_rules(kind: str, ele: dict, rules: dict, policy: Any) -> dict:
@@ -804,13 +968,18 @@ def measure_by_rules(kind: str, ele: dict, rules: dict, policy: Any) -> dict:
     config = rules["config"]
     factor = MODELS[rules["model"]] * 2
     try:
-        _trainer_path(kind, ele, rs.name)
+        _trainer_path(kind, ele, rs)
         if kind == "image":
             head = _image_head(ele, policy)
+            if head.format in ("HEIF", "HEIC"):
+                raise TrainerFails(f"{rs.name} opens images with Pillow alone, which cannot read HEIF/HEIC")
             planned = rs.image(head, config)
             width, height = head.shown
         else:
-            info = _video_head(ele, policy, rs.needs_span(config))
+            info = _video_head(ele, policy, True)
+            why = _RAW_STREAM.get(info.container) or rs.decodes(info)
+            if why:
+                raise TrainerFails(why)
             planned = rs.video(info, config)
             width, height = info.shown
     except TrainerFails as exc:
@@ -833,7 +1002,7 @@ def _image_head(ele: dict, policy: Any) -> ImageHead:
     image_options(ele)
     with resolve_image(ele, policy) as source:
         img = open_image(source, policy)
-        return ImageHead(tuple(img.size), oriented_size(img))
+        return ImageHead(tuple(img.size), oriented_size(img), str(img.format or ""))
 
 
 def _video_head(ele: dict, policy: Any, span: bool) -> VideoHead:
@@ -849,11 +1018,13 @@ def _video_head(ele: dict, policy: Any, span: bool) -> VideoHead:
         coded=(info.width, info.height),
         shown=info.display_size,
         rate_in_header=info.rate_in_header,
+        codec=info.codec,
+        container=info.container,
         span=scanned,
     )
 
 
-def trainer_problems(media: list, facts: list, turns: list, rules: dict) -> list:
+def trainer_problems(sample: Any, facts: list, turns: list, rules: dict) -> list:
     """Problems of a whole sample under ``rules``: what the trainer's own code does with this mix of media
     (``turns``: the index of the message holding each medium, system turns left out)."""
     from ._samples import Problem
@@ -861,7 +1032,7 @@ def trainer_problems(media: list, facts: list, turns: list, rules: dict) -> list
     rs = RULE_SETS[rules["name"]]
     if rs.sample is None:
         return []
-    message = rs.sample([kind for kind, _ in media], facts, turns, rules["config"])
+    message = rs.sample(sample, facts, turns, rules["config"])
     return [Problem(*message)] if message else []
 
 
@@ -871,7 +1042,10 @@ def describe_rule_sets() -> str:
     for rs in RULE_SETS.values():
         lines += [f"{rs.name}: {rs.summary}", f"  checked against: {rs.source}", "  --trainer-args (default):"]
         for name, (kind, default) in rs.defaults.items():
-            shown = "the checkpoint's / the trainer's" if default is None else json.dumps(default)
+            default = _SWIFT_INT.get(name, default) if rs.name == "ms-swift" else default
+            if rs.name == "ms-swift" and name == "FPS":
+                default = 2.0
+            shown = "unset" if default is None else json.dumps(default)
             lines.append(f"    {name} ({kind.__name__}): {shown}")
         lines.append("")
     return "\n".join(lines)

@@ -104,12 +104,8 @@ def make_settings(
             "and packet headers): leave --deep out"
         )
     if resolved is not None:
-        given = [
-            f"--{kind}-{k.replace('_', '-')}"
-            for kind, keys in (("image", image), ("video", video))
-            for k, v in keys.items()
-            if v is not None
-        ]
+        given = [_flag_name(kind, k) for kind, keys in (("image", image), ("video", video))
+                 for k, v in keys.items() if v is not None]  # fmt: skip
         if given:
             raise InvalidOptionError(
                 f"{', '.join(given)}: with --rules {rules} the trainer's own arguments decide; give them with "
@@ -131,6 +127,11 @@ def make_settings(
     )
 
 
+def _flag_name(kind: str, key: str) -> str:
+    """The CLI flag that sets an element key: --image-max-pixels, --video-total-pixels, --fps, --max-frames."""
+    return f"--{kind}-{key.replace('_', '-')}" if key.endswith("pixels") else f"--{key.replace('_', '-')}"
+
+
 def _check_timeout(seconds: Optional[float]) -> Optional[float]:
     if seconds is None or seconds == 0:
         return None
@@ -145,9 +146,6 @@ def _check_flags(patch_size: int, image: dict, video: dict) -> None:
     from .._options import check_number
     from ..video import FRAME_FACTOR
 
-    def flag(kind: str, key: str) -> str:
-        return f"--{kind}-{key.replace('_', '-')}" if key.endswith("pixels") else f"--{key.replace('_', '-')}"
-
     for kind, keys in (("image", image), ("video", video)):
         for key, value in keys.items():
             if value is None:
@@ -155,7 +153,7 @@ def _check_flags(patch_size: int, image: dict, video: dict) -> None:
             try:
                 check_number(value, key)
             except InvalidOptionError as exc:
-                raise InvalidOptionError(f"{flag(kind, key)} {value}: {exc}") from None
+                raise InvalidOptionError(f"{_flag_name(kind, key)} {value}: {exc}") from None
     smallest = (2 * patch_size) ** 2  # one merged patch: the least a resized frame has
     for kind, keys in (("image", image), ("video", video)):
         low, high = keys.get("min_pixels"), keys.get("max_pixels")

@@ -98,6 +98,8 @@ def parse_sample(raw: bytes, settings: Settings) -> Sample:
         raise Problem("malformed", f"a sample must be a JSON object, got {type(record).__name__}")
     if "conversations" in record:
         return _finetune_sample(record, settings)
+    if "messages" in record and _sharegpt(record):
+        return _sharegpt_sample(record, settings)
     if "messages" in record:
         return _chat_sample(record, settings)
     raise Problem("malformed", "a sample needs 'conversations' (qwen-vl-finetune) or 'messages' (chat format)")
@@ -190,6 +192,35 @@ def _media_list(record: dict, key: str) -> list:
     return values
 
 
+# --- LLaMA-Factory's and ms-swift's format ---------------------------------------------------------------------
+
+
+def _sharegpt(record: dict) -> bool:
+    """``{"messages": [{"role", "content": text with <image>/<video> tags}], "images": [...], "videos": [...]}``:
+    LLaMA-Factory's multimodal format (its mllm_demo), which ms-swift reads too."""
+    messages = record.get("messages")
+    return (
+        ("images" in record or "videos" in record)
+        and isinstance(messages, list)
+        and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
+    )
+
+
+def _sharegpt_sample(record: dict, settings: Settings) -> Sample:
+    """Read as qwen-vl-finetune's format is (the n-th tag of the user turns is the n-th medium); the record kept."""
+    turns = []
+    for n, msg in enumerate(record["messages"]):
+        role = msg.get("role")
+        if role not in _ROLES:
+            raise Problem("malformed", f"message {n} has role {json.dumps(role)[:40]}: give user, assistant or system")
+        turns.append({"from": role, "value": msg["content"]})
+    converted = {"conversations": turns}
+    for key, theirs in (("image", "images"), ("video", "videos")):
+        if theirs in record:
+            converted[key] = record[theirs]
+    return dataclasses.replace(_finetune_sample(converted, settings), record=record)
+
+
 # --- qwen-vl-finetune --------------------------------------------------------------------------------------
 
 
@@ -232,6 +263,9 @@ def _finetune_sample(record: dict, settings: Settings) -> Sample:
             elif seg.strip():
                 content.append({"type": "text", "text": seg.strip()})
         messages.append({"role": role, "content": content})
+    if not any(tags.values()) and settings.rules and settings.rules.get("untagged_media"):
+        _media_first(messages, media, pools)  # the trainer puts untagged media before the first user text
+        tags = {tag: len(pool) for tag, pool in pools.items()}
     for tag, pool in pools.items():
         if tags[tag] != len(pool):
             problems.append(
@@ -242,6 +276,16 @@ def _finetune_sample(record: dict, settings: Settings) -> Sample:
             )
     problems += _conversation_problems([(_ROLES[t["from"]], t["value"]) for t in turns])
     return Sample(record, messages, media, problems)
+
+
+def _media_first(messages: list, media: list, pools: dict) -> None:
+    """A sample without tags, as ms-swift and the legacy qwen-vl-finetune loader read it: every image, then every
+    video, at the start of the first user turn."""
+    first = next((m for m in messages if m["role"] == "user"), None)
+    eles = [(tag[1:-1], ele) for tag in ("<image>", "<video>") for ele in pools[tag]]
+    if first is not None:
+        first["content"] = [ele for _, ele in eles] + first["content"]
+    media.extend(eles)
 
 
 def _conversation_problems(turns: list) -> list:

@@ -385,7 +385,7 @@ def _examine_in_time(raw: Optional[bytes], error: Optional[str], settings: Setti
     if not problems and settings.rules is not None:
         from ._rules import trainer_problems
 
-        problems += trainer_problems(sample.media, facts, _media_turns(sample), settings.rules)
+        problems += trainer_problems(sample, facts, _media_turns(sample), settings.rules)
     if not problems:
         problems += _duplicate_media(sample.media)
     return sample, facts, problems
