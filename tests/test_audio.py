@@ -272,3 +272,53 @@ def test_importing_the_package_imports_no_decoder():
 
     spec = importlib.util.find_spec("qwen_omni_utils")
     assert spec is None or "qwen_vl_utils" not in (spec.origin or "")  # never shadows the real package
+
+
+def test_inspect_shows_the_audio_stream_and_its_tokens(tmp_path):
+    import json as _json
+
+    video = write_video(tmp_path / "v.mp4", seconds=4.0)
+    res = subprocess.run([sys.executable, "-m", "qwen_vl_utils", "inspect", str(video), "--json"], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    out = _json.loads(res.stdout)[0]
+    assert out["audio"]["codec"] == "aac" and out["audio"]["sample_rate"] == SR
+    frames = out["frames_indices"]
+    window = (frames[-1] + 1 - frames[0]) / out["source_fps"]
+    assert out["audio"]["tokens"]["qwen2.5-omni"] == q.audio_token_count(round(window * SR))
+    sound = write_audio(tmp_path / "a.flac", "flac", 44100, 2)
+    res = subprocess.run([sys.executable, "-m", "qwen_vl_utils", "inspect", str(sound), "--json"], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    out = _json.loads(res.stdout)[0]
+    assert out["kind"] == "audio" and out["channels"] == 2 and out["duration"] == pytest.approx(3.0, abs=0.01)
+    assert out["audio_tokens"]["qwen3-omni"] == q.audio_token_count(3 * SR, "qwen3-omni")
+
+
+def test_dataset_count_counts_audio_tokens_of_omni_samples(tmp_path):
+    """``<audio>`` tags with ``audio`` paths (qwen-vl-finetune's format) and audio elements (chat format): the
+    Omni processor's tokens from the header's duration, added to num_tokens, for the chosen model."""
+    import json as _json
+
+    from qwen_vl_utils import dataset as ds
+
+    a = write_audio(tmp_path / "a.flac", "flac", 44100, 2, seconds=3.0)
+    conv = [{"from": "human", "value": "<audio>\nWhat is said?"}, {"from": "gpt", "value": "Hello."}]
+    chat = [
+        {
+            "role": "user",
+            "content": [{"type": "audio", "audio": "a.flac", "audio_end": 1.5}, {"type": "text", "text": "?"}],
+        },
+        {"role": "assistant", "content": "Hi."},
+    ]
+    rows = [{"audio": "a.flac", "conversations": conv}, {"messages": chat}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    for model in ("qwen2.5-omni", "qwen3-omni"):
+        out = tmp_path / f"{model}.jsonl"
+        summary = ds.count(str(data), str(out), jobs=1, audio_model=model)
+        assert summary.exit_code == 0
+        got = [_json.loads(line) for line in out.read_text().splitlines()]
+        assert got[0]["audio_tokens"] == q.audio_token_count(3 * SR, model) == got[0]["num_tokens"]
+        assert got[1]["audio_tokens"] == q.audio_token_count(round(1.5 * SR), model)
+        assert got[0]["media_info"][0]["kind"] == "audio" and got[0]["visual_tokens"] == 0
+    assert a.exists()

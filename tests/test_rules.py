@@ -34,6 +34,7 @@ NOT_PREDICTED = {
         "torchcodec on FFmpeg 5.1 (Debian 12) indexes this AVI's 21 packets without a timestamp one frame off and "
         "fails on its last frame; on FFmpeg 8 every packet has a timestamp and it is read"
     ),
+    ("qwen-vl-finetune", "video:liar.avi"): "v10.avi with its header's frame counts patched: the same AVI failure",
     ("qwen-vl-finetune", "video:v25.ts"): (
         "torchcodec 0.17 on FFmpeg 5.1 runs out of frames reading this MPEG-TS file in exact mode, though every "
         "packet has a timestamp and PyAV and ffprobe decode all 50 frames"
@@ -335,3 +336,127 @@ def test_the_ray_engine_counts_by_the_same_rules(corpus, tmp_path):
     assert summary.problems.get("trainer_fails")
     assert (tmp_path / "ray.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
     assert (tmp_path / "ray.problems.jsonl").read_text() == (tmp_path / "local.problems.jsonl").read_text()
+
+
+# --- found attacking the rule sets from outside (each case run through the trainer's own code first) -------------
+
+
+def _count(tmp_path, records, rules, model="qwen2.5-vl", **options):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / f"o-{rules}.jsonl"
+    summary = ds.count(str(data), str(out), rules=rules, model=model, jobs=1, overwrite=True, **options)
+    counted = {r["index"]: r for r in _read(out)}
+    problems = {r["index"]: r for r in _read(str(out).replace(".jsonl", ".problems.jsonl"))}
+    return summary, [counted.get(i) or problems.get(i) for i in range(len(records))]
+
+
+def test_llamafactorys_own_format_is_read_not_counted_as_nothing(small, tmp_path):
+    """LLaMA-Factory's sharegpt format (ms-swift reads it too): text with tags, "images" / "videos" beside the
+    messages, or "conversations" with "images". Its converter and plugin fed 66 and 352 tokens for such rows;
+    they were counted as 0 visual tokens, valid."""
+    root = small.parent
+    msgs = [{"role": "user", "content": "<image>Who?"}, {"role": "assistant", "content": "A."}]
+    rows = [
+        {"messages": msgs, "images": [str(root / "m/a.png")]},
+        {"messages": [{"role": "user", "content": "<video>What?"}, msgs[1]], "videos": [str(root / "m/v.mp4")]},
+        {
+            "conversations": [{"from": "human", "value": "<image>Who?"}, {"from": "gpt", "value": "A."}],
+            "images": [str(root / "m/a.png")],
+        },
+    ]
+    _, got = _count(tmp_path, rows, "llamafactory", allow_outside_root=True)
+    assert all("problem" not in g and g["visual_tokens"] > 0 for g in got), got
+    assert got[0]["visual_tokens"] == got[2]["visual_tokens"]
+    assert got[0]["media_info"][0]["kind"] == "image" and got[1]["media_info"][0]["kind"] == "video"
+
+
+def test_media_without_tags_go_first_where_the_trainer_puts_them(small, tmp_path):
+    """ms-swift and the legacy loader put untagged media before the first user text (they fed 66 / 560 and 66 /
+    48 tokens for these); qwen-vl-finetune and LLaMA-Factory fail on them (tag_mismatch)."""
+    root = small.parent
+    conv = [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "A."}]
+    rows = [
+        {"image": str(root / "m/a.png"), "conversations": conv},
+        {"video": str(root / "m/v.mp4"), "conversations": conv},
+    ]
+    for rules in ("ms-swift", "qwen-vl-finetune-legacy"):
+        _, got = _count(tmp_path, rows, rules, allow_outside_root=True)
+        assert all("problem" not in g and g["visual_tokens"] > 0 for g in got), (rules, got)
+    for rules in ("qwen-vl-finetune", "llamafactory"):
+        _, got = _count(tmp_path, rows, rules, allow_outside_root=True)
+        assert {g["problem"] for g in got} == {"tag_mismatch"}, rules
+
+
+def test_conversation_shapes_a_trainer_rejects_are_trainer_failures(small, tmp_path):
+    image = str(small.parent / "m/a.png")
+    from_user = {
+        "image": image,
+        "conversations": [{"from": "user", "value": "<image>?"}, {"from": "gpt", "value": "A."}],
+    }
+    turns = [{"from": "human", "value": "<image>?"}, {"from": "gpt", "value": "A."}, {"from": "human", "value": "?"}]
+    ends_human = {"image": image, "conversations": turns}
+    _, got = _count(tmp_path, [from_user, ends_human], "llamafactory", allow_outside_root=True)
+    assert [g["problem"] for g in got] == ["trainer_fails", "trainer_fails"]
+    _, got = _count(tmp_path, [from_user], "qwen-vl-finetune", allow_outside_root=True)
+    assert got[0]["problem"] == "trainer_fails" and "only 'human' is the user" in got[0]["message"]
+    _, got = _count(tmp_path, [from_user], "ms-swift", allow_outside_root=True)
+    assert "problem" not in got[0]
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda d: (d / "bin.yaml").write_bytes(b"\xff\xfe\x00x"), "cannot read it as text"),
+        (lambda d: (d / "bin.yaml").write_text("template: qwen2_vl\n1: foo\n"), "must be text"),
+        (lambda d: (d / "bin.yaml").write_text("template: qwen2_vl\non: true\n"), "must be text"),
+        (lambda d: (d / "bin.yaml").write_text("template: llava\n"), "reproduces the Qwen2-VL and Qwen3-VL"),
+        (lambda d: (d / "bin.yaml").write_text("template: qwen3_vl\n"), "not qwen2.5-vl"),
+    ],
+)
+def test_odd_trainer_argument_files_are_usage_errors(small, tmp_path, make, needle):
+    make(tmp_path)
+    res = _cli("dataset", "count", small, "--rules", "llamafactory", "--model", "qwen2.5-vl", "--trainer-args",
+               tmp_path / "bin.yaml", "-o", tmp_path / "o.jsonl")  # fmt: skip
+    assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize(
+    "config, preprocessor, needle",
+    [
+        ({"model_type": ["qwen2_vl"]}, {"patch_size": 14, "min_pixels": 1, "max_pixels": 9}, "model_type"),
+        ({"model_type": "llava"}, {"patch_size": 14, "min_pixels": 3136, "max_pixels": 9999999}, "not a Qwen"),
+        ({"model_type": "qwen2_5_vl"}, {"patch_size": [14]}, "patch_size"),
+        ({"model_type": "qwen2_5_vl"}, {"patch_size": 14, "size": "abc"}, "'size'"),
+        ({"model_type": "qwen2_5_vl"}, {"patch_size": 14, "size": {"shortest_edge": 0, "longest_edge": -5}}, "limits"),
+    ],
+)
+def test_odd_model_folders_are_usage_errors(small, tmp_path, config, preprocessor, needle):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    res = _cli("dataset", "count", small, "--rules", "llamafactory", "--processor", folder, "-o", tmp_path / "o.jsonl")
+    assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_ms_swift_reads_its_environment_and_its_reads_of_numbers(small, tmp_path):
+    import os
+
+    env = {**os.environ, "MAX_PIXELS": "50000", "MODEL_SEQ_LEN": "1e5"}
+    res = subprocess.run(
+        [sys.executable, "-m", "qwen_vl_utils", "dataset", "count", str(small), "--rules", "ms-swift", "-o",
+         str(tmp_path / "o.jsonl")], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "read from the environment" in res.stderr and "MAX_PIXELS=50000" in res.stderr
+    image = _read(tmp_path / "o.jsonl")[0]
+    assert image["visual_tokens"] == 50000 // 28**2 * 0 + _rules.resize_0014(480, 640, 28, 4 * 784, 63 * 784, 200)[
+        0
+    ] // 28 * (_rules.resize_0014(480, 640, 28, 4 * 784, 63 * 784, 200)[1] // 28)
+
+
+def test_the_python_api_takes_trainer_args_as_a_dict(small, tmp_path):
+    summary = ds.count(str(small), str(tmp_path / "o.jsonl"), rules="llamafactory", trainer_args={"video_fps": 1})
+    assert summary.exit_code == 0
+    res = _cli("dataset", "count", small, "--rules", "ms-swift", "--fps", "1", "-o", tmp_path / "p.jsonl")
+    assert res.returncode == 2 and "--fps" in res.stderr and "--video-fps" not in res.stderr

@@ -12,6 +12,8 @@ code on it; the tests compare ``dataset count --rules`` with what it recorded.
 from __future__ import annotations
 
 import json
+import struct
+import subprocess
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -98,7 +100,55 @@ def samples(folder: Path) -> list:
     out.append(_sample("a-video-per-turn", [], ["v24.mov", "big.mp4"], folder, ["<video>\n" + Q] * 2))
     out.append(_sample("two-videos-long-first", [], ["big.mp4", "v24.mov"], folder))
     out.append(_sample("video-then-image", ["mid.png"], ["v24.mov"], folder, ["<video>\n<image>\n" + Q]))
+    for name in DERIVED:
+        out.append(_sample(f"video:{name}", [], [name], folder))
+    out.append(_sample("image:photo.heic", ["photo.heic"], [], folder))
+    uri = _sample("image:file-uri", ["photo.jpg"], [], folder)
+    uri["image"] = [(folder / "media" / "photo.jpg").as_uri()]
+    out.append(uri)
     return out
+
+
+#: videos made from others by the ffmpeg command line or by editing their bytes: name -> how
+DERIVED = {
+    "cut.mp4": "a stream copy cut at 1.3 s of an x264 file with B-frames: an edit list hides 3 of its 84 frames",
+    "liar.avi": "v10.avi (41 frames) with its header's frame counts patched to 200",
+    "raw.h264": "v30.mp4's H.264 as a raw Annex B elementary stream: no container, no timestamps",
+    "anim.gif": "an animated GIF of 12 frames at 10 fps",
+}
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *args], check=True)
+
+
+def _derived(media: Path) -> None:
+    if not (media / "cut.mp4").exists():
+        src = media / "bframes.src.mp4"
+        _ffmpeg("-f", "lavfi", "-i", "testsrc=size=320x240:rate=30", "-frames:v", "120", "-c:v", "libx264",
+                "-g", "12", "-bf", "3", "-pix_fmt", "yuv420p", str(src))  # fmt: skip
+        _ffmpeg("-ss", "1.3", "-i", str(src), "-c", "copy", str(media / "cut.mp4"))
+        src.unlink()
+    if not (media / "liar.avi").exists():
+        data = bytearray((media / "v10.avi").read_bytes())
+        avih = data.index(b"avih") + 8
+        struct.pack_into("<I", data, avih + 16, 200)  # dwTotalFrames
+        strh = data.index(b"strh") + 8
+        struct.pack_into("<I", data, strh + 32, 200)  # dwLength
+        (media / "liar.avi").write_bytes(bytes(data))
+    if not (media / "raw.h264").exists():
+        _ffmpeg("-i", str(media / "v30.mp4"), "-c:v", "copy", "-bsf:v", "h264_mp4toannexb", "-f", "h264",
+                str(media / "raw.h264"))  # fmt: skip
+    if not (media / "anim.gif").exists():
+        from PIL import Image
+
+        frames = [Image.fromarray(np.full((90, 120, 3), 20 * i, np.uint8)) for i in range(12)]
+        frames[0].save(media / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    if not (media / "photo.heic").exists():
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+        gradient(640, 480).save(media / "photo.heic", format="HEIF")
 
 
 def build(folder: Path) -> list:
@@ -118,6 +168,7 @@ def build(folder: Path) -> list:
         path = media / name
         if not path.exists():
             make_video(path, **kwargs)
+    _derived(media)
     return samples(folder)
 
 

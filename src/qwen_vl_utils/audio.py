@@ -284,6 +284,40 @@ def video_audio(
         raise
 
 
+def describe_audio(source: Source) -> Optional[dict]:
+    """The first audio stream's facts from the header (nothing decoded): codec, sample rate, channels and
+    duration in seconds; None when the file has no audio stream. ``has_video`` says whether it has a video
+    stream too."""
+    try:
+        container = open_container(source)
+    except DecodeError:
+        return None
+    try:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        tb = float(stream.time_base) if stream.time_base else 0.0
+        if stream.duration and tb:
+            duration = stream.duration * tb
+        else:
+            duration = container.duration / 1_000_000 if container.duration else 0.0
+        return {
+            "codec": stream.codec_context.name,
+            "sample_rate": stream.rate,
+            "channels": stream.channels,
+            "duration": round(float(duration), 4),
+            "has_video": bool(container.streams.video),
+        }
+    finally:
+        container.close()
+
+
+def token_counts(seconds: float) -> dict:
+    """The Omni processors' audio tokens for ``seconds`` of sound at 16 kHz."""
+    samples = round(seconds * SAMPLE_RATE)
+    return {model: audio_token_count(samples, model) for model in OMNI_MODELS}
+
+
 # --- tokens ----------------------------------------------------------------------------------------------------------
 
 

@@ -52,6 +52,12 @@ def _sample_flags(p: argparse.ArgumentParser) -> None:
         "--model", choices=("qwen2.5-vl", "qwen3-vl"), help="--rules: the checkpoint's processor configs (built in)"
     )
     p.add_argument("--processor", metavar="DIR", help="--rules: a local model folder's processor configs instead")
+    p.add_argument(
+        "--audio-model",
+        choices=("qwen2.5-omni", "qwen3-omni"),
+        default="qwen2.5-omni",
+        help="whose audio tokens audio media (<audio> tags, audio elements) count (default qwen2.5-omni)",
+    )
     for flag, kind, text in _ELEMENT_FLAGS:
         p.add_argument(flag, type=kind, help=text + "; a sample's own element keys win")
     p.add_argument("--deep", action="store_true", help="decode every medium fully instead of headers and probes")
@@ -75,7 +81,7 @@ def _sample_flags(p: argparse.ArgumentParser) -> None:
 
 def _options(args: argparse.Namespace) -> dict:
     keys = ("media_root", "patch_size", "deep", "engine", "address", "jobs", "overwrite", "allow_outside_root")
-    keys += ("sample_timeout", "rules", "trainer_args", "model", "processor")
+    keys += ("sample_timeout", "rules", "trainer_args", "model", "processor", "audio_model")
     keys += tuple(flag[2:].replace("-", "_") for flag, _, _ in _ELEMENT_FLAGS)
     return {k: getattr(args, k) for k in keys} | {"progress": not args.quiet}
 

@@ -64,6 +64,18 @@ def _inspect_resolved(
             "seconds": round(time.perf_counter() - start, 4),
             "_image": out,
         }
+    from ..audio import describe_audio, token_counts
+
+    with resolve_source(value, "video", get_fetch_policy()) as src:
+        sound = describe_audio(src)
+    if sound is not None and not sound.pop("has_video"):
+        return {
+            "source": source,
+            "kind": "audio",
+            **sound,
+            "audio_tokens": token_counts(sound["duration"]),
+            "seconds": round(time.perf_counter() - start, 4),
+        }
     decoded = decode_video(ele, patch, backend=ele.get("video_reader"), on_frame=on_frame)
     info, meta = decoded.info, decoded.metadata
     t, h, w = decoded.frames.shape[:3]
@@ -89,6 +101,13 @@ def _inspect_resolved(
         "qwen3_timestamps": [round(x, 4) for x in qwen3_timestamps(meta["frames_indices"], fps)],
         "tokens": visual_tokens(h, w, factor, t, FRAME_FACTOR),
         "backend": meta["video_backend"],
+        "audio": None
+        if sound is None
+        else {
+            **{k: v for k, v in sound.items() if k != "has_video"},
+            # what use_audio_in_video gives: the sound of the frames' window
+            "tokens": token_counts((meta["frames_indices"][-1] + 1 - meta["frames_indices"][0]) / fps),
+        },
         "seconds": round(time.perf_counter() - start, 4),
         "_frames": decoded.frames,
     }
@@ -104,6 +123,16 @@ def _public(result: dict) -> dict:
 def _table(result: dict) -> str:
     r = result
     rows = [("source", r["source"]), ("kind", r["kind"])]
+    if r["kind"] == "audio":
+        rows += [
+            ("codec", r["codec"]),
+            ("sample rate / channels", f"{r['sample_rate']} Hz / {r['channels']}"),
+            ("duration", f"{r['duration']:.3f} s"),
+            ("audio tokens", ", ".join(f"{m} {n}" for m, n in r["audio_tokens"].items())),
+            ("time", f"{r['seconds'] * 1000:.0f} ms"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
     if r["kind"] == "image":
         rows += [
             ("format / mode", f"{r['format']} / {r['mode']}"),
@@ -121,6 +150,11 @@ def _table(result: dict) -> str:
             ("Qwen3-VL timestamps", " ".join(f"<{t:.1f} seconds>" for t in r["qwen3_timestamps"])),
             ("backend", r["backend"]),
         ]
+        if r.get("audio"):
+            a = r["audio"]
+            tokens = ", ".join(f"{m} {n}" for m, n in a["tokens"].items())
+            rows.append(("audio", f"{a['codec']} {a['sample_rate']} Hz x {a['channels']}, {a['duration']:.3f} s"))
+            rows.append(("audio tokens (frames' window)", tokens))
     rows += [("visual tokens", str(r["tokens"])), ("time", f"{r['seconds'] * 1000:.0f} ms")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -726,6 +726,13 @@ def _llamafactory_sample(sample: Any, facts: list, turns: list, c: dict) -> Opti
     temporal length, and takes each video's timestamps from the metadata at the index of the message holding it."""
     kinds = [kind for kind, _ in sample.media]
     roles = [m["role"] for m in sample.messages if m["role"] != "system"]
+    tags = [t.get("from") for t in sample.record.get("conversations") or []]
+    if any(tag not in ("human", "gpt", "system") for tag in tags):
+        return (
+            "trainer_fails",
+            "llamafactory: its sharegpt converter takes the turns' 'from' as human / gpt (system first): it skips "
+            f"a conversation with {sorted({t for t in tags if t not in ('human', 'gpt', 'system')})}",
+        )
     if len(roles) % 2 or any(r != ("user" if n % 2 == 0 else "assistant") for n, r in enumerate(roles)):
         return (
             "trainer_fails",
@@ -901,8 +908,14 @@ def _swift_video(head: VideoHead, c: dict) -> Planned:
 
 def _decord_decodes(head: VideoHead) -> Optional[str]:
     """What decord 0.6 cannot open (then 0.0.14's torchvision fallback fails too: no io.read_video since 0.25)."""
-    if head.container == "gif" or head.codec == "av1":
-        what = "an animated GIF" if head.container == "gif" else "AV1"
+    what = None
+    if head.container == "gif":
+        what = "an animated GIF"
+    elif head.codec in ("av1", "libdav1d", "libaom-av1"):
+        what = "AV1"
+    elif head.container in ("mpegvideo", "m4v", "obu"):
+        what = "a raw elementary stream"
+    if what:
         return f"decord 0.6 cannot read {what}, and qwen-vl-utils 0.0.14's torchvision fallback fails too"
     return None
 
@@ -937,7 +950,7 @@ MS_SWIFT = _rule_set(
 _RAW_STREAM = {
     name: "a raw elementary stream (no container): torchcodec cannot seek it, decord cannot open it, LLaMA-Factory's "
     "reader fails to rewind it"
-    for name in ("h264", "hevc", "mpegvideo", "m4v", "vvc", "obu")
+    for name in ("h264", "hevc", "vvc")
 }
 
 

@@ -80,6 +80,7 @@ def make_settings(
     policy: Optional[FetchPolicy] = None,
     allow_outside_root: bool = False,
     sample_timeout: Optional[float] = 300.0,
+    audio_model: str = "qwen2.5-omni",
 ) -> Settings:
     """Settings from keyword arguments named after the CLI flags (each becomes the element key it names), checked
     first: a value no sample could be processed with is an InvalidOptionError naming the flag.
@@ -124,7 +125,16 @@ def make_settings(
         allow_outside_root=allow_outside_root,
         sample_timeout=_check_timeout(sample_timeout),
         rules=resolved,
+        audio_model=_check_audio_model(audio_model),
     )
+
+
+def _check_audio_model(model: str) -> str:
+    from ..audio import OMNI_MODELS
+
+    if model not in OMNI_MODELS:
+        raise InvalidOptionError(f"--audio-model {model}: choose one of {', '.join(OMNI_MODELS)}")
+    return model
 
 
 def _flag_name(kind: str, key: str) -> str:
@@ -293,7 +303,7 @@ def _stream(
 
 
 #: the fields a run adds to a sample (not part of what makes two samples the same)
-_ADDED = ("index", "visual_tokens", "text_tokens", "assistant_tokens", "num_tokens", "media_info")
+_ADDED = ("index", "visual_tokens", "audio_tokens", "text_tokens", "assistant_tokens", "num_tokens", "media_info")
 
 
 class _Duplicates:

@@ -26,7 +26,7 @@ __all__ = ["Problem", "Sample", "Settings", "parse_sample", "to_messages"]
 #: environment variables whose values change what a count gives: part of a run's fingerprint
 COUNTING_ENVIRONMENT = ("MODEL_SEQ_LEN", "FORCE_QWENVL_VIDEO_READER", "QWENVL_VIDEO_DTYPE")
 
-_TAG = re.compile(r"(<image>|<video>)")
+_TAG = re.compile(r"(<image>|<video>|<audio>)")
 _USER_ROLES = {"human": "user", "user": "user"}
 _ASSISTANT_ROLES = {"gpt": "assistant", "assistant": "assistant", "model": "assistant"}
 _SYSTEM_ROLES = {"system": "system"}
@@ -55,6 +55,8 @@ class Settings:
     sample_timeout: Optional[float] = 300.0
     # counting by a trainer's rules (--rules): resolved by dataset._rules.resolve_rules; None: the library's own
     rules: Optional[dict] = None
+    # whose audio tokens audio media count: qwen2.5-omni or qwen3-omni (their processors differ)
+    audio_model: str = "qwen2.5-omni"
 
     def fingerprint(self) -> dict:
         """What decides the output (not how it is computed): stored next to an output to make resuming safe.
@@ -68,6 +70,8 @@ class Settings:
         out["environment"] = {name: os.environ.get(name) for name in COUNTING_ENVIRONMENT}
         if self.rules is None:
             del out["rules"]  # (outputs written before rule sets existed stay resumable)
+        if self.audio_model == "qwen2.5-omni":
+            del out["audio_model"]  # (the default: outputs written before audio was counted stay resumable)
         return json.loads(json.dumps(out, sort_keys=True))
 
 
@@ -138,7 +142,7 @@ def resolve_path(value: Any, root: str) -> Any:
 
 
 def _element(kind: str, ele: dict, settings: Settings) -> dict:
-    keys = settings.image_keys if kind == "image" else settings.video_keys
+    keys = {"image": settings.image_keys, "video": settings.video_keys}.get(kind, {})
     out = {**keys, **ele}
 
     def local(value: Any) -> Any:
@@ -146,8 +150,10 @@ def _element(kind: str, ele: dict, settings: Settings) -> dict:
 
     if kind == "video" and isinstance(out.get("video"), list):
         out["video"] = [local(v) for v in out["video"]]
-    elif kind == "video":
-        out["video"] = local(out.get("video"))
+    elif kind in ("video", "audio"):
+        key = kind if out.get(kind) is not None or f"{kind}_url" not in out else f"{kind}_url"
+        if isinstance(out.get(key), str):
+            out[key] = local(out.get(key))
     elif isinstance(out.get("image_url"), dict) and "image" not in out:
         out["image_url"] = {**out["image_url"], "url": local(out["image_url"].get("url"))}
     else:
@@ -228,14 +234,17 @@ def _finetune_sample(record: dict, settings: Settings) -> Sample:
     turns = record["conversations"]
     if not isinstance(turns, list) or not turns:
         raise Problem("malformed", "'conversations' must be a non-empty list of {'from', 'value'} turns")
-    images = _media_list(record, "image")
-    videos = _media_list(record, "video")
+    # qwen-vl-finetune's "image" / "video", or LLaMA-Factory's sharegpt "images" / "videos"
+    images = _media_list(record, "image" if "image" in record or "images" not in record else "images")
+    videos = _media_list(record, "video" if "video" in record or "videos" not in record else "videos")
+    audios = _media_list(record, "audio" if "audio" in record or "audios" not in record else "audios")
     pools = {
         "<image>": [_element("image", {"type": "image", "image": p}, settings) for p in images],
         "<video>": [_element("video", {"type": "video", "video": p}, settings) for p in videos],
+        "<audio>": [_element("audio", {"type": "audio", "audio": p}, settings) for p in audios],
     }
     problems, messages, media = [], [], []
-    tags = {"<image>": 0, "<video>": 0}
+    tags = {"<image>": 0, "<video>": 0, "<audio>": 0}
     for n, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in _ROLES:
             raise Problem(
@@ -282,7 +291,7 @@ def _media_first(messages: list, media: list, pools: dict) -> None:
     """A sample without tags, as ms-swift and the legacy qwen-vl-finetune loader read it: every image, then every
     video, at the start of the first user turn."""
     first = next((m for m in messages if m["role"] == "user"), None)
-    eles = [(tag[1:-1], ele) for tag in ("<image>", "<video>") for ele in pools[tag]]
+    eles = [(tag[1:-1], ele) for tag in ("<image>", "<video>", "<audio>") for ele in pools[tag]]
     if first is not None:
         first["content"] = [ele for _, ele in eles] + first["content"]
     media.extend(eles)
@@ -324,6 +333,8 @@ def _chat_kind(ele: Any) -> Optional[str]:
         return "video"
     if "image" in ele or "image_url" in ele or ele.get("type") in ("image", "image_url"):
         return "image"
+    if "audio" in ele or "audio_url" in ele or ele.get("type") == "audio":
+        return "audio"
     return None
 
 
@@ -353,7 +364,9 @@ def _chat_sample(record: dict, settings: Settings) -> Sample:
                     )
                 new_content.append(ele)
                 continue
-            source = ele.get(kind) if kind == "video" else ele.get("image", ele.get("image_url"))
+            source = (
+                ele.get("image", ele.get("image_url")) if kind == "image" else ele.get(kind, ele.get(f"{kind}_url"))
+            )
             if source is None or source == "" or source == []:
                 raise Problem("malformed", f"message {n}: a {kind} element without a source: {json.dumps(ele)[:80]}")
             element = _element(kind, ele, settings)

@@ -81,6 +81,7 @@ def measure(kind: str, ele: dict, settings: Settings) -> dict:
     media: one video, many questions). The cache holds small dicts and problems, never decoded data."""
     rules = json.dumps(settings.rules, sort_keys=True) if settings.rules else None
     key = (kind, json.dumps(ele, sort_keys=True, default=repr), settings.patch_size, settings.deep, rules)
+    key += (settings.audio_model,)
     hit = _CACHE.get(key)
     if hit is None:
         try:
@@ -103,6 +104,13 @@ def measure(kind: str, ele: dict, settings: Settings) -> dict:
 
 def _measure(kind: str, ele: dict, settings: Settings) -> dict:
     policy = get_fetch_policy(settings.policy)
+    if kind == "audio":
+        if settings.rules is not None:
+            raise Problem(
+                "trainer_fails",
+                f"{settings.rules['name']}: the rule sets reproduce Qwen2.5-VL and Qwen3-VL trainers: no audio",
+            )
+        return _audio_facts(ele, policy, settings.audio_model)
     if settings.rules is not None:
         from ._rules import measure_by_rules
 
@@ -112,6 +120,22 @@ def _measure(kind: str, ele: dict, settings: Settings) -> dict:
     if settings.deep:
         facts["tokens"] = _decoded_tokens(kind, ele, settings.patch_size, policy)
     return facts
+
+
+def _audio_facts(ele: dict, policy: Any, model: str) -> dict:
+    """Duration and the Omni processor's audio tokens, from the container header (nothing decoded); a window
+    (audio_start / audio_end) counts its own length."""
+    from ..audio import audio_source, audio_token_count, audio_window, describe_audio
+    from ..sources._resolve import resolve_source
+
+    start, end = audio_window(ele)
+    with resolve_source(audio_source(ele), "audio", policy) as source:
+        facts = describe_audio(source)
+    if facts is None:
+        raise errors.DecodeError(f"audio {audio_source(ele)!r} has no audio stream")
+    seconds = max(0.0, min(end if end is not None else facts["duration"], facts["duration"]) - start)
+    tokens = audio_token_count(round(seconds * 16000), model)
+    return {"kind": "audio", "duration": round(seconds, 3), "sample_rate": facts["sample_rate"], "tokens": tokens}
 
 
 def _image_facts(ele: dict, policy: Any, patch_size: int) -> dict:
@@ -169,7 +193,8 @@ class TextCounter:
     def __init__(self, path: str) -> None:
         self.path = path
         self.encode, self.render, vocab = _load(path)
-        self.pads = {vocab[t] for t in ("<|image_pad|>", "<|video_pad|>") if t in vocab}
+        pads = ("<|image_pad|>", "<|video_pad|>", "<|AUDIO|>", "<|audio_pad|>", "<|IMAGE|>", "<|VIDEO|>")
+        self.pads = {vocab[t] for t in pads if t in vocab}
         self.video_pad = "<|video_pad|>" in vocab
 
     def count(self, samples: list, facts: list, patch_size: int) -> list:
@@ -409,7 +434,7 @@ def _duplicate_media(media: list) -> list:
 
     paths = []
     for n, (kind, ele) in enumerate(media):
-        value = ele.get(kind) if kind == "video" else ele.get("image", ele.get("image_url"))
+        value = ele.get("image", ele.get("image_url")) if kind == "image" else ele.get(kind)
         if isinstance(value, str) and "://" not in value[:12] and not value.startswith("data:"):
             with contextlib.suppress(OSError):
                 paths.append((os.path.getsize(value), os.path.realpath(value), n, kind))
@@ -486,11 +511,14 @@ def _process_batch(records: list, settings: Settings, mode: str) -> list:
         out = dict(sample.record)
         out[INDEX_OF_OWN if "index" in out else "index"] = results[pos][0]  # a sample's own index is kept
         if mode == "count":
-            visual = sum(f["tokens"] for f in facts)
+            visual = sum(f["tokens"] for f in facts if f["kind"] != "audio")
+            sound = sum(f["tokens"] for f in facts if f["kind"] == "audio")
             out["visual_tokens"] = visual
+            if sound or any(f["kind"] == "audio" for f in facts):
+                out["audio_tokens"] = sound
             if texts is not None:
                 out["text_tokens"], out["assistant_tokens"] = texts[k]
-            out["num_tokens"] = visual + (texts[k][0] if texts is not None else 0)
+            out["num_tokens"] = visual + sound + (texts[k][0] if texts is not None else 0)
             out["media_info"] = [{k2: v for k2, v in f.items() if not k2.startswith("_")} for f in facts]
         results[pos] = (results[pos][0], "valid", out)
     return [(i, kind, json.dumps(obj, ensure_ascii=False)) for i, kind, obj in results]
