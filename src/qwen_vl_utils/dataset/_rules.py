@@ -116,7 +116,9 @@ def _yaml(text: str, where: str) -> dict:
     try:
         import yaml
     except ImportError:
-        raise InvalidOptionError(f"{where}: reading YAML needs PyYAML: pip install pyyaml") from None
+        raise InvalidOptionError(
+            f"{where}: reading YAML needs PyYAML: pip install 'qwen-vl-utils[dataset]' (or pyyaml)"
+        ) from None
     try:
         args = yaml.safe_load(text)
     except yaml.YAMLError as exc:
