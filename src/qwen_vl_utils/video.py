@@ -19,7 +19,7 @@ import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -567,6 +567,21 @@ def _check_encoded(source: Source) -> None:
         raise InvalidOptionError(f"cannot decode {source.name} as a video; give a file, URL, bytes or frames")
 
 
+@contextlib.contextmanager
+def _probed(value: Any, policy: FetchPolicy) -> Iterator[tuple[Source, VideoInfo]]:
+    """A video value resolved under ``policy`` (an encoded file, URL or bytes) and probed, while it is open."""
+    with resolve_source(value, "video", policy) as source:
+        _check_encoded(source)
+        yield source, probe_video(source)
+
+
+@contextlib.contextmanager
+def _planned(value: Any, options: VideoOptions, policy: FetchPolicy) -> Iterator[tuple[Source, VideoInfo, FramePlan]]:
+    """:func:`_probed`, with the frame plan of ``options``."""
+    with _probed(value, policy) as (source, info):
+        yield source, info, plan_frames(info, options, policy, source.name)
+
+
 def _array_options(options: VideoOptions) -> VideoOptions:
     """A decoded array's options: its frames are taken at ``sample_fps``, else ``fps``, else FPS."""
     return replace(options, sample_fps=options.sample_fps or options.fps or FPS)
@@ -623,17 +638,14 @@ def _decode(
     the window the frames cover is appended to it, read from the same resolved source (:mod:`.audio`)."""
     factor = patch_factor(image_patch_size, policy)
     policy = get_fetch_policy(policy)
-    if audio_out is not None and (isinstance(value, (list, tuple)) or _is_array(value)):
-        raise InvalidOptionError(_NO_SOUND.format(describe(value)))
+    if audio_out is not None:
+        _refuse_frames_for_sound(value)
     if isinstance(value, (list, tuple)):
         return DecodedVideo(*_fetch_frames(options, value, factor, policy), None)
     if _is_array(value):
         return DecodedVideo(*_fetch_frames(_array_options(options), _array_frames(value), factor, policy), None)
     name = get_video_reader_backend(check_backend(backend, "backend") or options.video_reader)
-    with resolve_source(value, "video", policy) as source:
-        _check_encoded(source)
-        info = probe_video(source)
-        plan = plan_frames(info, options, policy, source.name)
+    with _planned(value, options, policy) as (source, info, plan):
         display_w, display_h = info.display_size
         try:
             size = (
@@ -711,12 +723,9 @@ def describe_video(
         metadata, sample_fps = _frame_list_metadata(frames_options, n_given, nframes)
         indices, fps, duration = metadata["frames_indices"], metadata["fps"], n_given / sample_fps
     else:
-        with resolve_source(value, "video", policy) as source:
-            _check_encoded(source)
-            info = probe_video(source)
-            plan = plan_frames(info, options, policy, source.name)
-        nframes, (width, height) = plan.nframes, info.display_size
-        indices, fps, duration = list(plan.indices), info.fps, info.duration
+        with _planned(value, options, policy) as (_, info, plan):
+            nframes, (width, height) = plan.nframes, info.display_size
+            indices, fps, duration = list(plan.indices), info.fps, info.duration
     try:
         rh, rw = video_frame_size(options, nframes, height, width, factor, policy)
     except AspectRatioError as exc:
@@ -732,10 +741,7 @@ def probe_element(
     (the header, packet headers where it states no frame count, and one frame), and with ``span`` the packet
     scan a decoder indexing the whole file makes (every packet header read once, nothing decoded)."""
     _checked_element(ele)
-    policy = get_fetch_policy(policy)
-    with resolve_source(ele["video"], "video", policy) as source:
-        _check_encoded(source)
-        info = probe_video(source)
+    with _probed(ele["video"], get_fetch_policy(policy)) as (source, info):
         return info, packet_span(source) if span else None
 
 
@@ -793,20 +799,17 @@ def fetch_video_audio(ele: dict[str, Any], *, policy: Optional[FetchPolicy] = No
     """The sound of the window a video element's frames cover (16 kHz mono float32, on the container's
     timeline), without decoding its frames: the probe and the frame plan only."""
     options = _checked_element(ele)
-    value = ele["video"]
+    _refuse_frames_for_sound(ele["video"])
+    with _planned(ele["video"], options, get_fetch_policy(policy)) as (source, info, plan):
+        return _window_audio(source, info, plan)
+
+
+def _refuse_frames_for_sound(value: Any) -> None:
     if isinstance(value, (list, tuple)) or _is_array(value):
-        raise InvalidOptionError(_NO_SOUND.format(describe(value)))
-    policy = get_fetch_policy(policy)
-    with resolve_source(value, "video", policy) as source:
-        _check_encoded(source)
-        info = probe_video(source)
-        return _window_audio(source, info, plan_frames(info, options, policy, source.name))
-
-
-_NO_SOUND = (
-    "video {} is given as frames, which carry no sound: use_audio_in_video needs a video file, URL or bytes (or "
-    "give its audio as an audio element)"
-)
+        raise InvalidOptionError(
+            f"video {describe(value)} is given as frames, which carry no sound: use_audio_in_video needs a video "
+            "file, URL or bytes (or give its audio as an audio element)"
+        )
 
 
 def _fetch_video(
