@@ -382,14 +382,15 @@ def resize_0014(height: int, width: int, factor: int, min_pixels: int, max_pixel
     ratio = max(height, width) / min(height, width)
     if ratio > max_ratio:
         raise TrainerFails(f"absolute aspect ratio must be smaller than {max_ratio}, got {ratio} (ValueError)")
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
+    from ..image import ceil_by_factor, floor_by_factor, round_by_factor
+
+    h, w = max(factor, round_by_factor(height, factor)), max(factor, round_by_factor(width, factor))
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
-        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+        h, w = floor_by_factor(height / beta, factor), floor_by_factor(width / beta, factor)
     elif h * w < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
-        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+        h, w = ceil_by_factor(height * beta, factor), ceil_by_factor(width * beta, factor)
     if h <= 0 or w <= 0:
         raise TrainerFails(f"the image resizes to {w}x{h}: a side of 0 pixels")
     return h, w
@@ -404,18 +405,7 @@ def linspace_indices(total: int, n: int) -> list:
 
 def resize_hf(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple:
     """transformers' Qwen2-VL ``smart_resize`` (4.53 and later): the budget test first, then the minimum."""
-    ratio = max(height, width) / min(height, width)
-    if ratio > 200:
-        raise TrainerFails(f"absolute aspect ratio must be smaller than 200, got {ratio} (ValueError)")
-    h, w = round(height / factor) * factor, round(width / factor) * factor
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    return h, w
+    return _hf_resize(height, width, factor, min_pixels, max_pixels)
 
 
 def resize_hf_video(frames: int, height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple:
@@ -424,18 +414,27 @@ def resize_hf_video(frames: int, height: int, width: int, factor: int, min_pixel
         raise TrainerFails(f"t:{frames} must be larger than temporal_factor:2 (ValueError): a video of one frame")
     if height < factor or width < factor:
         raise TrainerFails(f"height:{height} or width:{width} must be larger than factor:{factor} (ValueError)")
+    return _hf_resize(height, width, factor, min_pixels, max_pixels, frames, round(frames / 2) * 2)
+
+
+def _hf_resize(
+    height: int, width: int, factor: int, min_pixels: int, max_pixels: int, frames: int = 1, padded: int = 1
+) -> tuple:
+    """The arithmetic both transformers functions share: the budget covers ``padded`` frames (``frames`` in the
+    scale), tested before the minimum; a side scaled down stays at least one factor."""
+    from ..image import ceil_by_factor, floor_by_factor, round_by_factor
+
     ratio = max(height, width) / min(height, width)
     if ratio > 200:
         raise TrainerFails(f"absolute aspect ratio must be smaller than 200, got {ratio} (ValueError)")
-    h, w = round(height / factor) * factor, round(width / factor) * factor
-    t = round(frames / 2) * 2
-    if t * h * w > max_pixels:
+    h, w = round_by_factor(height, factor), round_by_factor(width, factor)
+    if padded * h * w > max_pixels:
         beta = math.sqrt(frames * height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif t * h * w < min_pixels:
+        h = max(factor, floor_by_factor(height / beta, factor))
+        w = max(factor, floor_by_factor(width / beta, factor))
+    elif padded * h * w < min_pixels:
         beta = math.sqrt(min_pixels / (frames * height * width))
-        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+        h, w = ceil_by_factor(height * beta, factor), ceil_by_factor(width * beta, factor)
     return h, w
 
 
