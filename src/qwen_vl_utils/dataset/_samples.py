@@ -188,6 +188,8 @@ def _inside_root(path: Any, given: Any, settings: Settings) -> Any:
 
 
 def _media_list(record: dict, key: str) -> list:
+    """The paths under ``key`` (qwen-vl-finetune's "image"), else under its plural (LLaMA-Factory's "images")."""
+    key = key if key in record or f"{key}s" not in record else f"{key}s"
     value = record.get(key)
     if value is None or value == "":
         return []
@@ -220,11 +222,8 @@ def _sharegpt_sample(record: dict, settings: Settings) -> Sample:
         if role not in _ROLES:
             raise Problem("malformed", f"message {n} has role {json.dumps(role)[:40]}: give user, assistant or system")
         turns.append({"from": role, "value": msg["content"]})
-    converted = {"conversations": turns}
-    for key, theirs in (("image", "images"), ("video", "videos")):
-        if theirs in record:
-            converted[key] = record[theirs]
-    return dataclasses.replace(_finetune_sample(converted, settings), record=record)
+    media = {key: record[key] for key in ("images", "videos", "audios") if key in record}
+    return dataclasses.replace(_finetune_sample({"conversations": turns, **media}, settings), record=record)
 
 
 # --- qwen-vl-finetune --------------------------------------------------------------------------------------
@@ -234,10 +233,7 @@ def _finetune_sample(record: dict, settings: Settings) -> Sample:
     turns = record["conversations"]
     if not isinstance(turns, list) or not turns:
         raise Problem("malformed", "'conversations' must be a non-empty list of {'from', 'value'} turns")
-    # qwen-vl-finetune's "image" / "video", or LLaMA-Factory's sharegpt "images" / "videos"
-    images = _media_list(record, "image" if "image" in record or "images" not in record else "images")
-    videos = _media_list(record, "video" if "video" in record or "videos" not in record else "videos")
-    audios = _media_list(record, "audio" if "audio" in record or "audios" not in record else "audios")
+    images, videos, audios = (_media_list(record, key) for key in ("image", "video", "audio"))
     pools = {
         "<image>": [_element("image", {"type": "image", "image": p}, settings) for p in images],
         "<video>": [_element("video", {"type": "video", "video": p}, settings) for p in videos],
