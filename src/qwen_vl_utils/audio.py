@@ -107,13 +107,15 @@ def decode_audio(
     sr: int = SAMPLE_RATE,
     origin: Optional[float] = None,
     pad: bool = False,
+    missing: str = "give a file with sound",
 ) -> np.ndarray:
     """The first audio stream of ``source`` from ``start`` to ``end`` seconds after ``origin`` (a time on the
     container's timeline; None: the audio stream's first sample), resampled to ``sr``, mono.
 
     With ``pad``, the result is exactly ``round((end - start) * sr)`` samples and sample 0 is the time ``origin +
     start``: silence where the track begins later or ends sooner (audio beside video frames). Without it, the
-    samples the stream has within the window (an audio file)."""
+    samples the stream has within the window (an audio file). ``missing`` ends the message of a file without
+    an audio stream (what to do)."""
     import av
 
     try:
@@ -124,9 +126,7 @@ def decode_audio(
     try:
         if not container.streams.audio:
             kinds = sorted({s.type for s in container.streams}) or ["no streams"]
-            raise DecodeError(
-                f"{source.name} has no audio stream (it has: {', '.join(kinds)}); give a file with sound"
-            )
+            raise DecodeError(f"{source.name} has no audio stream (it has: {', '.join(kinds)}); {missing}")
         stream = container.streams.audio[0]
         tb = float(stream.time_base) if stream.time_base else 1.0 / (stream.rate or sr)
         if origin is None:
@@ -161,10 +161,9 @@ def decode_audio(
 
 
 def _decode_window(container: Any, stream: Any, tb: float, t0: float, t1: Optional[float], sr: int) -> tuple:
-    """(the time of the first sample kept, [mono arrays at ``sr``]) of the frames overlapping the window: each
-    decoded frame averaged over its channels at its own rate, the first cut at the source sample of ``t0`` (so
-    that, as when a file is cut at its own rate, sample 0 is that time), resampled by swresample in blocks of a
-    second (its state carried across them: one continuous run)."""
+    """(the time of the first sample kept, [mono arrays at ``sr``]) of the frames overlapping the window, the
+    first cut at the source sample of ``t0`` (so that, as when a file is cut at its own rate, sample 0 is that
+    time), averaged over the channels and resampled by :class:`_Block` a second at a time."""
     token = _cancel.current()
     cc = stream.codec_context
     first = None
@@ -276,12 +275,8 @@ def video_audio(
     """The audio of the window a video's frames cover: from its frame ``first`` to the end of its frame ``last``,
     on the container's timeline (the first frame shown is at ``start_time`` seconds), exactly ``(last + 1 -
     first) / fps * sr`` samples, silence where the track does not reach."""
-    try:
-        return decode_audio(source, first / fps, (last + 1) / fps, sr=sr, origin=start_time, pad=True)
-    except DecodeError as exc:
-        if "has no audio stream" in str(exc):
-            raise DecodeError(f"{exc}: use_audio_in_video=True needs the video's sound; pass False for it") from None
-        raise
+    missing = "use_audio_in_video=True needs the video's sound: pass False for it"
+    return decode_audio(source, first / fps, (last + 1) / fps, sr=sr, origin=start_time, pad=True, missing=missing)
 
 
 def describe_audio(source: Source) -> Optional[dict]:

@@ -125,7 +125,7 @@ def _measure(kind: str, ele: dict, settings: Settings) -> dict:
 def _audio_facts(ele: dict, policy: Any, model: str) -> dict:
     """Duration and the Omni processor's audio tokens, from the container header (nothing decoded); a window
     (audio_start / audio_end) counts its own length."""
-    from ..audio import audio_source, audio_token_count, audio_window, describe_audio
+    from ..audio import SAMPLE_RATE, audio_source, audio_token_count, audio_window, describe_audio
     from ..sources._resolve import resolve_source
 
     start, end = audio_window(ele)
@@ -134,7 +134,7 @@ def _audio_facts(ele: dict, policy: Any, model: str) -> dict:
     if facts is None:
         raise errors.DecodeError(f"audio {audio_source(ele)!r} has no audio stream")
     seconds = max(0.0, min(end if end is not None else facts["duration"], facts["duration"]) - start)
-    tokens = audio_token_count(round(seconds * 16000), model)
+    tokens = audio_token_count(round(seconds * SAMPLE_RATE), model)
     return {"kind": "audio", "duration": round(seconds, 3), "sample_rate": facts["sample_rate"], "tokens": tokens}
 
 
