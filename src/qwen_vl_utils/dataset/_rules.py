@@ -24,7 +24,7 @@ from .._errors import InvalidOptionError
 
 __all__ = ["MODELS", "RULE_SETS", "load_trainer_args", "resolve_rules"]
 
-#: the built-in model configs: name -> (patch size, folder of copies of the public checkpoint's processor configs)
+#: the built-in models: name -> patch size (their checkpoints' processor configs are copied under _MODEL_DIR)
 MODELS = {"qwen2.5-vl": 14, "qwen3-vl": 16}
 _MODEL_DIR = os.path.join(os.path.dirname(__file__), "models")
 _MODEL_TYPES = {
@@ -47,6 +47,7 @@ class RuleSet:
     # (the sample, its media's facts, the message index of each medium, config) -> (code, message) or None
     sample: Optional[Callable[[Any, list, list, dict], Optional[tuple]]] = None
     environment: bool = False  # the trainer reads its arguments from the environment (ms-swift)
+    fallbacks: Optional[dict] = None  # what the trainer uses for an argument left unset, where the default is None
     # (kind, source value) -> why the trainer cannot open it, or None: what its loaders read
     opens: Callable[[str, str], Optional[str]] = lambda kind, value: None
     untagged_media: bool = False  # media without tags are put before the first user text (not tag_mismatch)
@@ -788,7 +789,8 @@ LLAMAFACTORY = _rule_set(
 
 # --- ms-swift -------------------------------------------------------------------------------------------------------
 
-_SWIFT_INT = {
+#: qwen-vl-utils 0.0.14's constants ms-swift sets from the environment, with the values they keep when unset
+_SWIFT_CONSTANTS = {
     "MAX_RATIO": 200,
     "FRAME_FACTOR": 2,
     "FPS_MIN_FRAMES": 4,
@@ -799,6 +801,7 @@ _SWIFT_INT = {
     "VIDEO_MAX_TOKEN_NUM": 768,
     "VIDEO_MIN_TOKEN_NUM": 128,
     "MODEL_SEQ_LEN": 128000,
+    "FPS": 2.0,
 }
 _SWIFT_PIXELS = {
     "MAX_PIXELS": "IMAGE_MAX_TOKEN_NUM",
@@ -814,15 +817,13 @@ def _swift_configure(args: dict, configs: dict, model: str) -> dict:
     constant of their name (``patch_qwen_vl_utils``). ``MODEL_SEQ_LEN`` is 0.0.14's own."""
     where = "--trainer-args (ms-swift)"
     patch = MODELS[model]
-    merge = args["SPATIAL_MERGE_SIZE"] if args["SPATIAL_MERGE_SIZE"] is not None else 2
+    c: dict = {name: args[name] if args[name] is not None else default for name, default in _SWIFT_CONSTANTS.items()}
+    merge = c["SPATIAL_MERGE_SIZE"]
     factor = patch * merge
-    c: dict = {"factor": factor, "patch": patch, "notes": []}
-    for name, default in _SWIFT_INT.items():
-        c[name] = args[name] if args[name] is not None else default
+    c.update(factor=factor, patch=patch, notes=[])
     for pixels, tokens in _SWIFT_PIXELS.items():
         if args[pixels] is not None and args[tokens] is None:
             c[tokens] = args[pixels] // factor**2
-    c["FPS"] = float(args["FPS"]) if args["FPS"] is not None else 2.0
     if merge != 2:
         c["notes"].append(
             f"SPATIAL_MERGE_SIZE={merge}: ms-swift resizes to multiples of {factor} but its processor merges by 2; "
@@ -928,8 +929,8 @@ MS_SWIFT = _rule_set(
         "modelscope/ms-swift 4.6.0 (swift/model/models/qwen.py compat_qwen_vl_utils, patch_qwen_vl_utils; "
         "swift/template/templates/qwen.py) with qwen-vl-utils 0.0.14 and decord 0.6.0",
         {
-            **{name: (int, None) for name in (*_SWIFT_INT, *_SWIFT_PIXELS)},
-            "FPS": (float, None),
+            **{name: (type(v), None) for name, v in _SWIFT_CONSTANTS.items()},
+            **{name: (int, None) for name in _SWIFT_PIXELS},
             "FORCE_QWENVL_VIDEO_READER": (str, None),
             "max_pixels": (int, None),  # the template's --max_pixels (an argument, not an environment variable)
         },
@@ -940,6 +941,7 @@ MS_SWIFT = _rule_set(
         untagged_media=True,
         decodes=_decord_decodes,
         environment=True,
+        fallbacks=_SWIFT_CONSTANTS,
     )
 )
 
@@ -1056,9 +1058,7 @@ def describe_rule_sets() -> str:
     for rs in RULE_SETS.values():
         lines += [f"{rs.name}: {rs.summary}", f"  checked against: {rs.source}", "  --trainer-args (default):"]
         for name, (kind, default) in rs.defaults.items():
-            default = _SWIFT_INT.get(name, default) if rs.name == "ms-swift" else default
-            if rs.name == "ms-swift" and name == "FPS":
-                default = 2.0
+            default = (rs.fallbacks or {}).get(name, default)
             shown = "unset" if default is None else json.dumps(default)
             lines.append(f"    {name} ({kind.__name__}): {shown}")
         lines.append("")
