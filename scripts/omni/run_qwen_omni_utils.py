@@ -189,101 +189,28 @@ def make_media(d: Path) -> None:
     _write_video(d / "video_noaudio.mp4", 6.0)
     _write_wav(d / "steps6_44k.wav", np.stack([0.5 * steps_signal(6.0, sr)] * 2), sr)
     _write_wav(d / "steps5_44k.wav", np.stack([0.5 * steps_signal(5.0, sr)] * 2), sr)
-    _ffmpeg(
-        "-i",
-        str(d / "video_noaudio.mp4"),
-        "-i",
-        str(d / "steps6_44k.wav"),
-        "-map",
-        "0:v",
-        "-map",
-        "1:a",
-        "-c:v",
-        "copy",
-        "-c:a",
-        "aac",
-        "-b:a",
-        "128k",
-        str(d / "video_av.mp4"),
-    )
+    video = str(d / "video_noaudio.mp4")
+
+    def mux(name: str, *audio: str, offset: str = "", codec: tuple = ("aac", "-b:a", "128k"), extra: tuple = ()):
+        """The silent video with ``audio`` tracks (each file's first stream), the video stream copied."""
+        inputs = ["-i", video]
+        for n, track in enumerate(audio):
+            inputs += (["-itsoffset", offset] if offset and n == 0 else []) + ["-i", str(d / track)]
+        maps = ["-map", "0:v"] + [arg for n in range(len(audio)) for arg in ("-map", f"{n + 1}:a")]
+        _ffmpeg(*inputs, *maps, "-c:v", "copy", "-c:a", *codec, *extra, str(d / name))
+
+    mux("video_av.mp4", "steps6_44k.wav")
     # audio track starts 1.0 s after the video (empty edit in the mp4 edit list)
-    _ffmpeg(
-        "-i",
-        str(d / "video_noaudio.mp4"),
-        "-itsoffset",
-        "1.0",
-        "-i",
-        str(d / "steps5_44k.wav"),
-        "-map",
-        "0:v",
-        "-map",
-        "1:a",
-        "-c:v",
-        "copy",
-        "-c:a",
-        "aac",
-        "-b:a",
-        "128k",
-        str(d / "video_av_off1.mp4"),
-    )
-    _ffmpeg(
-        "-i",
-        str(d / "video_noaudio.mp4"),
-        "-itsoffset",
-        "1.0",
-        "-i",
-        str(d / "steps5_44k.wav"),
-        "-map",
-        "0:v",
-        "-map",
-        "1:a",
-        "-c:v",
-        "copy",
-        "-c:a",
-        "libopus",
-        str(d / "video_av_off1.mkv"),
-    )
+    mux("video_av_off1.mp4", "steps5_44k.wav", offset="1.0")
+    mux("video_av_off1.mkv", "steps5_44k.wav", offset="1.0", codec=("libopus",))
     for name, extra in [
-        ("video_mono.mp4", ["-ac", "1"]),
-        ("video_51.mp4", ["-af", "pan=5.1|FL=c0|FR=c1|FC=c0|LFE=c1|BL=c0|BR=c1"]),
-        ("video_quad.mp4", ["-af", "pan=quad|FL=c0|FR=c1|BL=c0|BR=c1"]),
-        ("video_loud.mp4", ["-af", "volume=4"]),
+        ("video_mono.mp4", ("-ac", "1")),
+        ("video_51.mp4", ("-af", "pan=5.1|FL=c0|FR=c1|FC=c0|LFE=c1|BL=c0|BR=c1")),
+        ("video_quad.mp4", ("-af", "pan=quad|FL=c0|FR=c1|BL=c0|BR=c1")),
+        ("video_loud.mp4", ("-af", "volume=4")),
     ]:
-        _ffmpeg(
-            "-i",
-            str(d / "video_noaudio.mp4"),
-            "-i",
-            str(d / "steps6_44k.wav"),
-            "-map",
-            "0:v",
-            "-map",
-            "1:a",
-            "-c:v",
-            "copy",
-            "-c:a",
-            "aac",
-            *extra,
-            str(d / name),
-        )
-    _ffmpeg(
-        "-i",
-        str(d / "video_noaudio.mp4"),
-        "-i",
-        str(d / "steps6_44k.wav"),
-        "-i",
-        str(d / "steps5_44k.wav"),
-        "-map",
-        "0:v",
-        "-map",
-        "1:a",
-        "-map",
-        "2:a",
-        "-c:v",
-        "copy",
-        "-c:a",
-        "aac",
-        str(d / "video_2tracks.mp4"),
-    )
+        mux(name, "steps6_44k.wav", codec=("aac",), extra=extra)
+    mux("video_2tracks.mp4", "steps6_44k.wav", "steps5_44k.wav", codec=("aac",))
     Image = __import__("PIL.Image", fromlist=["Image"])
     Image.new("RGB", (100, 80), (200, 30, 30)).save(d / "red.png")
 
