@@ -301,22 +301,21 @@ SPECIAL = [
 ]
 
 
+def _model_dir():
+    """scripts/trainers/model_dir.py, which trains the trainers' tokenizers the same way."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "trainers" / "model_dir.py"
+    spec = importlib.util.spec_from_file_location("model_dir", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_tokenizer(folder: Path, template: bool = True) -> Path:
     """A tiny byte-level BPE tokenizer trained here, saved as a Hugging Face tokenizer folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(["What happens? It shows a scene. <0.5 seconds> compare frames"] * 20, trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
+    corpus = ["What happens? It shows a scene. <0.5 seconds> compare frames"] * 20
+    _model_dir().train_bpe(folder, SPECIAL, 300, corpus)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>"}
     if template:
         config["chat_template"] = TEMPLATE

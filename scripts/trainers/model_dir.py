@@ -49,24 +49,30 @@ ARCH = {
 }
 
 
-def build(folder: Path, model: str) -> Path:
+def train_bpe(folder: Path, special: list, vocab_size: int, corpus: list) -> object:
+    """A tiny byte-level BPE tokenizer with ``special`` tokens, trained on ``corpus`` in a second and saved as
+    ``folder/tokenizer.json`` (the tests' tokenizers are made the same way)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in (MODELS / model).iterdir():
-        shutil.copy(f, folder / f.name)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=alphabet, show_progress=False
     )
-    corpus = ["What happens? It shows a scene. <0.5 seconds> compare frames. You are a helpful assistant."] * 20
     tok.train_from_iterator(corpus, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
+    return tok
+
+
+def build(folder: Path, model: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in (MODELS / model).iterdir():
+        shutil.copy(f, folder / f.name)
+    corpus = ["What happens? It shows a scene. <0.5 seconds> compare frames. You are a helpful assistant."] * 20
+    tok = train_bpe(folder, SPECIAL, 400, corpus)
     vocab = tok.get_vocab()
     (folder / "tokenizer_config.json").write_text(
         json.dumps(
