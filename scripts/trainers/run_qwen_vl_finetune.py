@@ -301,23 +301,29 @@ def run_current(args, source: Path, samples: list) -> tuple[dict, list]:
             continue
         media = []
         for g in _grids(data_dict.get("image_grid_thw")):
-            media.append({"kind": "image", "grid_thw": g, "tokens": g[0] * g[1] * g[2] // merge**2})
+            media.append(_medium("image", g, merge))
         for i, g in enumerate(_grids(data_dict.get("video_grid_thw"))):
-            m = {"kind": "video", "grid_thw": g, "tokens": g[0] * g[1] * g[2] // merge**2}
+            m = _medium("video", g, merge)
             if i < len(spy.videos):
                 m.update(spy.videos[i])
             media.append(m)
-        ids = data_dict["input_ids"][0].tolist()
-        rows.append(
-            {
-                "id": sample["id"],
-                "media": media,
-                "visual_tokens": sum(m["tokens"] for m in media),
-                "input_ids": len(ids),
-                "placeholder_tokens": sum(1 for t in ids if t in (image_id, video_id)),
-            }
-        )
+        rows.append(_row(sample["id"], media, data_dict["input_ids"][0].tolist(), (image_id, video_id)))
     return {"trainer": "qwen-vl-finetune", "trainer_args": _effective(data_args), **header_extra}, rows
+
+
+def _medium(kind: str, grid: list, merge: int) -> dict:
+    return {"kind": kind, "grid_thw": grid, "tokens": grid[0] * grid[1] * grid[2] // merge**2}
+
+
+def _row(sample_id: str, media: list, ids: list, pads: tuple) -> dict:
+    """One sample's output line: its media, their tokens, the input_ids length and the pads in it."""
+    return {
+        "id": sample_id,
+        "media": media,
+        "visual_tokens": sum(m["tokens"] for m in media),
+        "input_ids": len(ids),
+        "placeholder_tokens": sum(1 for t in ids if t in pads),
+    }
 
 
 def run_legacy(args, source: Path, samples: list) -> tuple[dict, list]:
@@ -401,11 +407,11 @@ def run_legacy(args, source: Path, samples: list) -> tuple[dict, list]:
             continue
         media = []
         for g in _grids(data_dict.get("image_grid_thw")):
-            media.append({"kind": "image", "grid_thw": g, "tokens": g[0] * g[1] * g[2] // merge**2})
+            media.append(_medium("image", g, merge))
         fed_videos = _grids(data_dict.get("video_grid_thw"))
         for i, rec in enumerate(spy.videos):
             g = rec.pop("grid_thw")
-            m = {"kind": "video", "grid_thw": g, "tokens": g[0] * g[1] * g[2] // merge**2, **rec}
+            m = {**_medium("video", g, merge), **rec}
             if not fed_videos:
                 # _get_item's `if "image" ... elif "video"` (data_qwen.py:462-472): a sample with images keeps
                 # only pixel_values; the video's grid was computed and its <|video_pad|> tokens are in
@@ -414,16 +420,7 @@ def run_legacy(args, source: Path, samples: list) -> tuple[dict, list]:
             elif i >= len(fed_videos) or fed_videos[i] != g:
                 m["runner_warning"] = f"returned video_grid_thw {fed_videos} differs from the recorded grid"
             media.append(m)
-        ids = data_dict["input_ids"][0].tolist()
-        rows.append(
-            {
-                "id": sample["id"],
-                "media": media,
-                "visual_tokens": sum(m["tokens"] for m in media),
-                "input_ids": len(ids),
-                "placeholder_tokens": sum(1 for t in ids if t in (image_id, video_id)),
-            }
-        )
+        rows.append(_row(sample["id"], media, data_dict["input_ids"][0].tolist(), (image_id, video_id)))
     return {"trainer": "qwen-vl-finetune-legacy", "trainer_args": _effective(data_args), **header_extra}, rows
 
 
