@@ -28,16 +28,21 @@ def timestamps():
     return lambda meta: proc._calculate_timestamps(list(meta["frames_indices"]), meta["fps"], 2)
 
 
-def _process(video_processor, video, meta):
+def _metadata(video, meta):
+    """transformers' VideoMetadata of a fetched video and the metadata dict it came with."""
     from transformers.video_utils import VideoMetadata
 
-    md = VideoMetadata(
+    return VideoMetadata(
         total_num_frames=meta["total_num_frames"],
         fps=meta["fps"],
         frames_indices=list(meta["frames_indices"]),
         width=video.shape[3],
         height=video.shape[2],
     )
+
+
+def _process(video_processor, video, meta):
+    md = _metadata(video, meta)
     # transformers 5 does RGB conversion and normalisation with torchvision, which cannot load next to a CPU
     # torch; they change pixel values only, and this test checks the grid and the timestamps
     return video_processor(
@@ -108,21 +113,13 @@ def test_qwen25_vl_second_per_grid_ts_and_qwen3_vl_timestamps_are_right_for_wind
     """transformers 5's Qwen2.5-VL processor derives ``second_per_grid_ts`` from the metadata
     (``sampled_fps = len(frames_indices) / total_num_frames * fps``): with the whole file's frame count a window's
     rate came out halved (issue 26). The real processor is called on our output and metadata."""
-    from transformers.video_utils import VideoMetadata
-
     from test_dataset import TEMPLATE, make_tokenizer, real_processor
 
     path = make_video(tmp_path / "v.mp4", frames=240, width=160, height=96, fps=30)
     ele = {"video": str(path), **window}
     (video, meta), sample_fps = q.fetch_video(ele, return_video_metadata=True, return_video_sample_fps=True)
     tok = transformers.AutoTokenizer.from_pretrained(str(make_tokenizer(tmp_path / "tok")))
-    md = VideoMetadata(
-        total_num_frames=meta["total_num_frames"],
-        fps=meta["fps"],
-        frames_indices=list(meta["frames_indices"]),
-        width=video.shape[3],
-        height=video.shape[2],
-    )
+    md = _metadata(video, meta)
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What?"}]}]
     kwargs = {"do_resize": False, "do_convert_rgb": False, "do_rescale": False, "do_normalize": False}
     kwargs.update(do_sample_frames=False, return_metadata=True)
