@@ -984,6 +984,8 @@ def measure_by_rules(kind: str, ele: dict, rules: dict, policy: Any) -> dict:
     config = rules["config"]
     factor = MODELS[rules["model"]] * 2
     try:
+        if kind == "audio":
+            raise TrainerFails("the rule sets reproduce Qwen2.5-VL and Qwen3-VL trainers, which read no audio")
         _trainer_path(kind, ele, rs)
         if kind == "image":
             head = _image_head(ele, policy)

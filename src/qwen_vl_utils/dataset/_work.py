@@ -80,8 +80,8 @@ def measure(kind: str, ele: dict, settings: Settings) -> dict:
     """Tokens and facts of one medium, or raises its :class:`Problem`; cached per process (datasets reuse
     media: one video, many questions). The cache holds small dicts and problems, never decoded data."""
     rules = json.dumps(settings.rules, sort_keys=True) if settings.rules else None
-    key = (kind, json.dumps(ele, sort_keys=True, default=repr), settings.patch_size, settings.deep, rules)
-    key += (settings.audio_model,)
+    medium = json.dumps(ele, sort_keys=True, default=repr)
+    key = (kind, medium, settings.patch_size, settings.deep, rules, settings.audio_model)
     hit = _CACHE.get(key)
     if hit is None:
         try:
@@ -104,17 +104,12 @@ def measure(kind: str, ele: dict, settings: Settings) -> dict:
 
 def _measure(kind: str, ele: dict, settings: Settings) -> dict:
     policy = get_fetch_policy(settings.policy)
-    if kind == "audio":
-        if settings.rules is not None:
-            raise Problem(
-                "trainer_fails",
-                f"{settings.rules['name']}: the rule sets reproduce Qwen2.5-VL and Qwen3-VL trainers: no audio",
-            )
-        return _audio_facts(ele, policy, settings.audio_model)
     if settings.rules is not None:
         from ._rules import measure_by_rules
 
         return measure_by_rules(kind, ele, settings.rules, policy)
+    if kind == "audio":
+        return _audio_facts(ele, policy, settings.audio_model)
     measure = _image_facts if kind == "image" else _video_facts
     facts = measure(ele, policy, settings.patch_size)
     if settings.deep:
@@ -422,7 +417,7 @@ def _media_turns(sample: Any) -> list:
     for n, msg in enumerate(m for m in sample.messages if m.get("role") != "system"):
         content = msg.get("content")
         if isinstance(content, list):
-            turns += [n for e in content if isinstance(e, dict) and e.get("type") in ("image", "video")]
+            turns += [n for e in content if isinstance(e, dict) and e.get("type") in ("image", "video", "audio")]
     return turns
 
 
