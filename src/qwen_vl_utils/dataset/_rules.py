@@ -327,7 +327,6 @@ class ImageHead:
 class VideoHead:
     """A video's container facts, as the trainers' decoders report them (from the library's probe)."""
 
-    frames: int  # frames a decoder gives (decord's packet count, PyAV's and torchcodec's decoded frames)
     header_frames: int  # the frame count the header states (0: none, as in WebM and Matroska)
     fps: float  # the stream's average frame rate
     duration: float  # seconds (the stream's, else the container's)
@@ -337,7 +336,7 @@ class VideoHead:
     rate_in_header: bool = True  # the stream states an average frame rate
     codec: str = ""
     container: str = ""
-    span: Any = None  # the packet scan (packets, begin, end seconds, all packets): what decoders that index count
+    span: Any = None  # the packet scan (packets, begin, end seconds, all packets): what the trainers' decoders count
 
 
 @dataclass(frozen=True)
@@ -994,7 +993,7 @@ def measure_by_rules(kind: str, ele: dict, rules: dict, policy: Any) -> dict:
             planned = rs.image(head, config)
             width, height = head.shown
         else:
-            info = _video_head(ele, policy, True)
+            info = _video_head(ele, policy)
             why = _RAW_STREAM.get(info.container) or rs.decodes(info)
             if why:
                 raise TrainerFails(why)
@@ -1023,12 +1022,12 @@ def _image_head(ele: dict, policy: Any) -> ImageHead:
         return ImageHead(tuple(img.size), oriented_size(img), str(img.format or ""))
 
 
-def _video_head(ele: dict, policy: Any, span: bool) -> VideoHead:
+def _video_head(ele: dict, policy: Any) -> VideoHead:
+    """The probe and the packet scan: the trainers' decoders count packets, which headers do not always tell."""
     from ..video import probe_element
 
-    info, scanned = probe_element(ele, policy=policy, span=span)
+    info, scanned = probe_element(ele, policy=policy, span=True)
     return VideoHead(
-        frames=info.num_frames,
         header_frames=info.header_frames,
         fps=info.fps,
         duration=info.duration,
