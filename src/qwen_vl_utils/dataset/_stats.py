@@ -79,9 +79,10 @@ def summarize(cols: dict) -> dict:
 
 def counted_by(counted: str) -> Optional[str]:
     """The rules a count was made by, from the settings it left beside itself (None where it left none)."""
-    stem = counted[: -len(".jsonl")] if counted.endswith(".jsonl") else counted
+    from ._run import sibling
+
     try:
-        with open(f"{stem}.settings.json", encoding="utf-8") as f:
+        with open(sibling(counted, "settings.json"), encoding="utf-8") as f:
             settings = json.load(f)["settings"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
