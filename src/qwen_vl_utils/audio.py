@@ -124,70 +124,181 @@ def decode_audio(
         cause = str(exc.__cause__ or exc)
         raise DecodeError(f"{source.name} is not a readable audio or video file ({cause})") from None
     try:
-        if not container.streams.audio:
-            kinds = sorted({s.type for s in container.streams}) or ["no streams"]
-            raise DecodeError(f"{source.name} has no audio stream (it has: {', '.join(kinds)}); {missing}")
-        stream = container.streams.audio[0]
-        tb = float(stream.time_base) if stream.time_base else 1.0 / (stream.rate or sr)
+        stream = audio_stream(container, source.name, missing)
+        tb = time_base(stream)
         if origin is None:
             origin = stream.start_time * tb if stream.start_time is not None else 0.0
         t0 = origin + start
         t1 = None if end is None else origin + end
-        if t0 - (stream.start_time or 0) * tb > _SEEK_AFTER:  # a window well into the track: go there
-            try:
-                container.seek(max(0, int(t0 / tb)), stream=stream, backward=True)
-            except av.FFmpegError:
-                container.seek(0, stream=stream)
-        first, chunks = _decode_window(container, stream, tb, t0, t1, sr)
+        seek_audio(container, stream, t0)
+        track = AudioTrack(t0, sr)
+        _decode_window(container, stream, tb, track, t1)
     except av.FFmpegError as exc:
         raise DecodeError(f"{source.name}: its audio could not be decoded ({type(exc).__name__}: {exc})") from exc
     finally:
         container.close()
-    data = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-    np.clip(data, -1.0, 1.0, out=data)
-    skip = 0 if first is None else round((t0 - first) * sr)  # samples decoded before the window's start
-    if skip > 0:
-        data = data[skip:]
+    track.finish()
     if pad:
-        lead = max(0, -skip)  # the track starts after the window does
-        length = round((t1 - t0) * sr) if t1 is not None else lead + len(data)
-        out = np.zeros(length, np.float32)
-        body = data[: max(0, length - lead)]
-        out[lead : lead + len(body)] = body
-        return out
-    if t1 is not None:
-        data = data[: round((t1 - max(t0, first if first is not None else t0)) * sr)]
-    return np.ascontiguousarray(data, dtype=np.float32)
+        return track.take(0, round((t1 - t0) * sr) if t1 is not None else track.end)
+    first = max(0, track.begins)  # the samples the stream has within the window
+    last = track.end if t1 is None else min(track.end, first + round((t1 - max(t0, track.first or t0)) * sr))
+    return track.take(first, last)
 
 
-def _decode_window(container: Any, stream: Any, tb: float, t0: float, t1: Optional[float], sr: int) -> tuple:
-    """(the time of the first sample kept, [mono arrays at ``sr``]) of the frames overlapping the window, the
-    first cut at the source sample of ``t0`` (so that, as when a file is cut at its own rate, sample 0 is that
-    time), averaged over the channels and resampled by :class:`_Block` a second at a time."""
+def audio_stream(container: Any, name: str, missing: str) -> Any:
+    """The container's first audio stream; DecodeError naming the streams it has if none (``missing``: what to
+    do)."""
+    if not container.streams.audio:
+        kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+        raise DecodeError(f"{name} has no audio stream (it has: {', '.join(kinds)}); {missing}")
+    return container.streams.audio[0]
+
+
+def time_base(stream: Any) -> float:
+    """An audio stream's time base in seconds (1 / its rate where the container states none)."""
+    return float(stream.time_base) if stream.time_base else 1.0 / (stream.rate or SAMPLE_RATE)
+
+
+def seek_audio(container: Any, stream: Any, t0: float) -> None:
+    """Send the demuxer to the audio at ``t0`` seconds on the container's timeline, if it is well into the track
+    (from the start otherwise, or where the demuxer cannot seek)."""
+    import av
+
+    tb = time_base(stream)
+    if t0 - (stream.start_time or 0) * tb > _SEEK_AFTER:
+        try:
+            container.seek(max(0, int(t0 / tb)), stream=stream, backward=True)
+        except av.FFmpegError:
+            container.seek(0, stream=stream)
+
+
+def frame_time(frame: Any, tb: float) -> Optional[float]:
+    """A decoded audio frame's time in seconds (None: it has no timestamp)."""
+    return None if frame.pts is None else frame.pts * tb
+
+
+def _decode_window(container: Any, stream: Any, tb: float, track: AudioTrack, t1: Optional[float]) -> None:
+    """The frames of ``stream`` into ``track`` up to the first that begins at or after ``t1``."""
     token = _cancel.current()
     cc = stream.codec_context
-    first = None
-    clock = None  # the expected time of the next frame, for frames without a timestamp
-    out: list = []
-    block = _Block(sr)
     for packet in container.demux(stream):
         _cancel.check(token)
         for frame in decode_or_conceal(cc, packet if packet.size else None):
-            begins = frame.pts * tb if frame.pts is not None else clock
-            if begins is None:
-                begins = t0 if first is None else clock
-            clock = begins + frame.samples / frame.sample_rate
+            begins = track.add(frame, frame_time(frame, tb))
             if t1 is not None and begins >= t1:
-                return first, out + block.flush()
-            if clock <= t0:
-                continue
-            channels = _channels(frame)
-            if first is None:
-                cut = max(0, round((t0 - begins) * frame.sample_rate))
-                first = begins + cut / frame.sample_rate
+                return
+
+
+#: seconds by which a live source's audio frame may start before or after the end of the one before it and still
+#: be taken as following it (timestamps in milliseconds round; a larger step is lost audio, or a repeat)
+_JITTER = 0.005
+#: seconds a live source's audio may leap and still be a gap (silence); a larger leap, or one back by more than
+#: half a second, is a discontinuity: the sound goes on where it was
+_LEAP = 10.0
+
+
+class AudioTrack:
+    """Decoded audio frames placed on a timeline and resampled to mono at ``sr``: window sample ``k`` is the time
+    ``t0 + k / sr``.
+
+    The first frame reaching past ``t0`` is cut at the source sample of ``t0`` (as when a file is cut at its own
+    rate, so that sample 0 is that time); frames before it are left out. After it, a file's samples follow one
+    another as the decoder gives them (its timestamps are not read again). With ``gaps`` (a live source), a frame
+    that begins more than :data:`_JITTER` after the last one ended leaves silence up to its time, and one that
+    begins before is cut to what is new, so that the sound stays on the timeline through lost or repeated
+    packets (a leap of more than :data:`_LEAP` s, or back by more than half a second, is a discontinuity: the
+    sound goes on where it was). The resampled samples are held until :meth:`take` asks for them."""
+
+    def __init__(self, t0: float, sr: int = SAMPLE_RATE, *, gaps: bool = False) -> None:
+        self.t0, self.sr, self.gaps = t0, sr, gaps
+        self.block = _Block(sr)
+        self.clock: Optional[float] = None  # where the frame after the last one taken begins (input time)
+        self.fed: Optional[float] = None  # the time after the last sample fed to the resampler
+        self.first: Optional[float] = None  # the time of the first sample
+        self.begins: int = 0  # its window index (negative: cut before t0 by rounding)
+        self.pos = 0  # the window index of the next sample out of the resampler
+        self.parts: list = []  # (window index, samples), in order
+        self.done = False
+        self.resuming = False  # frames come again from before the last one taken: only what is new
+
+    @property
+    def end(self) -> int:
+        """The window index after the last sample out of the resampler."""
+        return self.pos
+
+    def add(self, frame: Any, begins: Optional[float]) -> float:
+        """One decoded frame beginning at ``begins`` seconds (None: right after the last one); returns that
+        time."""
+        rate = frame.sample_rate
+        if begins is None:
+            begins = self.clock if self.clock is not None else self.t0
+        self.clock = begins + frame.samples / rate
+        if self.clock <= self.t0 or self.done:
+            return begins
+        channels = _channels(frame)
+        if self.fed is None:
+            cut = max(0, round((self.t0 - begins) * rate))
+            begins += cut / rate
+            channels = [c[cut:] for c in channels]
+            self.first = begins
+            self.pos = self.begins = round((begins - self.t0) * self.sr)
+        elif self.gaps or self.resuming:
+            step = begins - self.fed
+            if -0.5 <= step < -_JITTER or (self.resuming and step < 0):  # a repeat: only what is new
+                cut = round(-step * rate)
+                if cut >= len(channels[0]):
+                    return begins
                 channels = [c[cut:] for c in channels]
-            out.extend(block.add(channels, frame.format.name, frame.sample_rate))
-    return first, out + block.flush()
+                begins = self.fed
+            elif _JITTER < step <= _LEAP and not self.resuming:  # lost audio: silence up to this frame's time
+                self._out(self.block.flush())
+                self.pos = max(self.pos, round((begins - self.t0) * self.sr))
+            else:
+                begins = self.fed
+            self.resuming = False
+        self.fed = begins + len(channels[0]) / rate
+        self._out(self.block.add(channels, frame.format.name, rate))
+        return begins
+
+    def resume(self) -> None:
+        """The frames that follow come from a new reading of the source (sought back, or read again): those
+        already taken are left out, and the sound goes on from the last sample fed."""
+        self.resuming = self.fed is not None
+
+    def push(self) -> None:
+        """Resample what is gathered now (a consumer waits for it), keeping the resampler's state."""
+        self._out(self.block.resample())
+
+    def drain(self) -> None:
+        """Everything out of the resampler now (a new one takes what follows)."""
+        self._out(self.block.flush())
+
+    def finish(self) -> None:
+        """The track has ended: everything out of the resampler."""
+        if not self.done:
+            self._out(self.block.flush())
+            self.done = True
+
+    def _out(self, arrays: list) -> None:
+        for samples in arrays:
+            if len(samples):
+                self.parts.append((self.pos, samples))
+                self.pos += len(samples)
+
+    def take(self, first: int, last: int) -> np.ndarray:
+        """Window samples ``[first, last)``, clipped to [-1, 1], silence where there are none; the samples
+        before ``last`` are let go."""
+        out = np.zeros(max(0, last - first), np.float32)
+        kept = []
+        for at, samples in self.parts:
+            lo, hi = max(first, at), min(last, at + len(samples))
+            if lo < hi:
+                out[lo - first : hi - first] = samples[lo - at : hi - at]
+            if at + len(samples) > last:
+                kept.append((last, samples[last - at :]) if at < last else (at, samples))
+        self.parts = kept
+        np.clip(out, -1.0, 1.0, out=out)
+        return out
 
 
 #: PyAV sample formats -> (numpy type, scale to [-1, 1], offset)
@@ -233,7 +344,7 @@ class _Block:
         self.parts.append(channels)
         self.size += len(channels[0])
         if self.size >= rate:
-            out += self._resample()
+            out += self.resample()
         return out
 
     def _mono(self) -> np.ndarray:
@@ -248,7 +359,7 @@ class _Block:
             mono = (mono + offset) * scale
         return mono.astype(np.float32, copy=False)
 
-    def _resample(self) -> list:
+    def resample(self) -> list:
         import av
 
         if not self.parts:
@@ -262,7 +373,7 @@ class _Block:
         return [o.to_ndarray()[0] for o in self.resampler.resample(frame)]
 
     def flush(self) -> list:
-        out = self._resample()
+        out = self.resample()
         if self.resampler is not None:
             out += [o.to_ndarray()[0] for o in self.resampler.resample(None)]
             self.resampler = None
