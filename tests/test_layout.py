@@ -151,7 +151,7 @@ MAY_IMPORT = {
     "vision_process": {"image", "video", "_options", "sources"},
     "aio": {"vision_process", "image", "video", "_options", "sources"},
     "omni_process": {"vision_process", "audio", "video", "_options", "sources"},
-    "stream": {"video", "_options", "_frame_resize", "backends", "container", "sources"},
+    "stream": {"video", "audio", "_options", "_frame_resize", "backends", "container", "sources"},
     "dataset": {"vision_process", "image", "video", "audio", "_options", "sources"},
 }
 

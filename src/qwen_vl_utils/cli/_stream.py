@@ -38,6 +38,7 @@ def add_stream_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         default="block",
         help="a live source outpacing the reader: hold it back (block, default) or drop the oldest chunks (drop)",
     )
+    cmd.add_argument("--audio", action="store_true", help="decode each chunk's sound too (16 kHz mono, for Qwen-Omni)")
     cmd.add_argument("--debug", action="store_true", help="print tracebacks")
     add_element_flags(cmd, stream=True)  # only the element keys a stream uses
 
@@ -61,7 +62,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        stream = stream_video(ele, args.chunk, args.patch_size, policy=policy, on_lag=args.on_lag)
+        stream = stream_video(ele, args.chunk, args.patch_size, policy=policy, on_lag=args.on_lag, audio=args.audio)
     except InvalidOptionError as exc:  # the flags cannot be honoured: a usage error
         print(error_line(args.source, exc, args.debug), file=sys.stderr)
         return EXIT_USAGE
@@ -98,10 +99,23 @@ def _line(chunk: Any, seconds: float, as_json: bool) -> str:
                 "shape": list(chunk.frames.shape),
                 "seconds": round(seconds, 4),
                 "dropped": chunk.dropped,
+                **_sound(chunk),
             }
         )
     frames = " ".join(str(i) for i in meta["frames_indices"])
     shape = "x".join(str(n) for n in chunk.frames.shape)
     dropped = f"  ({chunk.dropped} chunks dropped before it)" if chunk.dropped else ""
     window = f"{chunk.start:.2f}-{chunk.end:.2f} s"
-    return f"chunk {chunk.index}  {window}  frames {frames}  {shape}  {seconds:.3f} s{dropped}"
+    sound = ""
+    if chunk.audio is not None:
+        facts = _sound(chunk)
+        sound = f"  audio {facts['audio_samples']} samples, peak {facts['audio_peak']:.3f}"
+    return f"chunk {chunk.index}  {window}  frames {frames}  {shape}{sound}  {seconds:.3f} s{dropped}"
+
+
+def _sound(chunk: Any) -> dict:
+    """A chunk's sound in numbers: its samples (16 kHz) and its peak level; nothing without audio."""
+    if chunk.audio is None:
+        return {}
+    peak = float(abs(chunk.audio).max()) if len(chunk.audio) else 0.0
+    return {"audio_samples": len(chunk.audio), "audio_peak": round(peak, 4)}

@@ -19,6 +19,7 @@ Two timelines:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import math
@@ -35,6 +36,7 @@ from .._options import VideoOptions, check_backend, patch_factor, video_options
 from .._util import usable_cpus
 from ..container._probe import decode_or_conceal
 from ..sources._policy import FetchPolicy, get_fetch_policy
+from ._audio import AUDIO_LAG, StreamAudio
 from ._file import (
     _ONE_FRAME_PER_PACKET,
     _Counting,
@@ -86,6 +88,10 @@ class VideoChunk:
     # the wall-clock time of the chunk's first frame, Unix seconds, where the source dates its frames (HLS with
     # EXT-X-PROGRAM-DATE-TIME); else None
     wall_time: Optional[float] = None
+    # with audio=True: the sound of the chunk's window [start, end), 16 kHz mono float32 in [-1, 1], exactly
+    # round(end * 16000) - round(start * 16000) samples counted from the first chunk's start (chunks tile the
+    # track), silence where the source has none; else None
+    audio: Any = None
 
 
 class VideoStream:
@@ -128,6 +134,7 @@ class _Settings:
     policy: FetchPolicy
     torch_dtype: Any
     on_lag: str = "block"
+    audio: bool = False
 
 
 #: what a live stream does when its consumer falls behind
@@ -142,6 +149,7 @@ def stream_video(
     policy: Optional[FetchPolicy] = None,
     backend: Optional[str] = None,
     on_lag: str = "block",
+    audio: bool = False,
 ) -> VideoStream:
     """Decode ``ele["video"]`` once, front to back, and yield :class:`VideoChunk` objects of ``chunk_seconds``.
 
@@ -155,12 +163,21 @@ def stream_video(
     ``on_lag`` is what a live source (pipe, HLS, UDP, an HTTP body) does when the consumer is slower than real
     time: ``"block"`` holds the source back (its writer waits, HLS falls behind its live edge); ``"drop"`` keeps
     decoding at the source's pace and drops the oldest chunks not yet taken, so the next chunk is the present
-    (``VideoChunk.dropped`` says how many went before it). A file waits for its reader either way."""
-    return VideoStream(_settings(ele, chunk_seconds, image_patch_size, policy, backend, on_lag))
+    (``VideoChunk.dropped`` says how many went before it). A file waits for its reader either way.
+
+    ``audio=True``: each chunk also carries ``audio``, the sound of its window (16 kHz mono float32 for the Omni
+    processors), decoded from the same pass over the source; a source without sound is a ``DecodeError``."""
+    return VideoStream(_settings(ele, chunk_seconds, image_patch_size, policy, backend, on_lag, audio))
 
 
 def _settings(
-    ele: Any, chunk_seconds: Any, image_patch_size: Any, policy: Any, backend: Any, on_lag: Any = "block"
+    ele: Any,
+    chunk_seconds: Any,
+    image_patch_size: Any,
+    policy: Any,
+    backend: Any,
+    on_lag: Any = "block",
+    audio: Any = False,
 ) -> _Settings:
     from ..video import FPS, _require_torch, _torch_dtype
     from ._live import check_source
@@ -195,6 +212,8 @@ def _settings(
         raise InvalidOptionError(f"video_start ({start}) must be before video_end ({end})")
     if on_lag not in ON_LAG:
         raise InvalidOptionError(f"on_lag={on_lag!r} must be one of {', '.join(map(repr, ON_LAG))}")
+    if not isinstance(audio, bool):
+        raise InvalidOptionError(f"audio={audio!r} must be True or False")
     torch = _require_torch()
     policy = get_fetch_policy(policy)
     check_source(ele["video"], policy)
@@ -210,6 +229,7 @@ def _settings(
         policy=policy,
         torch_dtype=_torch_dtype(torch, options.dtype),
         on_lag=on_lag,
+        audio=audio,
     )
 
 
@@ -247,6 +267,7 @@ class _Chunk:
     dropped: int = 0  # chunks dropped just before this one (on_lag="drop")
     source_time: Optional[float] = None
     wall_time: Optional[float] = None
+    audio: Any = None
 
     def video_chunk(self) -> VideoChunk:
         """On the consumer's thread: wait for the frames to be in place, pad, describe."""
@@ -267,7 +288,15 @@ class _Chunk:
             "video_backend": "pyav",
         }
         return VideoChunk(
-            tensor, metadata, self.start, self.end, self.index, self.dropped, self.source_time, self.wall_time
+            tensor,
+            metadata,
+            self.start,
+            self.end,
+            self.index,
+            self.dropped,
+            self.source_time,
+            self.wall_time,
+            self.audio,
         )
 
 
@@ -462,6 +491,9 @@ class _Run:
         self.first_times: dict = {}  # chunk number -> (source time, wall time) of its first frame
         self.time_base: Any = None  # the video stream's
         self.out_size = (0, 0)
+        self.audio: Optional[StreamAudio] = None  # with audio=True: the sound, and the chunks waiting for theirs
+        self.waiting: collections.deque = collections.deque()
+        self.source: Any = None  # a file's source (its sound may be read again from it)
 
     def run(self) -> None:
         from .._frame_resize import resize_pool
@@ -478,6 +510,8 @@ class _Run:
                 else:
                     self._file(inp)
             finally:
+                if self.audio is not None:
+                    self.audio.close_own()
                 inp.close()
         finally:
             # the chunks handed over may still be resizing: they finish, unless the consumer has gone
@@ -503,6 +537,8 @@ class _Run:
             task.add_done_callback(lambda f: f.cancelled() and done.cancel())
         for chunk in completed:
             self.hand_over(chunk, index + 1)  # a live stream's frames so far: up to the one completing the chunk
+        if self.waiting:
+            self.release(t)
 
     def _prepare_all(self, frame: Any, places: list, done: Future) -> None:
         """The frame into its first place, then copied into the others (a frame serving targets in two chunks:
@@ -533,14 +569,39 @@ class _Run:
         last = self.chunker.finish(stream_end)
         if last is not None:
             self.hand_over(last, self.last_index + 1)
+        if self.audio is not None:
+            self.audio.end()
+            self.release(math.inf)
 
     def hand_over(self, chunk: _Chunk, seen: int) -> None:
-        """A complete chunk goes to the consumer now: its frames may still be resizing (the consumer waits)."""
+        """A complete chunk goes to the consumer now (its frames may still be resizing: the consumer waits), or,
+        with audio, once its sound has been decoded too."""
         chunk.out = self.buffers.pop(chunk.index)
         chunk.source_time, chunk.wall_time = self.first_times.pop(chunk.index, (None, None))
         chunk.fps = self.fps
         chunk.total = self.total if self.total is not None else seen
-        self.producer.put(chunk)
+        if self.audio is None:
+            self.producer.put(chunk)
+        else:
+            self.waiting.append(chunk)
+
+    def release(self, t: float) -> None:
+        """The chunks whose sound is complete go to the consumer, in order, the video being at time ``t``. One
+        whose sound lags by more than AUDIO_LAG: a file's is read by a demuxer of its own, a live source's is
+        silence where it has none."""
+        audio = self.audio
+        while self.waiting:
+            chunk = self.waiting[0]
+            first, last = audio.window(chunk.start, chunk.end)
+            if not audio.ready(last):
+                if t - chunk.end <= AUDIO_LAG:
+                    return
+                if audio.live:
+                    audio.drain()
+                else:
+                    audio.read_own(self.source, last)
+            chunk.audio = audio.take(first, last)
+            self.producer.put(self.waiting.popleft())
 
     def set_size(self, width: int, height: int, rotation: int, name: str) -> None:
         """The one output size of the stream, from the first frame's (displayed) size and the pixel budget."""
@@ -590,6 +651,9 @@ class _Run:
         self.first_pts = info.first_pts
         width, height = info.width, info.height
         self.set_size(width, height, info.rotation, source.name)
+        if self.s.audio:
+            self.source = source
+            self.audio = StreamAudio(self.chunker.origin, info.start_time, live=False)
         skip = info.codec in _ONE_FRAME_PER_PACKET and info.container != "avi"
         while True:
             try:
@@ -619,6 +683,8 @@ class _Run:
             stream = container.streams.video[0]
             self.time_base = stream.time_base
             _configure(stream, _decoder_threads(), single=False)
+            if self.audio is not None:
+                self.audio.attach(container, source.name)
             index, packets = self._seek(container, stream, source, info)
             if skip:
                 frames: Any = _Skipping(self, stream, packets, index, workers=min(_MAX_DECODERS, usable_cpus()))
@@ -631,6 +697,8 @@ class _Run:
                     self._check_limits(ordinal, ordinal / self.fps, source.name)
                 self.frame(ordinal, ordinal / self.fps, frame)
                 if self.chunker.finished:
+                    if self.waiting:  # the sound after the window's last frame: read on its own, not demuxed to
+                        self.release(math.inf)  # the end of the file
                     # the window is complete: a file read by range stops its reads in flight now (its readahead
                     # asks for up to 8 MiB at a time; the decoder threads are joined on the way out)
                     if source.ranged is not None:
@@ -652,7 +720,7 @@ class _Run:
         # AVI: no timestamps to seek by (as the PyAV backend). A file without a frame count in its header: its
         # index would read the whole file, so it is read from the start, the packets before the window undecoded
         if not self.s.start or info.container == "avi" or not info.exact_count:
-            return None, _shown_packets(container.demux(stream))
+            return None, _shown_packets(self._demux(container, stream))
         from ..backends._pyav import _Index
 
         index = _Index(container, stream, source, info.first_pts)
@@ -663,14 +731,20 @@ class _Run:
                 if key == 0:  # (and a keyframe that is a mere recovery point is struck: one further back)
                     break
                 container.seek(index.keyframe_pts(key), stream=stream, backward=True, any_frame=False)
-                packets = _from_keyframe(container.demux(stream))
+                packets = _from_keyframe(self._demux(container, stream))
                 first = next(packets, None)
                 landed = first is not None and first.pts is not None and first.pts <= index.keyframe_pts(key)
                 if landed and index.fresh_start(first):
                     return index, _shown_packets(itertools.chain([first], packets))
                 key = index.keyframe_before(key - 1)
         seek_start(container)
-        return None, _shown_packets(container.demux(stream))
+        return None, _shown_packets(self._demux(container, stream))
+
+    def _demux(self, container: Any, stream: Any) -> Iterator[Any]:
+        """The video stream's packets; with audio, the sound's are demuxed with them and decoded on the way."""
+        if self.audio is None:
+            return container.demux(stream)
+        return self.audio.split(container.demux(stream, container.streams.audio[0]))
 
     # -- live streams -------------------------------------------------------------------------------------------------
 
@@ -692,6 +766,9 @@ class _Run:
                 raise DecodeError(f"{inp.name} has no video stream; give a stream with video")
             stream = container.streams.video[0]
             self.time_base = stream.time_base
+            if self.s.audio:
+                self.audio = StreamAudio(self.chunker.origin, None, live=True)
+                self.audio.attach(container, inp.name)
             from ..backends._pyav import _configure
             from ..video import _decoder_threads
 
@@ -702,14 +779,21 @@ class _Run:
             self.total = header_frames if header_frames > 0 else None
             clock = _LiveClock(self.fps)
             dates = _SegmentTimes(inp.reader)
-            for frame in _decode_all(container, stream, inp, dates.packet):
+            for frame in _decode_all(container, stream, inp, dates.packet, self.audio):
                 if self.size is None:
                     self.set_size(frame.width, frame.height, round(getattr(frame, "rotation", 0) or 0) % 360, inp.name)
                 restart, wall = dates.frame(frame)
                 index, t = clock.place(frame, restart)
+                if self.audio is not None:
+                    self.audio.set_offset(clock.offset)
+                if self.chunker.finished:  # (read on only for the sound of the chunks waiting for it)
+                    self.release(t)
+                    if not self.waiting:
+                        break
+                    continue
                 self._check_limits(index, t, inp.name)
                 self.frame(index, t, frame, wall)
-                if self.chunker.finished:
+                if self.chunker.finished and not self.waiting:
                     break
         except (QwenVLError, MemoryError):
             raise
@@ -746,16 +830,19 @@ class _Handle:
             self.inp.reader.close()
 
 
-def _decode_all(container: Any, stream: Any, inp: Any, seen: Callable[[Any], None]) -> Iterator[Any]:
-    """Every frame of a live stream (each packet shown to ``seen`` first); DecodeError when it ends cut off (in
-    the middle of a packet)."""
+def _decode_all(
+    container: Any, stream: Any, inp: Any, seen: Callable[[Any], None], audio: Optional[StreamAudio] = None
+) -> Iterator[Any]:
+    """Every frame of a live stream (each packet shown to ``seen`` first; with ``audio``, the sound's packets
+    decoded into it); DecodeError when it ends cut off (in the middle of a packet)."""
     cut = False
     reader = inp.reader
     ends = getattr(reader, "ends", lambda exc: False)
+    packets = _packets(container, [stream] if audio is None else [stream, container.streams.audio[0]], ends)
     try:
-        for packet in _packets(container, stream, ends):
-            if packet.size == 0:  # the demuxer's end: flush the decoder
-                break
+        for packet in packets if audio is None else audio.split(packets):
+            if packet.size == 0:  # the demuxer's end (one such packet per stream): the decoder is flushed below
+                continue
             _cancel.check()  # a close: at the next packet, whatever the source
             seen(packet)
             if hasattr(reader, "seen"):
@@ -778,9 +865,9 @@ def _decode_all(container: Any, stream: Any, inp: Any, seen: Callable[[Any], Non
         )
 
 
-def _packets(container: Any, stream: Any, ends: Callable[[BaseException], bool]) -> Iterator[Any]:
+def _packets(container: Any, streams: list, ends: Callable[[BaseException], bool]) -> Iterator[Any]:
     """The demuxer's packets, up to an error that the source says is its end."""
-    packets = container.demux(stream)
+    packets = container.demux(*streams)
     while True:
         try:
             packet = next(packets)
