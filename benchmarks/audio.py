@@ -8,7 +8,9 @@ and in fresh processes, alternating, medians of ``--reps``:
   see ``scripts/omni/run_qwen_omni_utils.py``), their outputs compared first (length, SNR);
 - peak memory (VmHWM) of this library for the window and for the whole track;
 - ``process_mm_info`` on the last 60 s as a video window (``video_start``/``video_end``) with and without
-  ``use_audio_in_video``: what the sound adds to the call.
+  ``use_audio_in_video``: what the sound adds to the call;
+- ``stream_video`` over its first 120 s in 1-second chunks, with and without ``audio=True``: what each chunk's
+  sound adds to a stream (``--only stream`` runs just this case).
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ t = time.perf_counter()
 if mode == "audio":
     ele = {"audio": path} if end <= 0 else {"audio": path, "audio_start": start, "audio_end": end}
     result = q.fetch_audio(ele)
+elif mode.startswith("stream"):
+    ele = {"video": path, "fps": 2.0, "video_start": start, "video_end": end, "max_pixels": 360 * 640}
+    sound = [c.audio for c in q.stream_video(ele, 1.0, audio=(mode == "stream+audio"))]
+    result = np.concatenate(sound) if sound[0] is not None else np.zeros(0, np.float32)
 else:
     msg = [{"role": "user", "content": [{"type": "video", "video": path, "video_start": start, "video_end": end}]}]
     audios, _, videos = q.process_mm_info(msg, use_audio_in_video=(mode == "video+audio"))
@@ -101,6 +107,7 @@ def main(argv: list | None = None) -> int:
     p.add_argument("--omni-python", default="/work/venvs/omni/bin/python")
     p.add_argument("--media", default=os.path.join(tempfile.gettempdir(), "qwen-vl-utils-bench-audio"))
     p.add_argument("--out", help="write audio.json into this folder")
+    p.add_argument("--only", choices=("audio", "video", "stream"), help="run one group of cases")
     args = p.parse_args(argv)
     os.makedirs(args.media, exist_ok=True)
     video = make_video(os.path.join(args.media, "ten-minutes.mp4"))
@@ -109,7 +116,8 @@ def main(argv: list | None = None) -> int:
     have_theirs = os.path.exists(args.omni_python)
     npy = lambda name: os.path.join(args.media, name + ".npy")  # noqa: E731
     results: dict = {"machine": describe_machine(), "cases": {}}
-    for case, (start, end) in {"last 60 s": (540.0, 600.0), "whole track": (0.0, 0.0)}.items():
+    cases = {"last 60 s": (540.0, 600.0), "whole track": (0.0, 0.0)}
+    for case, (start, end) in cases.items() if args.only in (None, "audio") else ():
         runs: dict = {"ours": [], "theirs": []}
         for _ in range(args.reps):
             runs["ours"].append(
@@ -135,15 +143,25 @@ def main(argv: list | None = None) -> int:
             row["speedup"] = row["theirs_s"] / row["ours_s"]
         results["cases"][case] = row
         print(case, json.dumps(row), flush=True)
-    runs = {"video": [], "video+audio": []}
-    for _ in range(args.reps):
-        for mode in runs:
-            runs[mode].append(run([sys.executable, "-c", OURS, video, mode, "540", "600", npy("v")], ours_env))
-    plain = statistics.median(r["seconds"] for r in runs["video"])
-    with_sound = statistics.median(r["seconds"] for r in runs["video+audio"])
-    row = {"video_s": plain, "video_and_audio_s": with_sound, "added": with_sound / plain - 1}
-    results["cases"]["use_audio_in_video"] = row
-    print("use_audio_in_video", json.dumps(row), flush=True)
+    pairs = {"video": ("use_audio_in_video", "540", "600"), "stream": ("stream_video(audio=True)", "0", "120")}
+    for kind, (case, start, end) in pairs.items():
+        if args.only not in (None, kind):
+            continue
+        runs = {kind: [], kind + "+audio": []}
+        for _ in range(args.reps):
+            for mode in runs:
+                runs[mode].append(run([sys.executable, "-c", OURS, video, mode, start, end, npy("v")], ours_env))
+        plain = statistics.median(r["seconds"] for r in runs[kind])
+        with_sound = statistics.median(r["seconds"] for r in runs[kind + "+audio"])
+        row = {
+            "without_s": plain,
+            "with_audio_s": with_sound,
+            "added": with_sound / plain - 1,
+            "samples": runs[kind + "+audio"][0]["samples"],
+            "rss_mb": [max(r["rss_mb"] for r in runs[m]) for m in runs],
+        }
+        results["cases"][case] = row
+        print(case, json.dumps(row), flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "audio.json"), "w") as f:
