@@ -322,3 +322,38 @@ def test_dataset_count_counts_audio_tokens_of_omni_samples(tmp_path):
         assert got[1]["audio_tokens"] == q.audio_token_count(round(1.5 * SR), model)
         assert got[0]["media_info"][0]["kind"] == "audio" and got[0]["visual_tokens"] == 0
     assert a.exists()
+
+
+AUDIO_ONLY = [  # (file, ffmpeg arguments): formats that carry no video, each its own signature
+    ("a.wav", ["-c:a", "pcm_s16le"]),
+    ("a.mp3", ["-c:a", "libmp3lame"]),  # with an ID3v2 tag
+    ("b.mp3", ["-c:a", "libmp3lame", "-id3v2_version", "0", "-write_xing", "0"]),  # MPEG frame sync first
+    ("a.flac", ["-c:a", "flac"]),
+    ("a.aac", ["-c:a", "aac"]),  # ADTS
+    ("a.aiff", ["-c:a", "pcm_s16be"]),
+    ("a.ac3", ["-c:a", "ac3"]),
+    ("a.caf", ["-c:a", "pcm_s16le"]),
+]
+
+
+@pytest.mark.parametrize("ranges", [True, False], ids=["ranged", "body"])
+def test_audio_only_formats_come_over_http(tmp_path, ranges):
+    """An audio element's body may start like no image or video (WAV, MP3, FLAC, ADTS, AIFF, AC-3, CAF): it is
+    read as the same file from disk is; a body that starts like no media at all is still refused at once."""
+    from httpfiles import FileServer
+
+    wav = write_audio(tmp_path / "src.wav", "pcm_s16le", 44100, 2, seconds=2.0)
+    server = FileServer()
+    try:
+        for name, args in AUDIO_ONLY:
+            path = tmp_path / name
+            subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(wav), *args, str(path)], check=True)
+            url = server.add("/" + name, path.read_bytes(), ranges=ranges)
+            want = q.fetch_audio({"audio": str(path), "audio_start": 0.5})
+            assert len(want) > SR, name
+            assert np.array_equal(q.fetch_audio({"audio": url, "audio_start": 0.5}), want), name
+        page = server.add("/page", b"<html><body>Not found</body></html>" * 20, ranges=ranges)
+        with pytest.raises(errors.DecodeError, match="does not start like any audio or video format"):
+            q.fetch_audio({"audio": page})
+    finally:
+        server.close()

@@ -176,10 +176,46 @@ _MORE_VIDEO_MAGIC = (
 )
 
 
-def looks_like_media(head: bytes) -> bool:
-    """Could these first bytes start an image or video the library reads? False only when no format's
-    signature matches: Pillow's own plugin checks for images, known container signatures for video."""
+#: audio-only formats FFmpeg reads (an audio element's body may start like these; containers that also carry
+#: video, such as MP4/M4A, Ogg, Matroska/WebM, ASF/WMA and MPEG-TS, are known as video)
+_AUDIO_MAGIC = (
+    b"ID3",  # MP3 (or AAC) with an ID3v2 tag
+    b"fLaC",
+    b"RF64",  # WAV over 4 GiB
+    b"BW64",
+    b"caff",
+    b"#!AMR",
+    b"wvpk",  # WavPack
+    b"MAC ",  # Monkey's Audio
+    b"TTA1",
+    b"DSD ",
+    b"FRM8",  # DSDIFF
+    b".snd",  # Sun/NeXT AU
+    b"MPCK",  # Musepack
+    b"\x0bw",  # AC-3 / E-AC-3 sync word
+    b"\x7f\xfe\x80\x01",  # DTS
+)
+
+
+def looks_like_audio(head: bytes) -> bool:
+    """Do these first bytes start an audio-only format FFmpeg reads (WAV, AIFF, MP3, ADTS AAC, FLAC, ...)?"""
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return True
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return True
+    if head.startswith(_AUDIO_MAGIC):
+        return True
+    # an MPEG audio frame (MP1/2/3: sync, a layer) or an ADTS header (AAC: sync, layer 0), from the first byte
+    return len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xE0) == 0xE0
+
+
+def looks_like_media(head: bytes, media: str = "video") -> bool:
+    """Could these first bytes start an image or video (or, for ``media`` "audio", a sound file) the library
+    reads? False only when no format's signature matches: Pillow's own plugin checks for images, known
+    container signatures for video and audio."""
     if sniff_media(head) is not None or head.startswith(_MORE_VIDEO_MAGIC):
+        return True
+    if media == "audio" and looks_like_audio(head):
         return True
     if len(head) > 192 and head[4] == 0x47 and head[196:197] in (b"G", b""):  # m2ts: 192-byte TS packets
         return True
@@ -714,10 +750,11 @@ def _range_fetcher(url: str, transfer: Transfer, version: _Version) -> Callable[
 
 
 def _refuse_unknown(head: bytes, media: str, name: str) -> None:
-    """A body that starts like no image or video format the library reads is refused now, not after the rest."""
-    if head and not looks_like_media(head):
+    """A body that starts like no format the library reads is refused now, not after the rest."""
+    if head and not looks_like_media(head, media):
+        kinds = "audio or video" if media == "audio" else "image or video"
         raise DecodeError(
-            f"{media} source {name} does not start like any image or video format (first bytes "
+            f"{media} source {name} does not start like any {kinds} format (first bytes "
             f"{head[:12]!r}); check the URL (an HTML error page?)"
         )
 
