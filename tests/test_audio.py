@@ -357,3 +357,76 @@ def test_audio_only_formats_come_over_http(tmp_path, ranges):
             q.fetch_audio({"audio": page})
     finally:
         server.close()
+
+
+SOUGHT = [  # (file, ffmpeg arguments): codecs that need pre-roll, or whose container seeks or stamps badly
+    ("vbr.mp3", ["-c:a", "libmp3lame", "-q:a", "2"]),  # the bit reservoir reaches frames back
+    ("a.opus", ["-c:a", "libopus", "-ar", "48000"]),  # 80 ms of pre-roll
+    ("a.m4a", ["-c:a", "aac"]),
+    ("a.aac", ["-c:a", "aac"]),
+    ("a.ogg", ["-c:a", "libvorbis"]),
+    ("adpcm.wav", ["-c:a", "adpcm_ima_wav"]),  # the WAV demuxer lands seconds off, stamped with the time asked
+    ("a.ac3", ["-c:a", "ac3"]),  # raw AC-3: times estimated from the bit rate, drifting
+    ("a.flac", ["-c:a", "flac"]),
+]
+
+
+@pytest.fixture(scope="module")
+def long_sources(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sought")
+    wav = write_audio(folder / "src.wav", "pcm_s16le", 44100, 2, seconds=30.0)
+    for name, args in SOUGHT:
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(wav), *args, str(folder / name)], check=True)
+    return folder
+
+
+@pytest.mark.parametrize("name", [name for name, _ in SOUGHT])
+def test_a_window_deep_in_a_file_is_the_same_part_of_the_whole(long_sources, name):
+    """A window past the first second is read after a seek (where the container seeks exactly) with the decoder's
+    pre-roll before it: its samples are those of the whole track's decode, from the first one on."""
+    path = str(long_sources / name)
+    whole = q.fetch_audio({"audio": path})
+    for start in (2.0, 17.3, 28.1):
+        part = q.fetch_audio({"audio": path, "audio_start": start, "audio_end": start + 1.0})
+        ref = whole[round(start * SR) : round(start * SR) + SR]
+        assert len(part) == SR, (start, len(part))
+        assert lag(part, ref, most=2000) == 0, start
+        assert snr_db(part[:1600], ref[:1600]) > 30, start  # the first 100 ms too
+
+
+def test_a_hole_in_a_videos_sound_stays_a_hole(tmp_path):
+    """A recording that lost a second of sound (its audio stamped 0-2 s, then the sound of 2-5 s at 3-6 s): the
+    hole is silence on the container's timeline, so the sound after it stays with its frames, for the whole
+    video and for a window that starts after the hole alike."""
+    path = tmp_path / "hole.mkv"
+    sr = 48000
+    tone = stepped(5.0, sr)
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=25)
+        vs.width, vs.height, vs.pix_fmt = 160, 96, "yuv420p"
+        aus = out.add_stream("pcm_s16le", rate=sr)
+        aus.layout = "mono"
+        packets = []
+        for i in range(150):
+            frame = av.VideoFrame.from_ndarray(np.full((96, 160, 3), i, np.uint8), format="rgb24")
+            frame.pts = i
+            packets += vs.encode(frame)
+        packets += vs.encode()
+        for start in range(0, len(tone), 960):  # 20 ms frames: Matroska's millisecond clock stamps them exactly
+            pcm = (tone[None, start : start + 960] * 32767).astype(np.int16)
+            frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+            frame.sample_rate, frame.time_base = sr, Fraction(1, sr)
+            frame.pts = start + (sr if start >= 2 * sr else 0)
+            packets += aus.encode(frame)
+        packets += aus.encode()
+        for packet in packets:
+            out.mux(packet)
+    whole = q.process_mm_info(_message({"type": "video", "video": str(path)}), use_audio_in_video=True)[0][0]
+    assert len(whole) == 6 * SR
+    ref = stepped(5.0)
+    assert lag(whole[SR : 2 * SR], ref[SR : 2 * SR]) == 0
+    assert np.abs(whole[2 * SR + 160 : 3 * SR - 160]).max() < 0.01  # the hole
+    assert lag(whole[4 * SR : 5 * SR], ref[3 * SR : 4 * SR]) == 0  # 4 s of video: 3 s of sound
+    ele = {"type": "video", "video": str(path), "video_start": 4.0, "video_end": 5.0}
+    part = q.process_mm_info(_message(ele), use_audio_in_video=True)[0][0]
+    assert np.array_equal(part, whole[4 * SR : 5 * SR]) or snr_db(part, whole[4 * SR : 5 * SR]) > 40

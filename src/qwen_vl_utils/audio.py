@@ -8,7 +8,8 @@ The flow for an audio element::
 and for the audio of a video (``use_audio_in_video``): the video's own resolved source and probe, and the window
 its frames cover (``video.plan_frames``; :mod:`.video` calls :func:`video_audio`), on the container's timeline:
 sample 0 is the time of the window's first frame, silence where the track starts late or ends early, so that
-audio and frames line up. Nothing before the window is decoded: the audio stream is sought to it. The Omni
+audio and frames line up. A window well into the track is sought to (half a second before it: the decoder's
+pre-roll) where the container's seek lands exactly, and read from the start elsewhere. The Omni
 processors' audio token counts (:func:`audio_token_count`) follow from the sample count alone, so they are known
 from a header's duration without decoding.
 """
@@ -33,6 +34,18 @@ __all__ = ["SAMPLE_RATE", "audio_token_count", "decode_audio", "fetch_audio"]
 SAMPLE_RATE = 16000
 #: seconds into the track past which a window is sought to, not read up to
 _SEEK_AFTER = 1.0
+#: seconds decoded before a window that was sought to, and left out: the decoder's pre-roll (MP3's bit reservoir
+#: reaches up to nine frames back, Opus needs 80 ms, AAC a frame), so the window's first samples are right
+_PREROLL = 0.5
+#: containers whose demuxer lands on the audio's true time after a seek (FFmpeg's names); in others (ASF/WMA, raw
+#: AC-3, AVI, ...) the time after a seek is an estimate from the bit rate, and a window is read from the start
+_EXACT_SEEK = frozenset(
+    ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "ogg", "flac", "mp3", "aac", "mpegts", "wav", "aiff", "caf")
+)
+#: containers whose audio timestamps are exact (a hole in them is lost sound)
+_TIMED = frozenset(("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "mpegts"))
+#: ... of which these seek exactly in PCM only (WAV's IMA-ADPCM lands seconds off, stamped with the time asked)
+_PCM_SEEK = frozenset(("wav", "aiff", "caf"))
 #: the models whose audio token count :func:`audio_token_count` knows
 OMNI_MODELS = ("qwen2.5-omni", "qwen3-omni")
 
@@ -131,7 +144,7 @@ def decode_audio(
         t0 = origin + start
         t1 = None if end is None else origin + end
         seek_audio(container, stream, t0)
-        track = AudioTrack(t0, sr)
+        track = AudioTrack(t0, sr, gaps=timed(container))
         _decode_window(container, stream, tb, track, t1)
     except av.FFmpegError as exc:
         raise DecodeError(f"{source.name}: its audio could not be decoded ({type(exc).__name__}: {exc})") from exc
@@ -160,16 +173,31 @@ def time_base(stream: Any) -> float:
 
 
 def seek_audio(container: Any, stream: Any, t0: float) -> None:
-    """Send the demuxer to the audio at ``t0`` seconds on the container's timeline, if it is well into the track
-    (from the start otherwise, or where the demuxer cannot seek)."""
+    """Send the demuxer to :data:`_PREROLL` before the audio at ``t0`` seconds on the container's timeline, if it
+    is well into the track and the container seeks exactly (from the start otherwise, or where the demuxer
+    cannot seek): the frames before ``t0`` are decoded and left out."""
     import av
 
     tb = time_base(stream)
-    if t0 - (stream.start_time or 0) * tb > _SEEK_AFTER:
+    if t0 - (stream.start_time or 0) * tb > _SEEK_AFTER and _seeks_exactly(container, stream):
         try:
-            container.seek(max(0, int(t0 / tb)), stream=stream, backward=True)
+            container.seek(max(0, int((t0 - _PREROLL) / tb)), stream=stream, backward=True)
         except av.FFmpegError:
             container.seek(0, stream=stream)
+
+
+def timed(container: Any) -> bool:
+    """Does the container stamp its audio with exact times, so that a hole in them is a hole in the sound (a
+    recording that lost packets) to be kept as silence? (MP4/MOV, Matroska/WebM, MPEG-TS: the containers that
+    carry video; raw streams' times are counted or estimated from the bit rate.)"""
+    return container.format.name in _TIMED
+
+
+def _seeks_exactly(container: Any, stream: Any) -> bool:
+    name = container.format.name
+    if name not in _EXACT_SEEK:
+        return False
+    return name not in _PCM_SEEK or stream.codec_context.name.startswith("pcm_")
 
 
 def frame_time(frame: Any, tb: float) -> Optional[float]:
@@ -202,12 +230,14 @@ class AudioTrack:
     ``t0 + k / sr``.
 
     The first frame reaching past ``t0`` is cut at the source sample of ``t0`` (as when a file is cut at its own
-    rate, so that sample 0 is that time); frames before it are left out. After it, a file's samples follow one
-    another as the decoder gives them (its timestamps are not read again). With ``gaps`` (a live source), a frame
-    that begins more than :data:`_JITTER` after the last one ended leaves silence up to its time, and one that
-    begins before is cut to what is new, so that the sound stays on the timeline through lost or repeated
-    packets (a leap of more than :data:`_LEAP` s, or back by more than half a second, is a discontinuity: the
-    sound goes on where it was). The resampled samples are held until :meth:`take` asks for them."""
+    rate, so that sample 0 is that time); frames before it are left out. Without ``gaps``, only the first frame's
+    timestamp is read: the samples follow one another as the decoder gives them (raw AC-3 and ASF stamp frames
+    with estimates that drift, Matroska rounds to the millisecond). With ``gaps`` (a live source; a container
+    whose timestamps are exact), a frame that begins more than :data:`_JITTER` after the last one ended leaves
+    silence up to its time, and one that begins before is cut to what is new, so that the sound stays on the
+    timeline through lost or repeated packets (a leap of more than :data:`_LEAP` s, or back by more than half a
+    second, is a discontinuity: the sound goes on where it was). The resampled samples are held until
+    :meth:`take` asks for them."""
 
     def __init__(self, t0: float, sr: int = SAMPLE_RATE, *, gaps: bool = False) -> None:
         self.t0, self.sr, self.gaps = t0, sr, gaps
@@ -230,7 +260,7 @@ class AudioTrack:
         """One decoded frame beginning at ``begins`` seconds (None: right after the last one); returns that
         time."""
         rate = frame.sample_rate
-        if begins is None:
+        if begins is None or (self.clock is not None and not self.gaps):
             begins = self.clock if self.clock is not None else self.t0
         self.clock = begins + frame.samples / rate
         if self.clock <= self.t0 or self.done:
@@ -264,6 +294,7 @@ class AudioTrack:
         """The frames that follow come from a new reading of the source (sought back, or read again): those
         already taken are left out, and the sound goes on from the last sample fed."""
         self.resuming = self.fed is not None
+        self.clock = None  # (the next frame's time is its own)
 
     def push(self) -> None:
         """Resample what is gathered now (a consumer waits for it), keeping the resampler's state."""
