@@ -430,3 +430,84 @@ def test_a_hole_in_a_videos_sound_stays_a_hole(tmp_path):
     ele = {"type": "video", "video": str(path), "video_start": 4.0, "video_end": 5.0}
     part = q.process_mm_info(_message(ele), use_audio_in_video=True)[0][0]
     assert np.array_equal(part, whole[4 * SR : 5 * SR]) or snr_db(part, whole[4 * SR : 5 * SR]) > 40
+
+
+def _wav(path: Path, rate: int, samples: np.ndarray, fmt: int = 1, width: int = 2) -> Path:
+    """A WAV written byte by byte, its header saying what it is told to (a rate of 1 Hz, float PCM)."""
+    import struct
+
+    data = samples.tobytes()
+    fmt_chunk = struct.pack("<HHIIHH", fmt, 1, rate, rate * width, width, width * 8)
+    head = b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + struct.pack("<I", 16) + fmt_chunk
+    path.write_bytes(head + b"data" + struct.pack("<I", len(data)) + data)
+    return path
+
+
+def test_an_audio_bomb_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    """32 KB claiming a rate of 1 Hz would be 16,000 s of sound (256 M samples, 1 GB): refused from the header; a
+    window longer than ``max_audio_seconds`` too, from the header, or while decoding where the header has no
+    duration (Matroska written to a pipe)."""
+    noise = (np.random.default_rng(0).standard_normal(16000) * 3000).astype("<i2")
+    with pytest.raises(errors.DecodeError, match="sample rate of 1 Hz"):
+        q.fetch_audio({"audio": str(_wav(tmp_path / "bomb.wav", 1, noise))})
+    wav = _wav(tmp_path / "two.wav", 8000, noise)  # 2 s
+    tight = q.FetchPolicy(max_audio_seconds=1.5)
+    with pytest.raises(errors.SourceTooLargeError, match="2.0 s long, over the limit of 1.5 s"):
+        q.fetch_audio({"audio": str(wav)}, policy=tight)
+    assert len(q.fetch_audio({"audio": str(wav), "audio_end": 1.0}, policy=tight)) == SR  # a window within it
+    piped = tmp_path / "piped.mka"
+    cmd = ["ffmpeg", "-v", "error", "-i", str(wav), "-c:a", "flac", "-f", "matroska", "pipe:1"]
+    piped.write_bytes(subprocess.run(cmd, capture_output=True, check=True).stdout)
+    with av.open(str(piped)) as c:
+        assert c.duration is None  # (nothing in the header to go by)
+    with pytest.raises(errors.SourceTooLargeError, match="over the limit of 1.5 s"):
+        q.fetch_audio({"audio": str(piped)}, policy=tight)
+    monkeypatch.setenv("QWENVL_MAX_AUDIO_SECONDS", "1.5")
+    from qwen_vl_utils.sources._policy import _from_env
+
+    assert _from_env(q.FetchPolicy()).max_audio_seconds == 1.5
+    assert q.FetchPolicy().max_audio_seconds == 3 * 3600
+
+
+def test_float_sound_holding_nan_comes_out_finite(tmp_path):
+    tone = stepped(1.0).astype("<f4")
+    tone[4000] = np.nan
+    tone[9000] = np.inf
+    out = q.fetch_audio({"audio": str(_wav(tmp_path / "nan.wav", SR, tone, fmt=3, width=4))})
+    assert len(out) == SR and np.isfinite(out).all() and np.abs(out).max() <= 1.0
+
+
+def test_arrays_of_every_kind_are_centred_and_checked():
+    assert np.array_equal(q.fetch_audio({"audio": np.full(1600, 128, np.uint8)}), np.zeros(1600, np.float32))
+    assert np.array_equal(q.fetch_audio({"audio": np.full(800, 32768, np.uint16)}), np.zeros(800, np.float32))
+    assert q.fetch_audio({"audio": np.zeros(10, np.uint8)}).min() == -1.0
+    bad = stepped(0.1)
+    bad[5] = np.nan
+    with pytest.raises(errors.InvalidOptionError, match="NaN or infinity at index 5"):
+        q.fetch_audio({"audio": bad})
+
+
+def test_windows_at_or_past_the_end_say_so(tmp_path):
+    path = write_audio(tmp_path / "a.wav", "pcm_s16le", 44100, 1, seconds=3.0)
+    for start in (3.0 - 1e-6, 3.5, 100.0):  # (the first: within the last source sample)
+        with pytest.raises(errors.InvalidOptionError, match=r"at or after the end of the audio of .*3\.000 s long"):
+            q.fetch_audio({"audio": str(path), "audio_start": start})
+    assert len(q.fetch_audio({"audio": str(path), "audio_start": 2.5})) == SR // 2
+
+
+def test_odd_elements_get_typed_errors_that_say_what_to_do(tmp_path):
+    path = write_audio(tmp_path / "a.flac", "flac", 16000, 1, seconds=1.0)
+    conv = _message({"type": "audio", "audio": str(path)})
+    assert len(q.process_mm_info(conv, np.True_)[0][0]) == SR  # numpy's bool, as a config read by pandas has it
+    with pytest.raises(errors.InvalidOptionError, match=r"True or False, got <numpy.float32 np.float32\(1.0\)>"):
+        q.process_mm_info(conv, np.float32(1))
+    with pytest.raises(errors.InvalidOptionError, match="True or False, got 1$"):
+        q.process_mm_info(conv, 1)
+    mixed = _message({"type": "audio", "audio": str(path), "image": str(path)})
+    with pytest.raises(errors.InvalidOptionError, match=r"both sound and a picture \(audio, image\)"):
+        q.process_mm_info(mixed, False)
+    bare = base64.b64encode(path.read_bytes()).decode()
+    with pytest.raises(errors.SourceNotFoundError, match="needs its data: prefix"):
+        q.fetch_audio({"audio": bare})
+    with pytest.raises(errors.InvalidOptionError, match="numpy array of 16 kHz samples$"):
+        q.fetch_audio({"audio": object()})

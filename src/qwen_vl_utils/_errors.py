@@ -96,12 +96,22 @@ def describe(source: object, limit: int = 80) -> str:
             keep = limit // 2 - 2
             return f"{source[:keep]}...{source[-keep:]}"
         return source
+    if source is None or isinstance(source, (bool, int, float)):
+        return repr(source)
     name = getattr(source, "name", None)
     if isinstance(name, str):
         return describe(name, limit)
     kind = type(source)
-    shape = getattr(source, "shape", None) or getattr(source, "size", None)
-    return f"<{kind.__module__}.{kind.__qualname__}{' ' + str(tuple(shape)) if shape else ''}>"
+    shape = getattr(source, "shape", None)
+    if shape is None:  # (a PIL image's size is a pair; a numpy scalar's is the int 1 and its shape ())
+        shape = getattr(source, "size", None)
+    if kind.__module__ == "numpy" and shape == ():  # a numpy scalar: its value says more than its type
+        return f"<{kind.__module__}.{kind.__qualname__} {source!r}>"
+    try:
+        dims = f" {tuple(shape)}" if shape else ""
+    except TypeError:
+        dims = ""
+    return f"<{kind.__module__}.{kind.__qualname__}{dims}>"
 
 
 #: a URL's scheme and authority (``user:password@host:port``)

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _cancel
-from ._errors import DecodeError, InvalidOptionError, describe
+from ._errors import DecodeError, InvalidOptionError, SourceTooLargeError, describe
 from ._options import check_number
 from .container._probe import decode_or_conceal, open_container
 from .sources._policy import FetchPolicy, get_fetch_policy
@@ -87,7 +87,7 @@ def fetch_audio(ele: dict, sr: int = SAMPLE_RATE, *, policy: Optional[FetchPolic
         return _samples(value, start, end, sr)
     policy = get_fetch_policy(policy)
     with resolve_source(value, "audio", policy) as source:
-        return decode_audio(source, start, end, sr=sr)
+        return decode_audio(source, start, end, sr=sr, max_seconds=policy.max_audio_seconds)
 
 
 def _is_samples(value: Any) -> bool:
@@ -103,10 +103,18 @@ def _samples(value: Any, start: float, end: Optional[float], sr: int) -> np.ndar
             f"an audio array must be 1-D mono samples at {sr} Hz, got shape {samples.shape}; downmix it first "
             "(e.g. samples.mean(axis=0) for a channels-first array)"
         )
-    if np.issubdtype(samples.dtype, np.integer):
+    if np.issubdtype(samples.dtype, np.unsignedinteger):  # unsigned PCM: silence is the middle value
+        half = float(np.iinfo(samples.dtype).max // 2 + 1)
+        samples = (samples.astype(np.float64) - half) / half
+    elif np.issubdtype(samples.dtype, np.integer):
         samples = samples.astype(np.float32) / float(np.iinfo(samples.dtype).max + 1)
     elif not np.issubdtype(samples.dtype, np.floating):
         raise InvalidOptionError(f"an audio array must hold numbers, got dtype {samples.dtype}")
+    elif not np.isfinite(samples).all():
+        raise InvalidOptionError(
+            f"an audio array must hold finite samples; this one has NaN or infinity at index "
+            f"{int(np.argmin(np.isfinite(samples)))} (replace them, e.g. np.nan_to_num(samples))"
+        )
     first = int(sr * start)
     last = None if end is None else int(sr * end)
     return np.ascontiguousarray(samples[first:last], dtype=np.float32)
@@ -121,6 +129,7 @@ def decode_audio(
     origin: Optional[float] = None,
     pad: bool = False,
     missing: str = "give a file with sound",
+    max_seconds: Optional[float] = None,
 ) -> np.ndarray:
     """The first audio stream of ``source`` from ``start`` to ``end`` seconds after ``origin`` (a time on the
     container's timeline; None: the audio stream's first sample), resampled to ``sr``, mono.
@@ -128,7 +137,8 @@ def decode_audio(
     With ``pad``, the result is exactly ``round((end - start) * sr)`` samples and sample 0 is the time ``origin +
     start``: silence where the track begins later or ends sooner (audio beside video frames). Without it, the
     samples the stream has within the window (an audio file). ``missing`` ends the message of a file without
-    an audio stream (what to do)."""
+    an audio stream (what to do). Sound longer than ``max_seconds`` is a SourceTooLargeError, from the header
+    where it states the duration, else once decoded that far."""
     import av
 
     try:
@@ -143,16 +153,26 @@ def decode_audio(
             origin = stream.start_time * tb if stream.start_time is not None else 0.0
         t0 = origin + start
         t1 = None if end is None else origin + end
+        ends = _check_length(source.name, stream, container, t0, t1, max_seconds)
         seek_audio(container, stream, t0)
         track = AudioTrack(t0, sr, gaps=timed(container))
-        _decode_window(container, stream, tb, track, t1)
+        _decode_window(container, stream, tb, track, t1, None if max_seconds is None else (max_seconds, source.name))
     except av.FFmpegError as exc:
         raise DecodeError(f"{source.name}: its audio could not be decoded ({type(exc).__name__}: {exc})") from exc
     finally:
         container.close()
     track.finish()
+    if max_seconds is not None and track.end - track.begins > max_seconds * sr and not pad:
+        raise _too_long(source.name, (track.end - track.begins) / sr, max_seconds)
     if pad:
         return track.take(0, round((t1 - t0) * sr) if t1 is not None else track.end)
+    if track.first is None and start > 0:
+        ends = track.clock if track.clock is not None else ends
+        length = f", {ends - origin:.3f} s long" if ends is not None else ""
+        raise InvalidOptionError(
+            f"audio_start ({start} s) is at or after the end of the audio of {source.name}{length}; give a "
+            "window within it"
+        )
     first = max(0, track.begins)  # the samples the stream has within the window
     last = track.end if t1 is None else min(track.end, first + round((t1 - max(t0, track.first or t0)) * sr))
     return track.take(first, last)
@@ -205,16 +225,58 @@ def frame_time(frame: Any, tb: float) -> Optional[float]:
     return None if frame.pts is None else frame.pts * tb
 
 
-def _decode_window(container: Any, stream: Any, tb: float, track: AudioTrack, t1: Optional[float]) -> None:
-    """The frames of ``stream`` into ``track`` up to the first that begins at or after ``t1``."""
+#: the lowest sample rate taken as sound (8 kHz telephony is the lowest in use; a WAV header claiming 1 Hz turns a
+#: small file into hours of samples)
+_LOWEST_RATE = 1000
+
+
+def _check_length(
+    name: str, stream: Any, container: Any, t0: float, t1: Optional[float], max_seconds: Optional[float]
+) -> Optional[float]:
+    """Refuse, before decoding, a stream whose rate is not sound, or a window the header says is over the
+    limit; returns the time the header says the sound ends (None: it does not say)."""
+    rate = stream.rate or stream.codec_context.sample_rate
+    if rate and rate < _LOWEST_RATE:
+        raise DecodeError(
+            f"{name} claims a sample rate of {rate} Hz, which is not sound (the lowest taken is "
+            f"{_LOWEST_RATE} Hz); check the file's header"
+        )
+    tb = time_base(stream)
+    if stream.duration:
+        ends = (stream.start_time or 0) * tb + stream.duration * tb
+    elif container.duration:
+        ends = container.duration / 1_000_000
+    else:
+        return None
+    seconds = (ends if t1 is None else min(ends, t1)) - t0
+    if max_seconds is not None and seconds > max_seconds:
+        raise _too_long(name, seconds, max_seconds)
+    return ends
+
+
+def _too_long(name: str, seconds: float, max_seconds: float) -> SourceTooLargeError:
+    return SourceTooLargeError(
+        f"audio {name} is {seconds:.1f} s long, over the limit of {max_seconds:g} s (set audio_start/audio_end, "
+        "or raise FetchPolicy.max_audio_seconds)"
+    )
+
+
+def _decode_window(
+    container: Any, stream: Any, tb: float, track: AudioTrack, t1: Optional[float], limit: Optional[tuple] = None
+) -> None:
+    """The frames of ``stream`` into ``track`` up to the first that begins at or after ``t1``; ``limit``:
+    ``(seconds, name)`` past which the sound is too long."""
     token = _cancel.current()
     cc = stream.codec_context
+    most = None if limit is None else limit[0] * track.sr
     for packet in container.demux(stream):
         _cancel.check(token)
         for frame in decode_or_conceal(cc, packet if packet.size else None):
             begins = track.add(frame, frame_time(frame, tb))
             if t1 is not None and begins >= t1:
                 return
+            if most is not None and track.end - track.begins > most:
+                raise _too_long(limit[1], (track.end - track.begins) / track.sr, limit[0])
 
 
 #: seconds by which a live source's audio frame may start before or after the end of the one before it and still
@@ -268,6 +330,8 @@ class AudioTrack:
         channels = _channels(frame)
         if self.fed is None:
             cut = max(0, round((self.t0 - begins) * rate))
+            if cut >= len(channels[0]):  # (t0 within its last sample: rounds to the next frame)
+                return begins
             begins += cut / rate
             channels = [c[cut:] for c in channels]
             self.first = begins
@@ -388,6 +452,8 @@ class _Block:
         mono = total if count == 1 else total / count
         if offset or scale != 1.0:
             mono = (mono + offset) * scale
+        elif not np.isfinite(mono).all():  # float PCM holding NaN or infinity: the resampler would spread it
+            np.nan_to_num(mono, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
         return mono.astype(np.float32, copy=False)
 
     def resample(self) -> list:

@@ -22,15 +22,30 @@ __all__ = ["process_audio_info", "process_mm_info"]
 Conversations = Union[list[dict[str, Any]], list[list[dict[str, Any]]]]
 
 
+_AUDIO_KEYS = {"audio", "audio_url"}
+_VISION_KEYS = {"image", "image_url", "video", "video_url"}
+
+
 def _is_audio(ele: Any) -> bool:
     return isinstance(ele, dict) and ("audio" in ele or "audio_url" in ele or ele.get("type") == "audio")
 
 
 def _media(conversations: Conversations, use_audio_in_video: Any) -> list:
     """(kind, element) of every audio, image and video element, in document order across the batch."""
-    if not isinstance(use_audio_in_video, bool):
+    numpy_bool = type(use_audio_in_video).__module__ == "numpy" and type(use_audio_in_video).__name__ in (
+        "bool",
+        "bool_",
+    )
+    if not isinstance(use_audio_in_video, bool) and not numpy_bool:
         raise InvalidOptionError(f"use_audio_in_video must be True or False, got {describe(use_audio_in_video)}")
     eles = extract_elements(conversations, lambda e: _is_audio(e) or _is_vision(e) or _is_video_url(e))
+    for ele in eles:
+        both = sorted(k for k in ele if k in _AUDIO_KEYS) + sorted(k for k in ele if k in _VISION_KEYS)
+        if len(both) > 1 and set(both) & _AUDIO_KEYS and set(both) & _VISION_KEYS:
+            raise InvalidOptionError(
+                f"an element holds both sound and a picture ({', '.join(both)}): which one it is cannot be told; "
+                "give each its own element"
+            )
     eles = [{**e, "video": e["video_url"]} if _is_video_url(e) else e for e in eles]
     return [("audio" if _is_audio(ele) and not _is_vision(ele) else _kind(ele), ele) for ele in eles]
 

@@ -82,6 +82,10 @@ class FetchPolicy:
     #: refuse videos longer than this many seconds / frames (None: no limit)
     max_video_seconds: Optional[float] = None
     max_video_frames: Optional[int] = None
+    #: the longest sound an audio element may decode to, in seconds (3 h: 691 MB of 16 kHz float32), checked from
+    #: the header and while decoding (a small file whose header claims a rate of 1 Hz is a decompression bomb);
+    #: None: no limit
+    max_audio_seconds: Optional[float] = 3 * 3600.0
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -110,6 +114,7 @@ _RANGES = {
     "max_output_pixels": (int, 1, False),
     "max_video_seconds": (float, 0, True),
     "max_video_frames": (int, 1, True),
+    "max_audio_seconds": (float, 0, True),
 }
 
 
@@ -198,6 +203,7 @@ _ENV = {
     ),
     "QWENVL_MAX_VIDEO_SECONDS": ("max_video_seconds", float),
     "QWENVL_MAX_VIDEO_FRAMES": ("max_video_frames", lambda v: int(float(v))),
+    "QWENVL_MAX_AUDIO_SECONDS": ("max_audio_seconds", lambda v: None if v.strip().lower() == "none" else float(v)),
 }
 
 _lock = threading.Lock()

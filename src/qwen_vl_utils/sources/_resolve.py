@@ -276,9 +276,12 @@ def resolve_source(value: Any, media: str, policy: FetchPolicy) -> Source:
         return Source(name=name, data=_read_filelike(value, media, policy, name))
     if _is_decoded_object(value):
         return Source(name=name, obj=value)
+    decoded = (
+        "a 1-D numpy array of 16 kHz samples" if media == "audio" else "a PIL image, a numpy array or a torch tensor"
+    )
     raise InvalidOptionError(
         f"cannot use {name} as an {media} source: give a path, file:// or http(s):// URL, data: URI, bytes, "
-        "a binary file object, a PIL image, a numpy array or a torch tensor"
+        f"a binary file object or {decoded}"
     )
 
 
@@ -448,15 +451,27 @@ def _checked_local(path: str, media: str, policy: FetchPolicy, name: str) -> tup
     return path, info
 
 
+#: what base64 text looks like (a long path made of these alone is more likely data than a file name)
+_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
+
+
 def _stat(path: str, media: str, policy: FetchPolicy, name: str) -> os.stat_result:
     """``os.stat`` under the read timeout: a path on a mount that never answers fails instead of hanging."""
     why = f"the file system did not answer within {policy.read_timeout:g} s (FetchPolicy.read_timeout)"
     try:
         return bounded_call(Transfer(policy, media, name), policy.read_timeout, why, os.stat, path)
     except (FileNotFoundError, NotADirectoryError):
-        raise SourceNotFoundError(f"{media} source {name}: no such file") from None
+        raise SourceNotFoundError(f"{media} source {name}: no such file{_base64_hint(path, media)}") from None
     except OSError as exc:  # a name too long, a parent directory it may not search: not found, as before
-        raise SourceNotFoundError(f"{media} source {name}: no such file ({exc.strerror})") from exc
+        hint = _base64_hint(path, media)
+        raise SourceNotFoundError(f"{media} source {name}: no such file ({exc.strerror}){hint}") from exc
+
+
+def _base64_hint(path: str, media: str) -> str:
+    """What to do about a path that looks like base64 data given without its ``data:`` prefix."""
+    if len(path) > 255 and _BASE64.fullmatch(path[:4096]):
+        return f"; base64 data needs its data: prefix (data:{media}/...;base64,...)"
+    return ""
 
 
 def refuse_text_mode(f: Any, media: str, name: str) -> None:
