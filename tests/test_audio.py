@@ -292,6 +292,18 @@ def test_inspect_shows_the_audio_stream_and_its_tokens(tmp_path):
     out = _json.loads(res.stdout)[0]
     assert out["kind"] == "audio" and out["channels"] == 2 and out["duration"] == pytest.approx(3.0, abs=0.01)
     assert out["audio_tokens"]["qwen3-omni"] == q.audio_token_count(3 * SR, "qwen3-omni")
+    # an MP3 with cover art (an ID3 picture: a "video" stream of one attached picture) is still sound
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "cover.png")
+    mp3 = tmp_path / "cover.mp3"
+    cmd = ["ffmpeg", "-v", "error", "-i", str(sound), "-i", str(tmp_path / "cover.png"), "-map", "0:a", "-map", "1:v",
+           "-c:v", "mjpeg", "-disposition:v", "attached_pic", str(mp3)]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    res = subprocess.run([sys.executable, "-m", "qwen_vl_utils", "inspect", str(mp3), "--json"], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    out = _json.loads(res.stdout)[0]
+    assert out["kind"] == "audio" and out["audio_tokens"]["qwen2.5-omni"] > 70
 
 
 def test_dataset_count_counts_audio_tokens_of_omni_samples(tmp_path):
@@ -322,6 +334,37 @@ def test_dataset_count_counts_audio_tokens_of_omni_samples(tmp_path):
         assert got[1]["audio_tokens"] == q.audio_token_count(round(1.5 * SR), model)
         assert got[0]["media_info"][0]["kind"] == "audio" and got[0]["visual_tokens"] == 0
     assert a.exists()
+
+
+def test_dataset_count_deep_counts_the_decoded_sound(tmp_path):
+    """The header's duration is an estimate for an MP3 without a Xing/LAME header and says nothing of a file cut
+    short: ``deep`` counts the samples ``fetch_audio`` gives, as the processor will see them."""
+    import json as _json
+
+    from qwen_vl_utils import dataset as ds
+
+    wav = write_audio(tmp_path / "src.wav", "pcm_s16le", 44100, 2, seconds=6.0)
+    vbr = tmp_path / "vbr.mp3"
+    cmd = ["ffmpeg", "-v", "error", "-i", str(wav), "-c:a", "libmp3lame", "-q:a", "0", "-write_xing", "0", str(vbr)]
+    subprocess.run(cmd, check=True)
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(vbr.read_bytes()[: vbr.stat().st_size // 2])
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "audio", "audio": n}]},
+                {"role": "assistant", "content": "."},
+            ]
+        }
+        for n in ("vbr.mp3", "cut.mp3")
+    ]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "deep.jsonl"
+    assert ds.count(str(data), str(out), jobs=1, audio_model="qwen3-omni", deep=True).exit_code == 0
+    got = [_json.loads(line)["audio_tokens"] for line in out.read_text().splitlines()]
+    want = [q.audio_token_count(len(q.fetch_audio({"audio": str(p)})), "qwen3-omni") for p in (vbr, cut)]
+    assert got == want and want[1] < want[0] * 0.7
 
 
 AUDIO_ONLY = [  # (file, ffmpeg arguments): formats that carry no video, each its own signature

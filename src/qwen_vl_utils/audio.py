@@ -490,7 +490,7 @@ def video_audio(
 def describe_audio(source: Source) -> Optional[dict]:
     """The first audio stream's facts from the header (nothing decoded): codec, sample rate, channels and
     duration in seconds; None when the file has no audio stream. ``has_video`` says whether it has a video
-    stream too."""
+    stream too (cover art is not one)."""
     try:
         container = open_container(source)
     except DecodeError:
@@ -509,10 +509,17 @@ def describe_audio(source: Source) -> Optional[dict]:
             "sample_rate": stream.rate,
             "channels": stream.channels,
             "duration": round(float(duration), 4),
-            "has_video": bool(container.streams.video),
+            "has_video": any(not _is_picture(v) for v in container.streams.video),
         }
     finally:
         container.close()
+
+
+def _is_picture(stream: Any) -> bool:
+    """A "video" stream that is a still attached to the sound (an MP3's or M4A's cover art)."""
+    import av
+
+    return bool(stream.disposition & av.stream.Disposition.attached_pic)
 
 
 def token_counts(seconds: float) -> dict:

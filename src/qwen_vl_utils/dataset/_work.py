@@ -109,7 +109,7 @@ def _measure(kind: str, ele: dict, settings: Settings) -> dict:
 
         return measure_by_rules(kind, ele, settings.rules, policy)
     if kind == "audio":
-        return _audio_facts(ele, policy, settings.audio_model)
+        return _audio_facts(ele, policy, settings.audio_model, settings.deep)
     measure = _image_facts if kind == "image" else _video_facts
     facts = measure(ele, policy, settings.patch_size)
     if settings.deep:
@@ -117,13 +117,23 @@ def _measure(kind: str, ele: dict, settings: Settings) -> dict:
     return facts
 
 
-def _audio_facts(ele: dict, policy: Any, model: str) -> dict:
+def _audio_facts(ele: dict, policy: Any, model: str, deep: bool = False) -> dict:
     """Duration and the Omni processor's audio tokens, from the container header (nothing decoded); a window
-    (audio_start / audio_end) counts its own length."""
-    from ..audio import SAMPLE_RATE, audio_source, audio_token_count, audio_window, describe_audio
+    (audio_start / audio_end) counts its own length. ``deep``: from the samples ``fetch_audio`` decodes (exact
+    where the header's duration is an estimate, and a damaged file fails here)."""
+    from ..audio import SAMPLE_RATE, audio_source, audio_token_count, audio_window, describe_audio, fetch_audio
     from ..sources._resolve import resolve_source
 
     start, end = audio_window(ele)
+    if deep:
+        samples = len(fetch_audio(ele, policy=policy))
+        tokens = audio_token_count(samples, model)
+        return {
+            "kind": "audio",
+            "duration": round(samples / SAMPLE_RATE, 3),
+            "sample_rate": SAMPLE_RATE,
+            "tokens": tokens,
+        }
     with resolve_source(audio_source(ele), "audio", policy) as source:
         facts = describe_audio(source)
     if facts is None:
