@@ -419,6 +419,7 @@ ENV_CASES = {
     "QWENVL_PATCH_SIZES": ("patch_sizes", "14, 16, 32", (14, 16, 32)),
     "QWENVL_MAX_VIDEO_SECONDS": ("max_video_seconds", "90.5", 90.5),
     "QWENVL_MAX_VIDEO_FRAMES": ("max_video_frames", "1000", 1000),
+    "QWENVL_MAX_AUDIO_SECONDS": ("max_audio_seconds", "none", None),
 }
 
 

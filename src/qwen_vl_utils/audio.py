@@ -154,6 +154,7 @@ def decode_audio(
         t0 = origin + start
         t1 = None if end is None else origin + end
         ends = _check_length(source.name, stream, container, t0, t1, max_seconds)
+        _only(container, stream)
         seek_audio(container, stream, t0)
         track = AudioTrack(t0, sr, gaps=timed(container))
         _decode_window(container, stream, tb, track, t1, None if max_seconds is None else (max_seconds, source.name))
@@ -204,6 +205,16 @@ def seek_audio(container: Any, stream: Any, t0: float) -> None:
             container.seek(max(0, int((t0 - _PREROLL) / tb)), stream=stream, backward=True)
         except av.FFmpegError:
             container.seek(0, stream=stream)
+
+
+def _only(container: Any, stream: Any) -> None:
+    """Tell the demuxer to skip the other streams' packets (a video's pictures are most of its bytes: MP4's
+    demuxer then does not read them)."""
+    import av
+
+    for other in container.streams:
+        if other.index != stream.index:
+            other.discard = av.stream.Discard.all
 
 
 def timed(container: Any) -> bool:
@@ -408,13 +419,15 @@ _FORMATS = {
 
 
 def _channels(frame: Any) -> list:
-    """A decoded frame's samples, one array per channel, read from its planes (views: nothing converted yet)."""
+    """A decoded frame's samples, one array per channel, read from its planes (views: nothing converted yet;
+    a planar frame has a plane per channel, and reading its layout's channel list would cost more than the rest)."""
     name = frame.format.name
-    dtype = _FORMATS[name.rstrip("p")][0]
-    n, channels = frame.samples, len(frame.layout.channels) or 1
+    n = frame.samples
     if name.endswith("p"):
-        return [np.frombuffer(plane, dtype, n) for plane in frame.planes[:channels]]
-    interleaved = np.frombuffer(frame.planes[0], dtype, n * channels)
+        dtype = _FORMATS[name[:-1]][0]
+        return [np.frombuffer(plane, dtype, n) for plane in frame.planes]
+    channels = frame.layout.nb_channels or 1
+    interleaved = np.frombuffer(frame.planes[0], _FORMATS[name][0], n * channels)
     return [interleaved[c::channels] for c in range(channels)]
 
 
