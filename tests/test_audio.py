@@ -411,6 +411,9 @@ SOUGHT = [  # (file, ffmpeg arguments): codecs that need pre-roll, or whose cont
     ("adpcm.wav", ["-c:a", "adpcm_ima_wav"]),  # the WAV demuxer lands seconds off, stamped with the time asked
     ("a.ac3", ["-c:a", "ac3"]),  # raw AC-3: times estimated from the bit rate, drifting
     ("a.flac", ["-c:a", "flac"]),
+    ("a.mka", ["-c:a", "libopus"]),  # Matroska: times rounded to the millisecond
+    ("a.webm", ["-c:a", "libvorbis"]),  # laced Vorbis: up to 3.5 ms off
+    ("a.wma", ["-c:a", "wmav2"]),  # its first sample stamped 92 ms in
 ]
 
 
@@ -536,6 +539,8 @@ def test_windows_at_or_past_the_end_say_so(tmp_path):
         with pytest.raises(errors.InvalidOptionError, match=r"at or after the end of the audio of .*3\.000 s long"):
             q.fetch_audio({"audio": str(path), "audio_start": start})
     assert len(q.fetch_audio({"audio": str(path), "audio_start": 2.5})) == SR // 2
+    with pytest.raises(errors.InvalidOptionError, match="at or after the end of the 16000 samples"):
+        q.fetch_audio({"audio": np.zeros(SR, np.float32), "audio_start": 1.0})
 
 
 def test_odd_elements_get_typed_errors_that_say_what_to_do(tmp_path):

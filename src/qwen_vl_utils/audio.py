@@ -117,6 +117,11 @@ def _samples(value: Any, start: float, end: Optional[float], sr: int) -> np.ndar
         )
     first = int(sr * start)
     last = None if end is None else int(sr * end)
+    if start > 0 and first >= len(samples):
+        raise InvalidOptionError(
+            f"audio_start ({start} s) is at or after the end of the {len(samples)} samples ({len(samples) / sr:.3f} "
+            f"s at {sr} Hz) of the audio array; give a window within it"
+        )
     return np.ascontiguousarray(samples[first:last], dtype=np.float32)
 
 
@@ -149,8 +154,10 @@ def decode_audio(
     try:
         stream = audio_stream(container, source.name, missing)
         tb = time_base(stream)
-        if origin is None:
+        if origin is None:  # an audio file: its time 0 is its first sample's (WMA stamps it 92 ms in)
             origin = stream.start_time * tb if stream.start_time is not None else 0.0
+            if start > 0 or end is not None:
+                origin = _first_sample_time(source, stream.index, tb, origin)
         t0 = origin + start
         t1 = None if end is None else origin + end
         ends = _check_length(source.name, stream, container, t0, t1, max_seconds)
@@ -207,6 +214,25 @@ def seek_audio(container: Any, stream: Any, t0: float) -> None:
             container.seek(0, stream=stream)
 
 
+def _first_sample_time(source: Source, index: int, tb: float, default: float) -> float:
+    """The time of the first sample the audio stream ``index`` decodes to, by a container of its own (the one
+    that reads the window may seek straight past it); ``default`` if none comes within a few packets."""
+    import av
+
+    try:
+        with open_container(source) as container:
+            stream = container.streams[index]
+            for n, packet in enumerate(container.demux(stream)):
+                for frame in decode_or_conceal(stream.codec_context, packet if packet.size else None):
+                    begins = frame_time(frame, tb)
+                    return default if begins is None else begins
+                if n >= 32:
+                    break
+    except (av.FFmpegError, DecodeError):
+        pass
+    return default
+
+
 def _only(container: Any, stream: Any) -> None:
     """Tell the demuxer to skip the other streams' packets (a video's pictures are most of its bytes: MP4's
     demuxer then does not read them)."""
@@ -228,6 +254,8 @@ def _seeks_exactly(container: Any, stream: Any) -> bool:
     name = container.format.name
     if name not in _EXACT_SEEK:
         return False
+    if name == "matroska,webm":  # millisecond times (Vorbis laced: up to 3.5 ms off): a sound file is read through
+        return any(not _is_picture(v) for v in container.streams.video)
     return name not in _PCM_SEEK or stream.codec_context.name.startswith("pcm_")
 
 
@@ -333,8 +361,8 @@ class AudioTrack:
         """One decoded frame beginning at ``begins`` seconds (None: right after the last one); returns that
         time."""
         rate = frame.sample_rate
-        if begins is None or (self.clock is not None and not self.gaps):
-            begins = self.clock if self.clock is not None else self.t0
+        if begins is None or (self.clock is not None and (not self.gaps or abs(begins - self.clock) <= _JITTER)):
+            begins = self.clock if self.clock is not None else self.t0  # (rounded times: the count goes on)
         self.clock = begins + frame.samples / rate
         if self.clock <= self.t0 or self.done:
             return begins

@@ -13,6 +13,7 @@ there, sound that lags by more than that is silence (the source's sound stopped)
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from typing import Any, Iterator, Optional
 
@@ -23,6 +24,8 @@ from ..container._probe import decode_or_conceal, open_container
 #: seconds of video a complete chunk waits for its sound before the sound is read another way (a file) or taken
 #: as silence (a live source)
 AUDIO_LAG = 3.0
+logger = logging.getLogger("qwen_vl_utils")
+
 #: what to do about a video without sound, in its error
 _MISSING = "stream it with audio=False, or give a video with sound"
 
@@ -41,11 +44,16 @@ class StreamAudio:
         self.tb = 0.0
         self.waiting: list = []  # (source time, frame) before the offset is known (live)
         self.own: Optional[_OwnReader] = None  # a file's sound read by a demuxer of its own
+        self.name = "the source"
+        self.taken = 0  # the window sample up to which chunks have taken their sound
+        self.stalled = False  # a live source's sound was given up on, and none has come since
+        self.warned = False
 
     def attach(self, container: Any, name: str) -> Any:
         """The container's audio stream, decoded from now on (a new pass over a file: taken up where the last
         one stopped)."""
         stream = audio_stream(container, name, _MISSING)
+        self.name = name
         with self.lock:
             self.close_own()
             self.index, self.cc, self.tb = stream.index, stream.codec_context, time_base(stream)
@@ -75,8 +83,22 @@ class StreamAudio:
     def _add(self, frame: Any, begins: Optional[float]) -> None:
         if self.offset is None:
             self.waiting.append((begins, frame))
-        else:
-            self.track.add(frame, None if begins is None else begins - self.offset)
+            return
+        self.stalled = False
+        if begins is not None and self.live and not self.warned:
+            at = round((begins - self.offset - self.origin) * self.sr)
+            if at + frame.samples * self.sr // max(1, frame.sample_rate) < self.taken - self.sr // 10:
+                self.warned = True
+                lag = (self.taken - at) / self.sr
+                logger.warning(
+                    "the sound of %s comes %.1f s or more after its pictures (muxed late), later than a live "
+                    "stream waits for it (%.0f s): the chunks before had silence. Read the file by path or from "
+                    "a server with range requests to get its sound.",
+                    self.name,
+                    lag,
+                    AUDIO_LAG,
+                )
+        self.track.add(frame, None if begins is None else begins - self.offset)
 
     def drain(self) -> None:
         """A live source whose sound lags: what its decoder and the resampler hold comes out now (the decoder
@@ -93,6 +115,7 @@ class StreamAudio:
             with contextlib.suppress(Exception):
                 self.cc.flush_buffers()
             self.track.drain()
+            self.stalled = True
 
     def set_offset(self, offset: Optional[float]) -> None:
         """A live source's time of stream time 0, as its clock has it now (it moves at a discontinuity)."""
@@ -124,6 +147,7 @@ class StreamAudio:
 
     def take(self, first: int, last: int) -> Any:
         with self.lock:
+            self.taken = max(self.taken, last)
             return self.track.take(first, last)
 
     def read_own(self, source: Any, last: int) -> None:

@@ -594,7 +594,7 @@ class _Run:
             chunk = self.waiting[0]
             first, last = audio.window(chunk.start, chunk.end)
             if not audio.ready(last):
-                if t - chunk.end <= AUDIO_LAG:
+                if t - chunk.end <= AUDIO_LAG and not (audio.live and audio.stalled):  # (stopped: no wait again)
                     return
                 if audio.live:
                     audio.drain()
