@@ -201,3 +201,75 @@ def test_cli_stream_audio_reports_each_chunks_sound(clips):
     assert max(peaks[0], peaks[5]) < 0.05 < 0.1 < min(peaks[1:5])  # the track plays from 1 s to 5 s (AAC's tail)
     plain = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=120)
     assert "audio_samples" not in plain.stdout
+
+
+def test_no_sound_after_video_end(clips):
+    """A last chunk whose window reaches past ``video_end`` (full of targets before it) has silence after it."""
+    chunks, sound = _stream({"video": str(clips["mp4"]), "fps": 1.0, "video_end": 3.3}, chunk_seconds=2.0)
+    assert [(c.start, c.end) for c in chunks] == [(0.0, 2.0), (2.0, 4.0)]
+    assert np.abs(sound[round(3.3 * SR) :]).max() == 0
+    _aligned(sound[: round(3.3 * SR)], 0.0, seconds=3.3)
+
+
+def _audio_last(src, dst):
+    """``src`` remuxed with every audio packet after every video packet (a muxer that wrote the sound last)."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w", options={"max_interleave_delta": "1"}) as out:
+        vin, ain = inp.streams.video[0], inp.streams.audio[0]
+        vout, aout = out.add_stream_from_template(vin), out.add_stream_from_template(ain)
+        packets = [p for p in inp.demux(vin, ain) if p.size]
+        for stream, target in ((vin, vout), (ain, aout)):
+            for packet in packets:
+                if packet.stream is stream:
+                    packet.stream = target
+                    out.mux(packet)
+    return dst
+
+
+def test_sound_muxed_after_the_pictures(clips, tmp_path, caplog):
+    """A file whose sound comes after all its pictures: by path its sound is read by a demuxer of its own (all
+    there); through a pipe, which cannot be read twice, the chunks it came too late for have silence, and a
+    warning names the source and says how to get the sound."""
+    import logging
+
+    late = _audio_last(clips["mkv"], tmp_path / "late.mkv")
+    _, sound = _stream({"video": str(late)})
+    assert np.array_equal(sound, fetch_video_audio({"video": str(late), "fps": 2.0}))
+    feed = subprocess.Popen(["cat", str(late)], stdout=subprocess.PIPE)
+    try:
+        with caplog.at_level(logging.WARNING, logger="qwen_vl_utils"):
+            chunks, piped = _stream({"video": feed.stdout})
+    finally:
+        feed.stdout.close()
+        feed.wait()
+    assert len(chunks) == 6 and np.abs(piped[: 2 * SR]).max() == 0
+    warned = [r.getMessage() for r in caplog.records if "muxed late" in r.getMessage()]
+    assert len(warned) == 1 and "range requests" in warned[0], caplog.text
+
+
+def test_a_live_source_whose_sound_stopped_is_not_held_back_again(tmp_path):
+    """Once a live source's sound has stopped, the chunks after do not each wait the 3 s for it: fed 8.5 s of a
+    source whose sound stopped at 2 s, and no more, the stream gives the chunk of 6-7 s."""
+    src = write_video(tmp_path / "v.mp4", seconds=12.0)
+    head = tmp_path / "head.ts"
+    cmd = ["ffmpeg", "-v", "error", "-i", str(src), "-t", "8.5", "-c:v", "copy", "-c:a", "aac", "-af", "atrim=0:2"]
+    subprocess.run([*cmd, "-f", "mpegts", str(head)], check=True)
+    read, write = os.pipe()
+    feeder = threading.Thread(target=os.write, args=(write, head.read_bytes()), daemon=True)
+    feeder.start()  # (then the pipe stays open: no more data, no end)
+    got: list = []
+    stream = q.stream_video({"video": os.fdopen(read, "rb", buffering=0), "fps": 2.0}, 1.0, audio=True)
+
+    def consume():
+        for chunk in stream:
+            got.append(chunk.index)
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    reader.join(timeout=30)  # (without the fix it waits for more data until closed)
+    stream.close()
+    reader.join()
+    feeder.join()
+    os.close(write)
+    assert 6 in got, got

@@ -145,10 +145,14 @@ class StreamAudio:
                 self.track.push()
             return self.track.end >= last or self.track.done
 
-    def take(self, first: int, last: int) -> Any:
+    def take(self, first: int, last: int, upto: Optional[int] = None) -> Any:
+        """Window samples ``[first, last)``, silence from ``upto`` on."""
         with self.lock:
             self.taken = max(self.taken, last)
-            return self.track.take(first, last)
+            out = self.track.take(first, last)
+        if upto is not None and upto < last:
+            out[max(0, upto - first) :] = 0.0
+        return out
 
     def read_own(self, source: Any, last: int) -> None:
         """A file: read its sound with a demuxer of its own up to window sample ``last`` (the shared one is

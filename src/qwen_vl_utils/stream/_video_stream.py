@@ -590,17 +590,19 @@ class _Run:
         whose sound lags by more than AUDIO_LAG: a file's is read by a demuxer of its own, a live source's is
         silence where it has none."""
         audio = self.audio
+        stop = self.s.options.video_end
         while self.waiting:
             chunk = self.waiting[0]
             first, last = audio.window(chunk.start, chunk.end)
-            if not audio.ready(last):
+            upto = last if stop is None else max(first, min(last, audio.window(chunk.start, stop)[1]))
+            if not audio.ready(upto):
                 if t - chunk.end <= AUDIO_LAG and not (audio.live and audio.stalled):  # (stopped: no wait again)
                     return
                 if audio.live:
                     audio.drain()
                 else:
-                    audio.read_own(self.source, last)
-            chunk.audio = audio.take(first, last)
+                    audio.read_own(self.source, upto)
+            chunk.audio = audio.take(first, last, upto)  # (none after video_end: a last chunk may reach past it)
             self.producer.put(self.waiting.popleft())
 
     def set_size(self, width: int, height: int, rotation: int, name: str) -> None:
