@@ -486,6 +486,7 @@ def test_intra_refresh_is_read_in_one_pass_and_exactly(intra_refresh, monkeypatc
         ({}, {"chunk_seconds": 0}, "chunk_seconds=0 must be"),
         ({"video_start": 5, "video_end": 2}, {}, "video_start"),
         ({"fps": "2"}, {}, "invalid fps"),
+        ({"max_pixels": 64 * 28 * 28}, {}, r"max_pixels \(50176\) must be >= min_pixels"),
     ],
 )
 def test_options_are_checked_when_called(files, ele, kwargs, match):

@@ -217,19 +217,31 @@ def _settings(
     torch = _require_torch()
     policy = get_fetch_policy(policy)
     check_source(ele["video"], policy)
+    factor = patch_factor(image_patch_size, policy)
+    _check_budget(options, factor, policy)
     return _Settings(
         options=options,
         value=ele["video"],
         fps=fps,
         per_chunk=per_chunk,
         chunk_seconds=float(chunk_seconds),
-        factor=patch_factor(image_patch_size, policy),
+        factor=factor,
         start=None if start is None else float(start),
         end=None if end is None else float(end),
         policy=policy,
         torch_dtype=_torch_dtype(torch, options.dtype),
         on_lag=on_lag,
         audio=audio,
+    )
+
+
+def _check_budget(options: VideoOptions, factor: int, policy: FetchPolicy) -> None:
+    """Pixel keys that no frame could honour (max_pixels under min_pixels, a size over the policy's limit) are
+    refused by the call, as the other bad values are: tried on a 16:9 frame, as each stream's first frame is."""
+    from ..video import FRAME_FACTOR, VIDEO_MAX_TOKEN_NUM, video_frame_size
+
+    video_frame_size(
+        replace(options, total_pixels=VIDEO_MAX_TOKEN_NUM * factor**2), FRAME_FACTOR, 720, 1280, factor, policy
     )
 
 
