@@ -559,3 +559,24 @@ def test_odd_elements_get_typed_errors_that_say_what_to_do(tmp_path):
         q.fetch_audio({"audio": bare})
     with pytest.raises(errors.InvalidOptionError, match="numpy array of 16 kHz samples$"):
         q.fetch_audio({"audio": object()})
+
+
+@pytest.mark.parametrize("reserved", [None, 1000, 3 * SR, 10 * SR])
+def test_samples_written_in_place_are_those_gathered(tmp_path, reserved):
+    """A window the header sizes is written into one array as it is decoded; a header that says too little (or
+    too much) changes nothing in what comes out."""
+    from qwen_vl_utils.audio import AudioTrack
+
+    path = write_audio(tmp_path / "a.m4a", "aac", 44100, 2, seconds=3.0)
+    out = []
+    for size in (None, reserved):
+        track = AudioTrack(0.0)
+        if size is not None:
+            track.reserve(size)
+        with av.open(str(path)) as c:
+            stream = c.streams.audio[0]
+            for frame in c.decode(stream):
+                track.add(frame, frame.pts * float(stream.time_base))
+        track.finish()
+        out.append(track.take(0, track.end))
+    assert np.array_equal(out[0], out[1]) and len(out[0]) > 3 * SR

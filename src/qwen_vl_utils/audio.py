@@ -164,6 +164,8 @@ def decode_audio(
         _only(container, stream)
         seek_audio(container, stream, t0)
         track = AudioTrack(t0, sr, gaps=timed(container))
+        if ends is not None:  # (a margin for what the header leaves out: an encoder's padding)
+            track.reserve(round(((ends if t1 is None else min(ends, t1)) - t0 + 0.5) * sr))
         _decode_window(container, stream, tb, track, t1, None if max_seconds is None else (max_seconds, source.name))
     except av.FFmpegError as exc:
         raise DecodeError(f"{source.name}: its audio could not be decoded ({type(exc).__name__}: {exc})") from exc
@@ -308,8 +310,9 @@ def _decode_window(
     token = _cancel.current()
     cc = stream.codec_context
     most = None if limit is None else limit[0] * track.sr
-    for packet in container.demux(stream):
-        _cancel.check(token)
+    for n, packet in enumerate(container.demux(stream)):
+        if not n & 31:  # (a cancelled caller stops within 32 packets: a fraction of a second of sound)
+            _cancel.check(token)
         for frame in decode_or_conceal(cc, packet if packet.size else None):
             begins = track.add(frame, frame_time(frame, tb))
             if t1 is not None and begins >= t1:
@@ -351,6 +354,9 @@ class AudioTrack:
         self.parts: list = []  # (window index, samples), in order
         self.done = False
         self.resuming = False  # frames come again from before the last one taken: only what is new
+        self.buf: Optional[np.ndarray] = None  # see reserve()
+        self.buf_at: Optional[int] = None
+        self.in_buf = False
 
     @property
     def end(self) -> int:
@@ -360,13 +366,15 @@ class AudioTrack:
     def add(self, frame: Any, begins: Optional[float]) -> float:
         """One decoded frame beginning at ``begins`` seconds (None: right after the last one); returns that
         time."""
-        rate = frame.sample_rate
-        if begins is None or (self.clock is not None and (not self.gaps or abs(begins - self.clock) <= _JITTER)):
-            begins = self.clock if self.clock is not None else self.t0  # (rounded times: the count goes on)
-        self.clock = begins + frame.samples / rate
+        rate, n = frame.sample_rate, frame.samples
+        clock = self.clock
+        if begins is None or (clock is not None and (not self.gaps or abs(begins - clock) <= _JITTER)):
+            begins = clock if clock is not None else self.t0  # (rounded times: the count goes on)
+        self.clock = begins + n / rate
         if self.clock <= self.t0 or self.done:
             return begins
-        channels = _channels(frame)
+        name = frame.format.name
+        channels = _channels(frame, name, n)
         if self.fed is None:
             cut = max(0, round((self.t0 - begins) * rate))
             if cut >= len(channels[0]):  # (t0 within its last sample: rounds to the next frame)
@@ -390,7 +398,9 @@ class AudioTrack:
                 begins = self.fed
             self.resuming = False
         self.fed = begins + len(channels[0]) / rate
-        self._out(self.block.add(channels, frame.format.name, rate))
+        out = self.block.add(channels, name, rate)
+        if out:
+            self._out(out)
         return begins
 
     def resume(self) -> None:
@@ -413,15 +423,52 @@ class AudioTrack:
             self._out(self.block.flush())
             self.done = True
 
+    def reserve(self, samples: int) -> None:
+        """The window is about ``samples`` long (a header says so): the samples are written into one array of
+        that size as they come, and taken from it without a copy."""
+        self.buf, self.buf_at, self.in_buf = np.empty(max(0, samples), np.float32), None, True
+
     def _out(self, arrays: list) -> None:
         for samples in arrays:
             if len(samples):
+                if self.in_buf:
+                    samples = self._into_buf(samples)
                 self.parts.append((self.pos, samples))
                 self.pos += len(samples)
+
+    def _into_buf(self, samples: np.ndarray) -> np.ndarray:
+        if self.buf_at is None:
+            self.buf_at = self.pos  # (the window index of the buffer's first sample)
+        at = self.pos - self.buf_at
+        if at + len(samples) > len(self.buf):  # longer than the header said: parts of their own from here
+            self.in_buf = False
+            return samples
+        view = self.buf[at : at + len(samples)]
+        view[:] = samples
+        return view
+
+    def _exactly(self, first: int, last: int) -> bool:
+        """Do the parts held tile ``[first, last)`` exactly?"""
+        at = first
+        for start, samples in self.parts:
+            if start != at:
+                return False
+            at += len(samples)
+        return bool(self.parts) and at == last
 
     def take(self, first: int, last: int) -> np.ndarray:
         """Window samples ``[first, last)``, clipped to [-1, 1], silence where there are none; the samples
         before ``last`` are let go."""
+        if self._exactly(first, last):  # all of it, in one piece (the common case)
+            if self.in_buf and self.buf_at == first:  # already in one array: no copy, unless it wastes much
+                out = self.buf[: last - first]
+                out = out.copy() if len(out) < 0.9 * len(self.buf) else out
+                self.buf, self.in_buf = None, False
+            else:
+                out = np.concatenate([p for _, p in self.parts]) if len(self.parts) > 1 else self.parts[0][1].copy()
+            self.parts = []
+            np.clip(out, -1.0, 1.0, out=out)
+            return out
         out = np.zeros(max(0, last - first), np.float32)
         kept = []
         for at, samples in self.parts:
@@ -446,17 +493,21 @@ _FORMATS = {
 }
 
 
-def _channels(frame: Any) -> list:
-    """A decoded frame's samples, one array per channel, read from its planes (views: nothing converted yet;
-    a planar frame has a plane per channel, and reading its layout's channel list would cost more than the rest)."""
-    name = frame.format.name
-    n = frame.samples
+def _channels(frame: Any, name: str, n: int) -> list:
+    """A decoded frame's ``n`` samples (its format ``name``), one array per channel, read from its planes (views:
+    nothing converted yet; a planar frame has a plane per channel, and reading its layout's channel list would
+    cost more than the rest)."""
     if name.endswith("p"):
         dtype = _FORMATS[name[:-1]][0]
         return [np.frombuffer(plane, dtype, n) for plane in frame.planes]
     channels = frame.layout.nb_channels or 1
     interleaved = np.frombuffer(frame.planes[0], _FORMATS[name][0], n * channels)
     return [interleaved[c::channels] for c in range(channels)]
+
+
+#: seconds of source samples gathered before they are resampled (larger blocks were measured slower: each is a
+#: fresh mapping of memory)
+_BLOCK = 1
 
 
 class _Block:
@@ -479,23 +530,24 @@ class _Block:
             self.kind = kind
         self.parts.append(channels)
         self.size += len(channels[0])
-        if self.size >= rate:
+        if self.size >= _BLOCK * rate:
             out += self.resample()
         return out
 
     def _mono(self) -> np.ndarray:
         fmt, _, count = self.kind
         _, scale, offset = _FORMATS[fmt.rstrip("p")]
-        total = None
-        for c in range(count):
-            samples = np.concatenate([part[c] for part in self.parts]).astype(np.float32)
-            total = samples if total is None else total + samples
-        mono = total if count == 1 else total / count
+        mono = np.concatenate([part[0] for part in self.parts], dtype=np.float32)  # (a new array: summed in place)
+        for c in range(1, count):
+            mono += np.concatenate([part[c] for part in self.parts], dtype=np.float32)
+        if count > 1:
+            mono /= count
         if offset or scale != 1.0:
-            mono = (mono + offset) * scale
-        elif not np.isfinite(mono).all():  # float PCM holding NaN or infinity: the resampler would spread it
+            mono += offset
+            mono *= scale
+        elif not np.isfinite(mono.sum()):  # float PCM holding NaN or infinity: the resampler would spread it
             np.nan_to_num(mono, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
-        return mono.astype(np.float32, copy=False)
+        return mono
 
     def resample(self) -> list:
         import av
