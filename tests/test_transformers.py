@@ -130,3 +130,43 @@ def test_qwen25_vl_second_per_grid_ts_and_qwen3_vl_timestamps_are_right_for_wind
     start = window.get("video_start", 0.0)
     times = q.video.qwen3_timestamps(meta["frames_indices"], meta["fps"])
     assert times[0] >= start - 1 / 30  # Qwen3-VL's timestamps: absolute, from frames_indices / fps
+
+
+def _recipes_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "transformers" / "recipes.py"
+    spec = importlib.util.spec_from_file_location("recipes_457", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_readme_recipes_are_right_with_transformers_4_57(tmp_path):
+    """transformers 4.57's own processors (run by ``scripts/transformers/recipes.py`` in a virtualenv of their
+    own, recorded in ``tests/goldens/transformers/recipes-4.57.json``) were given what the README's recipes give
+    them: the library still gives exactly that, and what those processors made of it is right: Qwen2.5-VL's
+    ``second_per_grid_ts`` is ``temporal_patch_size / fps`` of the frames' real rate (from ``video_kwargs``:
+    4.57 does not read metadata), and Qwen3-VL's timestamps are the frames' real times, windows included."""
+    import json
+
+    recipes = _recipes_script()
+    golden = json.loads(recipes.GOLDEN.read_text())
+    assert golden["transformers"].startswith("4.57") and golden["video"] == recipes.VIDEO
+    video = str(recipes.make_video(tmp_path / "v.mp4"))
+    assert len(golden["cases"]) == len(recipes.CASES) * len(recipes.RECIPES)
+    for case in golden["cases"]:
+        frames, metadata, kwargs = recipes.fetch(video, case["recipe"], case["keys"])
+        assert kwargs == pytest.approx(case["kwargs"]) and metadata == case["metadata"], case["case"]
+        t, _, h, w = frames.shape
+        patch = recipes.RECIPES[case["recipe"]]
+        got = case["output"]
+        assert got["video_grid_thw"] == [[t // 2, h // patch, w // patch]]
+        if case["recipe"] == "qwen2.5-vl":
+            assert got["second_per_grid_ts"] == pytest.approx([2 / kwargs["fps"][0]], rel=1e-6)
+        else:
+            times = q.video.qwen3_timestamps(metadata["frames_indices"], metadata["fps"])
+            assert got["timestamps"] == [float(f"{x:.1f}") for x in times], case["case"]
+            first = case["keys"].get("video_start", 0.0)
+            assert got["timestamps"][0] >= first  # a window's times are the frames' own, not from 0
