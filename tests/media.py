@@ -13,6 +13,19 @@ import av
 import numpy as np
 from PIL import Image
 
+
+def load_script(relative: str) -> Any:
+    """A script of the repository (``scripts/...``, not a package) imported as a module: the golden checks read
+    the same settings, and build media the same way, as the scripts that regenerate their files."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 CODEC_OPTIONS = {
     "libx264": {"bf": "3", "g": "12", "preset": "veryfast"},
     "libx265": {"preset": "ultrafast", "x265-params": "log-level=none:keyint=12"},

@@ -21,7 +21,7 @@ from PIL import Image
 import qwen_vl_utils as q
 from qwen_vl_utils import dataset as ds
 
-from media import gradient, make_audio_only, make_video
+from media import gradient, load_script, make_audio_only, make_video
 
 # index -> expected problem code, for the records of the generated set that are not valid
 PROBLEMS = {}
@@ -303,13 +303,7 @@ SPECIAL = [
 
 def _model_dir():
     """scripts/trainers/model_dir.py, which trains the trainers' tokenizers the same way."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "scripts" / "trainers" / "model_dir.py"
-    spec = importlib.util.spec_from_file_location("model_dir", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/trainers/model_dir.py")
 
 
 def make_tokenizer(folder: Path, template: bool = True) -> Path:

@@ -13,7 +13,6 @@ timeline and qwen-omni-utils does not, or where one of them fails, what each doe
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -24,19 +23,14 @@ import pytest
 import qwen_vl_utils as q
 from qwen_vl_utils import _errors as errors
 
+from media import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = json.loads((ROOT / "tests" / "goldens" / "omni" / "qwen-omni-utils.json").read_text())
 SR = 16000
 
 
-def _runner():
-    spec = importlib.util.spec_from_file_location("omni_runner", ROOT / "scripts" / "omni" / "run_qwen_omni_utils.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-RUNNER = _runner()
+RUNNER = load_script("scripts/omni/run_qwen_omni_utils.py")
 
 #: both read the same samples: lengths, times and values agree
 SAME = {

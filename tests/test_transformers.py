@@ -4,7 +4,7 @@ import pytest
 
 import qwen_vl_utils as q
 
-from media import gradient, make_video
+from media import gradient, load_script, make_video
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip(
@@ -132,17 +132,6 @@ def test_qwen25_vl_second_per_grid_ts_and_qwen3_vl_timestamps_are_right_for_wind
     assert times[0] >= start - 1 / 30  # Qwen3-VL's timestamps: absolute, from frames_indices / fps
 
 
-def _recipes_script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "scripts" / "transformers" / "recipes.py"
-    spec = importlib.util.spec_from_file_location("recipes_457", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_readme_recipes_are_right_with_transformers_4_57(tmp_path):
     """transformers 4.57's own processors (run by ``scripts/transformers/recipes.py`` in a virtualenv of their
     own, recorded in ``tests/goldens/transformers/recipes-4.57.json``) were given what the README's recipes give
@@ -151,7 +140,7 @@ def test_the_readme_recipes_are_right_with_transformers_4_57(tmp_path):
     4.57 does not read metadata), and Qwen3-VL's timestamps are the frames' real times, windows included."""
     import json
 
-    recipes = _recipes_script()
+    recipes = load_script("scripts/transformers/recipes.py")
     golden = json.loads(recipes.GOLDEN.read_text())
     assert golden["transformers"].startswith("4.57") and golden["video"] == recipes.VIDEO
     video = str(recipes.make_video(tmp_path / "v.mp4"))
