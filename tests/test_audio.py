@@ -580,3 +580,19 @@ def test_samples_written_in_place_are_those_gathered(tmp_path, reserved):
         track.finish()
         out.append(track.take(0, track.end))
     assert np.array_equal(out[0], out[1]) and len(out[0]) > 3 * SR
+
+
+def test_an_estimated_duration_does_not_refuse_a_file(tmp_path):
+    """An MP3 without a table of contents that starts with silence is estimated from its first frame's bit rate
+    at several times its length: the limit is checked while decoding there, not from that estimate."""
+    mp3 = tmp_path / "vbr.mp3"
+    cmd = ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "anullsrc=r=44100:cl=mono:d=3", "-f", "lavfi", "-i",
+           "anoisesrc=r=44100:d=20:a=0.5", "-filter_complex", "[0][1]concat=n=2:v=0:a=1", "-c:a", "libmp3lame",
+           "-q:a", "0", "-write_xing", "0", str(mp3)]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    with av.open(str(mp3)) as c:
+        assert c.duration / 1e6 > 40  # (the estimate)
+    audio = q.fetch_audio({"audio": str(mp3)}, policy=q.FetchPolicy(max_audio_seconds=30))
+    assert abs(len(audio) / SR - 23.0) < 0.2
+    with pytest.raises(errors.SourceTooLargeError):
+        q.fetch_audio({"audio": str(mp3)}, policy=q.FetchPolicy(max_audio_seconds=10))

@@ -42,6 +42,9 @@ _PREROLL = 0.5
 _EXACT_SEEK = frozenset(
     ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "ogg", "flac", "mp3", "aac", "mpegts", "wav", "aiff", "caf")
 )
+#: containers whose header states the sound's duration (elsewhere FFmpeg estimates it from the bit rate: an MP3
+#: without a table of contents that starts with silence can be estimated at five times its length)
+_STATED = frozenset(("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "flac", "wav", "aiff", "caf", "ogg", "w64"))
 #: containers whose audio timestamps are exact (a hole in them is lost sound)
 _TIMED = frozenset(("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "mpegts"))
 #: ... of which these seek exactly in PCM only (WAV's IMA-ADPCM lands seconds off, stamped with the time asked)
@@ -282,6 +285,8 @@ def _check_length(
             f"{name} claims a sample rate of {rate} Hz, which is not sound (the lowest taken is "
             f"{_LOWEST_RATE} Hz); check the file's header"
         )
+    if container.format.name not in _STATED:  # (MP3, ADTS, MPEG-TS: a bit-rate estimate; checked while decoding)
+        return None
     tb = time_base(stream)
     if stream.duration:
         ends = (stream.start_time or 0) * tb + stream.duration * tb
