@@ -72,9 +72,7 @@ class StreamAudio:
                 continue
             for frame in decode_or_conceal(self.cc, packet if packet.size else None):
                 self._frame(frame, frame_time(frame, self.tb))
-        with self.lock:
-            if self.own is None:
-                self.track.finish()
+        self.end()
 
     def _frame(self, frame: Any, begins: Optional[float]) -> None:
         with self.lock:
