@@ -56,10 +56,13 @@ def write_audio(path: Path, codec: str, rate: int, channels: int, seconds: float
     return path
 
 
-def write_video(path: Path, seconds: float = 6.0, fps: int = 25, audio_at: float = 0.0, audio_to=None) -> Path:
+def write_video(
+    path: Path, seconds: float = 6.0, fps: int = 25, audio_at: float = 0.0, audio_to=None, spans=None
+) -> Path:
     """A video of ``seconds`` at ``fps`` whose audio track (AAC, mono 16 kHz, the stepped tone of the container
-    time) runs from ``audio_at`` to ``audio_to`` seconds on the container's timeline."""
-    audio_to = seconds if audio_to is None else audio_to
+    time) runs from ``audio_at`` to ``audio_to`` seconds on the container's timeline (or over each of ``spans``,
+    ``(from, to)``, with no packets between: sparse sound)."""
+    spans = spans or [(audio_at, seconds if audio_to is None else audio_to)]
     with av.open(str(path), "w") as out:
         vs = out.add_stream("libx264", rate=fps)
         vs.width, vs.height, vs.pix_fmt = 160, 96, "yuv420p"
@@ -72,14 +75,16 @@ def write_video(path: Path, seconds: float = 6.0, fps: int = 25, audio_at: float
                 out.mux(packet)
         for packet in vs.encode():
             out.mux(packet)
-        tone = stepped(audio_to, SR)[int(audio_at * SR) :]
-        for start in range(0, len(tone), 1024):
-            frame = av.AudioFrame.from_ndarray(tone[None, start : start + 1024], format="flt", layout="mono")
-            frame.sample_rate = SR
-            frame.pts = start + int(audio_at * SR)
-            frame.time_base = Fraction(1, SR)
-            for packet in aus.encode(frame):
-                out.mux(packet)
+        tone = stepped(max(to for _, to in spans), SR)
+        for at, to in spans:
+            for start in range(int(at * SR), int(to * SR), 1024):
+                piece = tone[None, start : min(start + 1024, int(to * SR))]
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(piece), format="flt", layout="mono")
+                frame.sample_rate = SR
+                frame.pts = start
+                frame.time_base = Fraction(1, SR)
+                for packet in aus.encode(frame):
+                    out.mux(packet)
         for packet in aus.encode():
             out.mux(packet)
     return path

@@ -24,6 +24,9 @@ from ..container._probe import decode_or_conceal, open_container
 #: seconds of video a complete chunk waits for its sound before the sound is read another way (a file) or taken
 #: as silence (a live source)
 AUDIO_LAG = 3.0
+#: seconds of a live source's sound, come after its chunks were given, before that is logged (less is what a
+#: muxer holds back when the sound pauses)
+LATE_WARNING = 0.5
 logger = logging.getLogger("qwen_vl_utils")
 
 #: what to do about a video without sound, in its error
@@ -46,7 +49,7 @@ class StreamAudio:
         self.own: Optional[_OwnReader] = None  # a file's sound read by a demuxer of its own
         self.name = "the source"
         self.taken = 0  # the window sample up to which chunks have taken their sound
-        self.stalled = False  # a live source's sound was given up on, and none has come since
+        self.late = 0  # live: samples of sound that came after their chunks had been given (silence)
         self.warned = False
 
     def attach(self, container: Any, name: str) -> Any:
@@ -82,38 +85,34 @@ class StreamAudio:
         if self.offset is None:
             self.waiting.append((begins, frame))
             return
-        self.stalled = False
         if begins is not None and self.live and not self.warned:
-            at = round((begins - self.offset - self.origin) * self.sr)
-            if at + frame.samples * self.sr // max(1, frame.sample_rate) < self.taken - self.sr // 10:
-                self.warned = True
-                lag = (self.taken - at) / self.sr
-                logger.warning(
-                    "the sound of %s comes %.1f s or more after its pictures (muxed late), later than a live "
-                    "stream waits for it (%.0f s): the chunks before had silence. Read the file by path or from "
-                    "a server with range requests to get its sound.",
-                    self.name,
-                    lag,
-                    AUDIO_LAG,
-                )
+            self._late(round((begins - self.offset - self.origin) * self.sr), frame)
         self.track.add(frame, None if begins is None else begins - self.offset)
 
+    def _late(self, at: int, frame: Any) -> None:
+        """Sound that came for window samples chunks have already taken (as silence): logged once when there is
+        more of it than a muxer holds back at a pause (TS keeps a burst's last packet until the next)."""
+        ends = at + frame.samples * self.sr // max(1, frame.sample_rate)
+        self.late += max(0, min(ends, self.taken) - max(at, 0))  # (sound before the window is never needed)
+        if self.late > LATE_WARNING * self.sr:
+            self.warned = True
+            lag = (self.taken - at) / self.sr
+            logger.warning(
+                "the sound of %s comes %.1f s or more after its pictures (muxed late), later than a live "
+                "stream waits for it (%.0f s): the chunks before had silence. Read the file by path or from "
+                "a server with range requests to get its sound.",
+                self.name,
+                lag,
+                AUDIO_LAG,
+            )
+
     def drain(self) -> None:
-        """A live source whose sound lags: what its decoder and the resampler hold comes out now (the decoder
-        then takes packets again, should the sound come back)."""
+        """A live source whose sound lags: what the resampler holds comes out now. (Not the decoder's: an audio
+        decoder gives each packet's samples at once, and draining it would cost the overlap with the packets
+        after, should the sound come back.)"""
         with self.lock:
-            if self.cc is None or self.track.done:
-                return
-            try:
-                frames = self.cc.decode(None)
-            except Exception:  # (a decoder with nothing to give)
-                frames = []
-            for frame in frames:
-                self._add(frame, frame_time(frame, self.tb))
-            with contextlib.suppress(Exception):
-                self.cc.flush_buffers()
-            self.track.drain()
-            self.stalled = True
+            if not self.track.done:
+                self.track.drain()
 
     def set_offset(self, offset: Optional[float]) -> None:
         """A live source's time of stream time 0, as its clock has it now (it moves at a discontinuity)."""

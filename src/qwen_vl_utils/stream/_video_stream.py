@@ -608,7 +608,7 @@ class _Run:
             first, last = audio.window(chunk.start, chunk.end)
             upto = last if stop is None else max(first, min(last, audio.window(chunk.start, stop)[1]))
             if not audio.ready(upto):
-                if t - chunk.end <= AUDIO_LAG and not (audio.live and audio.stalled):  # (stopped: no wait again)
+                if t - chunk.end <= AUDIO_LAG:
                     return
                 if audio.live:
                     audio.drain()
