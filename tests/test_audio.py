@@ -407,6 +407,7 @@ def test_audio_only_formats_come_over_http(tmp_path, ranges):
         server.close()
 
 
+_PICTURES = ["-f", "lavfi", "-i", "color=c=gray:s=64x48:r=5", "-map", "0:a", "-map", "1:v", "-shortest"]
 SOUGHT = [  # (file, ffmpeg arguments): codecs that need pre-roll, or whose container seeks or stamps badly
     ("vbr.mp3", ["-c:a", "libmp3lame", "-q:a", "2"]),  # the bit reservoir reaches frames back
     ("a.opus", ["-c:a", "libopus", "-ar", "48000"]),  # 80 ms of pre-roll
@@ -419,6 +420,10 @@ SOUGHT = [  # (file, ffmpeg arguments): codecs that need pre-roll, or whose cont
     ("a.mka", ["-c:a", "libopus"]),  # Matroska: times rounded to the millisecond
     ("a.webm", ["-c:a", "libvorbis"]),  # laced Vorbis: up to 3.5 ms off
     ("a.wma", ["-c:a", "wmav2"]),  # its first sample stamped 92 ms in
+    # Matroska with video, sought to through its cues: millisecond times put back on the codec's frame grid
+    ("v.mkv", [*_PICTURES, "-c:v", "libx264", "-c:a", "aac"]),  # 1024 samples at 44.1 kHz: 23.22 ms
+    ("v.webm", [*_PICTURES, "-c:v", "libvpx", "-deadline", "realtime", "-c:a", "libopus"]),  # 13.5, 20, 20 ms...
+    ("vorbis.webm", [*_PICTURES, "-c:v", "libvpx", "-deadline", "realtime", "-c:a", "libvorbis"]),  # no grid
 ]
 
 

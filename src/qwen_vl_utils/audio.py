@@ -17,7 +17,7 @@ from a header's duration without decoding.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -49,6 +49,8 @@ _STATED = frozenset(("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "flac", "wav", 
 _TIMED = frozenset(("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "mpegts"))
 #: ... of which these seek exactly in PCM only (WAV's IMA-ADPCM lands seconds off, stamped with the time asked)
 _PCM_SEEK = frozenset(("wav", "aiff", "caf"))
+#: decoders whose frames all have one length in a stream (Opus: as encoders write it), besides those that say so
+_FRAMED = frozenset(("aac", "mp3", "mp3float", "mp2", "mp2float", "ac3", "eac3", "opus", "libopus"))
 #: the models whose audio token count :func:`audio_token_count` knows
 OMNI_MODELS = ("qwen2.5-omni", "qwen3-omni")
 
@@ -157,19 +159,27 @@ def decode_audio(
     try:
         stream = audio_stream(container, source.name, missing)
         tb = time_base(stream)
+        _only(container, stream)
+        first = stream.start_time * tb if stream.start_time is not None else 0.0
+        head = (
+            _Head(container, stream, tb)
+            if _seeks(container, stream, (first if origin is None else origin) + start)
+            else None
+        )
         if origin is None:  # an audio file: its time 0 is its first sample's (WMA stamps it 92 ms in)
-            origin = stream.start_time * tb if stream.start_time is not None else 0.0
+            origin = first
             if start > 0 or end is not None:
-                origin = _first_sample_time(source, stream.index, tb, origin)
+                origin = head.first if head else _first_sample_time(source, stream.index, tb, origin)
         t0 = origin + start
         t1 = None if end is None else origin + end
         ends = _check_length(source.name, stream, container, t0, t1, max_seconds)
-        _only(container, stream)
-        seek_audio(container, stream, t0)
+        if head is not None:
+            head.seek(t0)
         track = AudioTrack(t0, sr, gaps=timed(container))
         if ends is not None:  # (a margin for what the header leaves out: an encoder's padding)
             track.reserve(round(((ends if t1 is None else min(ends, t1)) - t0 + 0.5) * sr))
-        _decode_window(container, stream, tb, track, t1, None if max_seconds is None else (max_seconds, source.name))
+        limit = None if max_seconds is None else (max_seconds, source.name)
+        _decode_window(container, stream, tb, track, t1, limit, None if head is None else head.place)
     except av.FFmpegError as exc:
         raise DecodeError(f"{source.name}: its audio could not be decoded ({type(exc).__name__}: {exc})") from exc
     finally:
@@ -209,14 +219,71 @@ def seek_audio(container: Any, stream: Any, t0: float) -> None:
     """Send the demuxer to :data:`_PREROLL` before the audio at ``t0`` seconds on the container's timeline, if it
     is well into the track and the container seeks exactly (from the start otherwise, or where the demuxer
     cannot seek): the frames before ``t0`` are decoded and left out."""
+    if _seeks(container, stream, t0):
+        _seek(container, stream, t0)
+
+
+def _seeks(container: Any, stream: Any, t0: float) -> bool:
+    """Is the audio at ``t0`` well into the track, in a container that seeks exactly?"""
+    return t0 - (stream.start_time or 0) * time_base(stream) > _SEEK_AFTER and _seeks_exactly(container, stream)
+
+
+def _seek(container: Any, stream: Any, t0: float) -> None:
     import av
 
     tb = time_base(stream)
-    if t0 - (stream.start_time or 0) * tb > _SEEK_AFTER and _seeks_exactly(container, stream):
-        try:
-            container.seek(max(0, int((t0 - _PREROLL) / tb)), stream=stream, backward=True)
-        except av.FFmpegError:
-            container.seek(0, stream=stream)
+    try:
+        container.seek(max(0, int((t0 - _PREROLL) / tb)), stream=stream, backward=True)
+    except av.FFmpegError:
+        container.seek(0, stream=stream)
+
+
+class _Head:
+    """The first frames of an audio stream, decoded before a seek: the time of its first sample, and the grid its
+    samples are counted on. Where the container's times are coarser than a sample (Matroska's milliseconds),
+    the first frame after the seek is put back on that grid, so that a window is the same samples as the whole
+    track's; a codec whose frames vary in length (Vorbis, PCM, FLAC) has no grid, and is read from the start."""
+
+    def __init__(self, container: Any, stream: Any, tb: float) -> None:
+        self.container, self.stream, self.tb = container, stream, tb
+        self.first: Optional[float] = None
+        self.grid: Optional[tuple] = None  # (time after the first frame, frame length, rate)
+        self.coarse = tb * (stream.codec_context.sample_rate or SAMPLE_RATE) > 1.01
+        self.placed = False
+        frames: list = []
+        cc = stream.codec_context
+        for n, packet in enumerate(container.demux(stream)):
+            frames += [f for f in decode_or_conceal(cc, packet if packet.size else None) if f.pts is not None]
+            if len(frames) >= 4 or n >= 32:
+                break
+        if frames:
+            self.first = frames[0].pts * tb
+        sizes = {(f.samples, f.sample_rate) for f in frames[1:]}
+        if len(frames) == 4 and len(sizes) == 1 and (cc.frame_size > 0 or cc.name in _FRAMED):
+            ((size, rate),) = sizes
+            self.grid = (self.first + frames[0].samples / frames[0].sample_rate, size, rate)
+
+    def seek(self, t0: float) -> None:
+        """To the window at ``t0``; from the start where a coarse container's codec has no grid."""
+        if self.coarse and self.grid is None:
+            self.container.seek(0, stream=self.stream)
+            self.placed = True
+        else:
+            _seek(self.container, self.stream, t0)
+
+    def place(self, frame: Any, begins: Optional[float]) -> Optional[float]:
+        """The time of a frame decoded after the seek: the first on the grid, where its time is within the
+        container's rounding of it."""
+        if self.placed or begins is None:
+            return begins
+        self.placed = True
+        if not self.coarse or self.grid is None:
+            return begins
+        after, size, rate = self.grid
+        exact = after + round((begins - after) * rate / size) * size / rate
+        if frame.samples == size and frame.sample_rate == rate and abs(exact - begins) <= self.tb / 2 + 1 / rate:
+            return exact
+        return begins
 
 
 def _first_sample_time(source: Source, index: int, tb: float, default: float) -> float:
@@ -308,10 +375,16 @@ def _too_long(name: str, seconds: float, max_seconds: float) -> SourceTooLargeEr
 
 
 def _decode_window(
-    container: Any, stream: Any, tb: float, track: AudioTrack, t1: Optional[float], limit: Optional[tuple] = None
+    container: Any,
+    stream: Any,
+    tb: float,
+    track: AudioTrack,
+    t1: Optional[float],
+    limit: Optional[tuple] = None,
+    place: Optional[Callable[[Any, Optional[float]], Optional[float]]] = None,
 ) -> None:
     """The frames of ``stream`` into ``track`` up to the first that begins at or after ``t1``; ``limit``:
-    ``(seconds, name)`` past which the sound is too long."""
+    ``(seconds, name)`` past which the sound is too long; ``place``: a frame's time from its timestamp."""
     token = _cancel.current()
     cc = stream.codec_context
     most = None if limit is None else limit[0] * track.sr
@@ -319,7 +392,8 @@ def _decode_window(
         if not n & 31:  # (a cancelled caller stops within 32 packets: a fraction of a second of sound)
             _cancel.check(token)
         for frame in decode_or_conceal(cc, packet if packet.size else None):
-            begins = track.add(frame, frame_time(frame, tb))
+            begins = frame_time(frame, tb)
+            begins = track.add(frame, begins if place is None else place(frame, begins))
             if t1 is not None and begins >= t1:
                 return
             if most is not None and track.end - track.begins > most:
