@@ -488,6 +488,33 @@ def test_a_hole_in_a_videos_sound_stays_a_hole(tmp_path):
     assert np.array_equal(part, whole[4 * SR : 5 * SR]) or snr_db(part, whole[4 * SR : 5 * SR]) > 40
 
 
+def test_a_change_of_sample_rate_is_neither_holes_nor_repeats(tmp_path):
+    """An MPEG-TS joined from a 44.1 kHz and a 48 kHz recording (FFmpeg's concat demuxer, stream copy): between
+    two timestamps, the parser stamps the 48 kHz frames with the 44.1 kHz frame length, drifting 1.9 ms a frame
+    ahead of the sound and back at the next true stamp. That is not holes (they were silence, 94 of them in 5 s)
+    and repeats (cut): the sound is whole, as long as FFmpeg's own decode of it (less the 8 ms by which the first
+    recording's sound overlaps the second's start, cut to stay with the pictures)."""
+    parts = []
+    for rate, tone in ((44100, 440), (48000, 880)):
+        part = tmp_path / f"{rate}.ts"
+        sine = ["-f", "lavfi", "-i", f"sine=frequency={tone}:duration=10:sample_rate={rate}"]
+        pictures = ["-f", "lavfi", "-i", "color=c=gray:s=64x48:r=10:d=10", "-c:v", "libx264", "-c:a", "aac"]
+        subprocess.run(["ffmpeg", "-v", "error", "-y", *sine, *pictures, str(part)], check=True)
+        parts.append(f"file '{part}'")
+    listed = tmp_path / "list.txt"
+    listed.write_text("\n".join(parts) + "\n")
+    joined = tmp_path / "joined.ts"
+    cmd = ["ffmpeg", "-v", "error", "-y", "-f", "concat", "-safe", "0", "-i", str(listed), "-c", "copy"]
+    subprocess.run([*cmd, str(joined)], check=True)
+    cmd = ["ffmpeg", "-v", "quiet", "-i", str(joined), "-vn", "-ar", str(SR), "-ac", "1", "-f", "f32le", "-"]
+    theirs = len(subprocess.run(cmd, check=True, capture_output=True).stdout) // 4
+    ours = q.fetch_audio({"audio": str(joined)})
+    sounding = np.flatnonzero(ours != 0)
+    holes = np.flatnonzero(np.diff(sounding) > 1)
+    assert len(holes) == 0, f"{len(holes)} holes, the first at {sounding[holes[0]] / SR:.3f} s"
+    assert abs(len(ours) - theirs) < 0.01 * SR, (len(ours), theirs)
+
+
 def _wav(path: Path, rate: int, samples: np.ndarray, fmt: int = 1, width: int = 2) -> Path:
     """A WAV written byte by byte, its header saying what it is told to (a rate of 1 Hz, float PCM)."""
     import struct

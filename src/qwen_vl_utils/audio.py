@@ -403,6 +403,9 @@ def _decode_window(
 #: seconds by which a live source's audio frame may start before or after the end of the one before it and still
 #: be taken as following it (timestamps in milliseconds round; a larger step is lost audio, or a repeat)
 _JITTER = 0.005
+#: seconds by which frames that follow one another by their stamps may drift from the samples counted (a parser's
+#: stamps between two true ones) and still be taken as following the sound before
+_DRIFT = 0.1
 #: seconds a live source's audio may leap and still be a gap (silence); a larger leap, or one back by more than
 #: half a second, is a discontinuity: the sound goes on where it was
 _LEAP = 10.0
@@ -426,6 +429,7 @@ class AudioTrack:
         self.t0, self.sr, self.gaps = t0, sr, gaps
         self.block = _Block(sr)
         self.clock: Optional[float] = None  # where the frame after the last one taken begins (input time)
+        self.stamped: Optional[float] = None  # where the last frame's stamp says it ends
         self.fed: Optional[float] = None  # the time after the last sample fed to the resampler
         self.first: Optional[float] = None  # the time of the first sample
         self.begins: int = 0  # its window index (negative: cut before t0 by rounding)
@@ -446,8 +450,9 @@ class AudioTrack:
         """One decoded frame beginning at ``begins`` seconds (None: right after the last one); returns that
         time."""
         rate, n = frame.sample_rate, frame.samples
-        clock = self.clock
-        if begins is None or (clock is not None and (not self.gaps or abs(begins - clock) <= _JITTER)):
+        clock, stamped = self.clock, self.stamped
+        self.stamped = None if begins is None else begins + n / rate
+        if begins is None or (clock is not None and (not self.gaps or self._follows(begins, clock, stamped))):
             begins = clock if clock is not None else self.t0  # (rounded times: the count goes on)
         self.clock = begins + n / rate
         if self.clock <= self.t0 or self.done:
@@ -481,6 +486,16 @@ class AudioTrack:
         if out:
             self._out(out)
         return begins
+
+    @staticmethod
+    def _follows(begins: float, clock: float, stamped: Optional[float]) -> bool:
+        """Does a frame stamped ``begins`` follow the samples counted so far (up to ``clock``)? Yes within
+        :data:`_JITTER` of the count, or within it of the last frame's stamp and :data:`_DRIFT` of the count: after
+        a change of sample rate, MPEG-TS's parser stamps the frames between two timestamps with the old rate's
+        length (1.9 ms a frame off at 44.1 to 48 kHz), a drift back to the next true stamp, not holes and
+        repeats."""
+        step = abs(begins - clock)
+        return step <= _JITTER or (stamped is not None and abs(begins - stamped) <= _JITTER and step <= _DRIFT)
 
     def resume(self) -> None:
         """The frames that follow come from a new reading of the source (sought back, or read again): those

@@ -12,7 +12,6 @@ there, sound that lags by more than that is silence (the source's sound stopped)
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from typing import Any, Iterator, Optional
