@@ -329,3 +329,25 @@ def test_sound_before_a_live_window_is_not_late(clips, caplog):
         feed.wait()
     assert chunks[0].start == 2.0 and "muxed late" not in caplog.text, caplog.text
     _aligned(sound, 2.0)
+
+
+def test_what_a_muxer_holds_back_at_each_pause_is_not_logged(tmp_path, caplog):
+    """Sound in 1 s bursts 5 s apart through a pipe: MPEG-TS's muxer holds each burst's last packets (0.2-0.3 s)
+    until the next burst, more than 3 s later, so they are silence; that is not sound muxed late (they added up
+    over the pauses to a warning), and the rest of each burst reaches its chunks."""
+    import logging
+
+    spans = [(at, at + 1.0) for at in (0.0, 5.0, 10.0, 15.0)]
+    src = write_video(tmp_path / "v.mp4", seconds=18.0, spans=spans)
+    ts = tmp_path / "v.ts"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(src), "-c", "copy", str(ts)], check=True)
+    feed = subprocess.Popen(["cat", str(ts)], stdout=subprocess.PIPE)
+    try:
+        with caplog.at_level(logging.WARNING, logger="qwen_vl_utils"):
+            chunks, piped = _stream({"video": feed.stdout})
+    finally:
+        feed.stdout.close()
+        feed.wait()
+    assert len(chunks) == 18 and "muxed late" not in caplog.text, caplog.text
+    for at, _ in spans:
+        _aligned(piped[round((at + 0.1) * SR) : round((at + 0.6) * SR)], at + 0.1, seconds=18.0)

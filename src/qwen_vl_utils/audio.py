@@ -49,6 +49,8 @@ _STATED = frozenset(("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "flac", "wav", 
 _TIMED = frozenset(("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "mpegts"))
 #: ... of which these seek exactly in PCM only (WAV's IMA-ADPCM lands seconds off, stamped with the time asked)
 _PCM_SEEK = frozenset(("wav", "aiff", "caf"))
+#: frames decoded from the start before a seek (:class:`_Head`)
+_HEAD = 6
 #: decoders whose frames all have one length in a stream (Opus: as encoders write it), besides those that say so
 _FRAMED = frozenset(("aac", "mp3", "mp3float", "mp2", "mp2float", "ac3", "eac3", "opus", "libopus"))
 #: the models whose audio token count :func:`audio_token_count` knows
@@ -166,10 +168,11 @@ def decode_audio(
             if _seeks(container, stream, (first if origin is None else origin) + start)
             else None
         )
-        if origin is None:  # an audio file: its time 0 is its first sample's (WMA stamps it 92 ms in)
-            origin = first
+        if origin is None:  # an audio file: its time 0 is its first sample's (WMA stamps it 92 ms in), or the
+            origin = first  # stream's start where that is later (Opus's pre-skip), as for the whole track
             if start > 0 or end is not None:
-                origin = head.first if head else _first_sample_time(source, stream.index, tb, origin)
+                sample = head.first if head else _first_sample_time(source, stream.index, tb, origin)
+                origin = max(origin, origin if sample is None else sample)
         t0 = origin + start
         t1 = None if end is None else origin + end
         ends = _check_length(source.name, stream, container, t0, t1, max_seconds)
@@ -247,21 +250,24 @@ class _Head:
     def __init__(self, container: Any, stream: Any, tb: float) -> None:
         self.container, self.stream, self.tb = container, stream, tb
         self.first: Optional[float] = None
-        self.grid: Optional[tuple] = None  # (time after the first frame, frame length, rate)
+        self.grid: Optional[tuple] = None  # (time after the first frame, frame length, rate, stamps' offset)
         self.coarse = tb * (stream.codec_context.sample_rate or SAMPLE_RATE) > 1.01
         self.placed = False
         frames: list = []
         cc = stream.codec_context
         for n, packet in enumerate(container.demux(stream)):
             frames += [f for f in decode_or_conceal(cc, packet if packet.size else None) if f.pts is not None]
-            if len(frames) >= 4 or n >= 32:
+            if len(frames) >= _HEAD or n >= 32:
                 break
         if frames:
             self.first = frames[0].pts * tb
         sizes = {(f.samples, f.sample_rate) for f in frames[1:]}
-        if len(frames) == 4 and len(sizes) == 1 and (cc.frame_size > 0 or cc.name in _FRAMED):
+        if len(frames) == _HEAD and len(sizes) == 1 and (cc.frame_size > 0 or cc.name in _FRAMED):
             ((size, rate),) = sizes
-            self.grid = (self.first + frames[0].samples / frames[0].sample_rate, size, rate)
+            after = self.first + frames[0].samples / frames[0].sample_rate  # (the first frame may be trimmed)
+            # the stamps' offset from the samples counted (muxers shift by a pre-skip, or truncate): their median
+            offset = float(np.median([f.pts * tb - after - k * size / rate for k, f in enumerate(frames[1:])]))
+            self.grid = (after, size, rate, offset)
 
     def seek(self, t0: float) -> None:
         """To the window at ``t0``; from the start where a coarse container's codec has no grid."""
@@ -279,9 +285,10 @@ class _Head:
         self.placed = True
         if not self.coarse or self.grid is None:
             return begins
-        after, size, rate = self.grid
-        exact = after + round((begins - after) * rate / size) * size / rate
-        if frame.samples == size and frame.sample_rate == rate and abs(exact - begins) <= self.tb / 2 + 1 / rate:
+        after, size, rate, offset = self.grid
+        stamped = begins - offset
+        exact = after + round((stamped - after) * rate / size) * size / rate
+        if frame.samples == size and frame.sample_rate == rate and abs(exact - stamped) <= self.tb + 1 / rate:
             return exact
         return begins
 

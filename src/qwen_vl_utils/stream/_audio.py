@@ -23,8 +23,8 @@ from ..container._probe import decode_or_conceal, open_container
 #: seconds of video a complete chunk waits for its sound before the sound is read another way (a file) or taken
 #: as silence (a live source)
 AUDIO_LAG = 3.0
-#: seconds of a live source's sound, come after its chunks were given, before that is logged (less is what a
-#: muxer holds back when the sound pauses)
+#: seconds of a live source's sound, come in a row after its chunks were given, before that is logged (less is
+#: what a muxer holds back when the sound pauses)
 LATE_WARNING = 0.5
 logger = logging.getLogger("qwen_vl_utils")
 
@@ -89,19 +89,23 @@ class StreamAudio:
         self.track.add(frame, None if begins is None else begins - self.offset)
 
     def _late(self, at: int, frame: Any) -> None:
-        """Sound that came for window samples chunks have already taken (as silence): logged once when there is
-        more of it than a muxer holds back at a pause (TS keeps a burst's last packet until the next)."""
+        """Sound that came for window samples chunks have already taken (as silence): logged once when more than
+        :data:`LATE_WARNING` of it has come in a row (not the packets a muxer holds back when the sound pauses:
+        MPEG-TS keeps them until the next sound, which then comes on time)."""
         ends = at + frame.samples * self.sr // max(1, frame.sample_rate)
-        self.late += max(0, min(ends, self.taken) - max(at, 0))  # (sound before the window is never needed)
+        late = max(0, min(ends, self.taken) - max(at, 0))  # (sound before the window is never needed)
+        if not late:
+            if ends > self.taken:  # (on time: a run of late sound has ended)
+                self.late = 0
+            return
+        self.late += late
         if self.late > LATE_WARNING * self.sr:
             self.warned = True
-            lag = (self.taken - at) / self.sr
             logger.warning(
-                "the sound of %s comes %.1f s or more after its pictures (muxed late), later than a live "
-                "stream waits for it (%.0f s): the chunks before had silence. Read the file by path or from "
-                "a server with range requests to get its sound.",
+                "the sound of %s came more than %.0f s of video after its pictures (muxed late, or sent late): the "
+                "chunks it belonged to had silence. Read the file by path or from a server with range requests "
+                "to get its sound.",
                 self.name,
-                lag,
                 AUDIO_LAG,
             )
 
