@@ -77,8 +77,11 @@ class StreamAudio:
         self.end()
 
     def _frame(self, frame: Any, begins: Optional[float]) -> None:
+        """A frame from the shared demuxer; dropped if the sound is read on its own now (a file's demuxer thread may
+        have been decoding it when the reader of its own took over)."""
         with self.lock:
-            self._add(frame, begins)
+            if self.own is None:
+                self._add(frame, begins)
 
     def _add(self, frame: Any, begins: Optional[float]) -> None:
         if self.offset is None:
