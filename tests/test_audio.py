@@ -465,7 +465,8 @@ def test_a_window_deep_in_a_file_is_the_same_part_of_the_whole(long_sources, nam
 def test_a_hole_in_a_videos_sound_stays_a_hole(tmp_path):
     """A recording that lost a second of sound (its audio stamped 0-2 s, then the sound of 2-5 s at 3-6 s): the
     hole is silence on the container's timeline, so the sound after it stays with its frames, for the whole
-    video and for a window that starts after the hole alike."""
+    video and for a window that starts after the hole alike; read as audio, windows are the whole track's slice,
+    one that starts in the hole too."""
     path = tmp_path / "hole.mkv"
     sr = 48000
     tone = stepped(5.0, sr)
@@ -498,16 +499,26 @@ def test_a_hole_in_a_videos_sound_stays_a_hole(tmp_path):
     ele = {"type": "video", "video": str(path), "video_start": 4.0, "video_end": 5.0}
     part = q.process_mm_info(_message(ele), use_audio_in_video=True)[0][0]
     assert np.array_equal(part, whole[4 * SR : 5 * SR]) or snr_db(part, whole[4 * SR : 5 * SR]) > 40
+    # read as an audio file, a window that starts in the hole keeps its silence (it began with the sound after)
+    sound = q.fetch_audio({"audio": str(path)})
+    assert np.array_equal(sound, whole)
+    for start, end in ((2.5, 4.0), (2.0, 3.5), (1.5, 4.0)):
+        part = q.fetch_audio({"audio": str(path), "audio_start": start, "audio_end": end})
+        ref = sound[round(start * SR) : round(end * SR)]
+        assert len(part) == len(ref) and lag(part, ref) == 0, (start, end)
+        assert np.array_equal(part[SR // 100 :], ref[SR // 100 :]), (start, end)  # (but the resampler's start)
 
 
-def test_a_change_of_sample_rate_is_neither_holes_nor_repeats(tmp_path):
-    """An MPEG-TS joined from a 44.1 kHz and a 48 kHz recording (FFmpeg's concat demuxer, stream copy): between
-    two timestamps, the parser stamps the 48 kHz frames with the 44.1 kHz frame length, drifting 1.9 ms a frame
-    ahead of the sound and back at the next true stamp. That is not holes (they were silence, 94 of them in 5 s)
-    and repeats (cut): the sound is whole, as long as FFmpeg's own decode of it (less the 8 ms by which the first
-    recording's sound overlaps the second's start, cut to stay with the pictures)."""
+@pytest.mark.parametrize("rates", [(44100, 48000), (22050, 48000), (48000, 24000)])
+def test_a_change_of_sample_rate_is_neither_holes_nor_repeats(tmp_path, rates):
+    """An MPEG-TS joined from two recordings at different sample rates (FFmpeg's concat demuxer, stream copy):
+    between two timestamps, the parser stamps the second rate's frames with the first rate's frame length,
+    drifting from the sound (1.9 ms a frame from 44.1 to 48 kHz, 23 ms from 48 to 24 kHz) and back at the next
+    true stamp. That is not holes (they were silence: 94 in 10 s from 44.1 to 48 kHz; 2.2 s of 4 s from 22.05 to
+    48 kHz) and repeats (cut): the sound is whole, as long as FFmpeg's own decode of it (less any overlap of the
+    first recording's sound with the second's start, cut to stay with the pictures)."""
     parts = []
-    for rate, tone in ((44100, 440), (48000, 880)):
+    for rate, tone in zip(rates, (440, 880)):
         part = tmp_path / f"{rate}.ts"
         sine = ["-f", "lavfi", "-i", f"sine=frequency={tone}:duration=10:sample_rate={rate}"]
         pictures = ["-f", "lavfi", "-i", "color=c=gray:s=64x48:r=10:d=10", "-c:v", "libx264", "-c:a", "aac"]
@@ -521,9 +532,10 @@ def test_a_change_of_sample_rate_is_neither_holes_nor_repeats(tmp_path):
     cmd = ["ffmpeg", "-v", "quiet", "-i", str(joined), "-vn", "-ar", str(SR), "-ac", "1", "-f", "f32le", "-"]
     theirs = len(subprocess.run(cmd, check=True, capture_output=True).stdout) // 4
     ours = q.fetch_audio({"audio": str(joined)})
-    sounding = np.flatnonzero(ours != 0)
-    holes = np.flatnonzero(np.diff(sounding) > 1)
-    assert len(holes) == 0, f"{len(holes)} holes, the first at {sounding[holes[0]] / SR:.3f} s"
+    sounding = np.flatnonzero(np.abs(ours) > 1e-4)
+    holes = [(sounding[i] / SR, sounding[i + 1] / SR) for i in np.flatnonzero(np.diff(sounding) > 16)]
+    holes = [(a, b) for a, b in holes if a > 0.1 and not 9.9 < a < 10.1]  # (the tones' starts, and the seam)
+    assert not holes, f"{len(holes)} holes: {holes[:3]}"
     assert abs(len(ours) - theirs) < 0.01 * SR, (len(ours), theirs)
 
 

@@ -199,8 +199,10 @@ def decode_audio(
             f"audio_start ({start} s) is at or after the end of the audio of {source.name}{length}; give a "
             "window within it"
         )
-    first = max(0, track.begins)  # the samples the stream has within the window
-    last = track.end if t1 is None else min(track.end, first + round((t1 - max(t0, track.first or t0)) * sr))
+    hole = track.gaps and track.begins > _JITTER * sr  # (a window that starts in a hole: its silence is kept)
+    first = 0 if hole else max(0, track.begins)  # the samples the stream has within the window
+    since = t0 if hole else max(t0, track.first or t0)
+    last = track.end if t1 is None else min(track.end, first + round((t1 - since) * sr))
     return track.take(first, last)
 
 
@@ -413,6 +415,9 @@ _JITTER = 0.005
 #: seconds by which frames that follow one another by their stamps may drift from the samples counted (a parser's
 #: stamps between two true ones) and still be taken as following the sound before
 _DRIFT = 0.1
+#: ... and, at a sample rate other than the track's first, by which its stamps may stray from the samples counted
+#: (a PES of MPEG-TS audio is up to 0.7 s long, its stamps between the first rate's frame lengths apart)
+_RATE_DRIFT = 1.0
 #: seconds a live source's audio may leap and still be a gap (silence); a larger leap, or one back by more than
 #: half a second, is a discontinuity: the sound goes on where it was
 _LEAP = 10.0
@@ -437,6 +442,7 @@ class AudioTrack:
         self.block = _Block(sr)
         self.clock: Optional[float] = None  # where the frame after the last one taken begins (input time)
         self.stamped: Optional[float] = None  # where the last frame's stamp says it ends
+        self.rate0: Optional[int] = None  # the first frame's sample rate
         self.fed: Optional[float] = None  # the time after the last sample fed to the resampler
         self.first: Optional[float] = None  # the time of the first sample
         self.begins: int = 0  # its window index (negative: cut before t0 by rounding)
@@ -459,7 +465,9 @@ class AudioTrack:
         rate, n = frame.sample_rate, frame.samples
         clock, stamped = self.clock, self.stamped
         self.stamped = None if begins is None else begins + n / rate
-        if begins is None or (clock is not None and (not self.gaps or self._follows(begins, clock, stamped))):
+        if self.rate0 is None:
+            self.rate0 = rate
+        if begins is None or (clock is not None and (not self.gaps or self._follows(begins, clock, stamped, rate))):
             begins = clock if clock is not None else self.t0  # (rounded times: the count goes on)
         self.clock = begins + n / rate
         if self.clock <= self.t0 or self.done:
@@ -494,15 +502,17 @@ class AudioTrack:
             self._out(out)
         return begins
 
-    @staticmethod
-    def _follows(begins: float, clock: float, stamped: Optional[float]) -> bool:
+    def _follows(self, begins: float, clock: float, stamped: Optional[float], rate: int) -> bool:
         """Does a frame stamped ``begins`` follow the samples counted so far (up to ``clock``)? Yes within
-        :data:`_JITTER` of the count, or within it of the last frame's stamp and :data:`_DRIFT` of the count: after
-        a change of sample rate, MPEG-TS's parser stamps the frames between two timestamps with the old rate's
-        length (1.9 ms a frame off at 44.1 to 48 kHz), a drift back to the next true stamp, not holes and
-        repeats."""
+        :data:`_JITTER` of the count; or within it of the last frame's stamp and :data:`_DRIFT` of the count
+        (stamps that drift from the count); or, at a sample rate other than the track's first, within
+        :data:`_RATE_DRIFT` of the count: MPEG-TS's parser stamps the frames between two timestamps with the first
+        rate's frame length (1.9 ms a frame off from 44.1 to 48 kHz, 23 ms from 44.1 to 22.05 kHz), a drift back
+        to the next true stamp, not holes and repeats."""
         step = abs(begins - clock)
-        return step <= _JITTER or (stamped is not None and abs(begins - stamped) <= _JITTER and step <= _DRIFT)
+        if step <= _JITTER or (rate != self.rate0 and step <= _RATE_DRIFT):
+            return True
+        return stamped is not None and abs(begins - stamped) <= _JITTER and step <= _DRIFT
 
     def resume(self) -> None:
         """The frames that follow come from a new reading of the source (sought back, or read again): those
