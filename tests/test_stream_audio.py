@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -47,6 +48,16 @@ def _stream(ele, chunk_seconds=1.0, **kw):
         assert c.audio.dtype == np.float32 and c.audio.ndim == 1
         assert len(c.audio) == round(c.end * SR) - round(c.start * SR), (c.index, c.start, c.end)
     return chunks, np.concatenate([c.audio for c in chunks])
+
+
+def _piped(argv: list, ele: Optional[dict] = None) -> tuple:
+    """:func:`_stream` over what ``argv`` writes to its standard output: a live pipe."""
+    feed = subprocess.Popen(argv, stdout=subprocess.PIPE)
+    try:
+        return _stream({"video": feed.stdout, **(ele or {})})
+    finally:
+        feed.stdout.close()
+        feed.wait()
 
 
 def _aligned(sound, start, silent=(), seconds=6.0, least_db=25.0):
@@ -111,29 +122,14 @@ def test_sound_over_http_by_range_requests(clips):
 def test_a_live_pipe_carries_its_sound_on_the_frames_timeline(clips):
     """MPEG-TS through a pipe starts at its own clock (1.4 s): the sound is placed by its timestamps against
     the first frame's, as the frames are."""
-    feed = subprocess.Popen(
-        ["ffmpeg", "-v", "error", "-i", str(clips["mp4"]), "-c", "copy", "-f", "mpegts", "pipe:1"],
-        stdout=subprocess.PIPE,
-    )
-    try:
-        chunks, sound = _stream({"video": feed.stdout})
-    finally:
-        feed.stdout.close()
-        feed.wait()
+    chunks, sound = _piped(["ffmpeg", "-v", "error", "-i", str(clips["mp4"]), "-c", "copy", "-f", "mpegts", "pipe:1"])
     assert chunks[0].source_time > 1.0  # (the MPEG-TS clock)
     _aligned(sound, 0.0)
 
 
 def test_a_live_source_whose_sound_stops_gets_silence_after_a_wait(clips, caplog):
-    import logging
 
-    feed = subprocess.Popen(["cat", str(clips["short"])], stdout=subprocess.PIPE)
-    try:
-        with caplog.at_level(logging.WARNING, logger="qwen_vl_utils"):
-            chunks, sound = _stream({"video": feed.stdout})
-    finally:
-        feed.stdout.close()
-        feed.wait()
+    chunks, sound = _piped(["cat", str(clips["short"])])
     assert len(chunks) == 6 and np.abs(sound[int(2.1 * SR) :]).max() == 0
     # (the muxer wrote the last audio packet, 1.86-1.92 s, only at the file's end: on a live source it came too
     # late for its chunk; a muxer holding one packet back at a pause is not a file muxed late: not logged)
@@ -235,18 +231,11 @@ def test_sound_muxed_after_the_pictures(clips, tmp_path, caplog):
     """A file whose sound comes after all its pictures: by path its sound is read by a demuxer of its own (all
     there); through a pipe, which cannot be read twice, the chunks it came too late for have silence, and a
     warning names the source and says how to get the sound."""
-    import logging
 
     late = _audio_last(clips["mkv"], tmp_path / "late.mkv")
     _, sound = _stream({"video": str(late)})
     assert np.array_equal(sound, fetch_video_audio({"video": str(late), "fps": 2.0}))
-    feed = subprocess.Popen(["cat", str(late)], stdout=subprocess.PIPE)
-    try:
-        with caplog.at_level(logging.WARNING, logger="qwen_vl_utils"):
-            chunks, piped = _stream({"video": feed.stdout})
-    finally:
-        feed.stdout.close()
-        feed.wait()
+    chunks, piped = _piped(["cat", str(late)])
     assert len(chunks) == 6 and np.abs(piped[: 2 * SR]).max() == 0
     warned = [r.getMessage() for r in caplog.records if "muxed late" in r.getMessage()]
     assert len(warned) == 1 and "range requests" in warned[0], caplog.text
@@ -290,20 +279,13 @@ def test_sparse_sound_through_a_pipe_is_the_sound_by_path(tmp_path, caplog):
     """A live source whose sound comes in bursts (128 ms every 3 s, no packets between; MPEG-TS's muxer holds each
     burst's last packet until the next burst): every burst reaches its chunk, as read by path, and nothing is
     logged. (The sound was given up on at the first gap, and the bursts after came to chunks already given.)"""
-    import logging
 
     spans = [(at, at + 0.128) for at in (0.0, 3.0, 6.0, 9.0)]
     src = write_video(tmp_path / "v.mp4", seconds=12.0, spans=spans)
     ts = tmp_path / "v.ts"
     subprocess.run(["ffmpeg", "-v", "error", "-i", str(src), "-c", "copy", str(ts)], check=True)
     _, by_path = _stream({"video": str(ts)})
-    feed = subprocess.Popen(["cat", str(ts)], stdout=subprocess.PIPE)
-    try:
-        with caplog.at_level(logging.WARNING, logger="qwen_vl_utils"):
-            chunks, piped = _stream({"video": feed.stdout})
-    finally:
-        feed.stdout.close()
-        feed.wait()
+    chunks, piped = _piped(["cat", str(ts)])
     assert len(chunks) == 12 and "muxed late" not in caplog.text
     for at, to in spans:
         first, last = round(at * SR), round(to * SR)
@@ -315,18 +297,11 @@ def test_sparse_sound_through_a_pipe_is_the_sound_by_path(tmp_path, caplog):
 def test_sound_before_a_live_window_is_not_late(clips, caplog):
     """A live source with video_start: its sound before the window is not needed, so not late (it was logged as
     sound muxed late)."""
-    import logging
 
-    feed = subprocess.Popen(
+    chunks, sound = _piped(
         ["ffmpeg", "-v", "error", "-i", str(clips["mp4"]), "-c", "copy", "-f", "mpegts", "pipe:1"],
-        stdout=subprocess.PIPE,
+        {"video_start": 2.0},
     )
-    try:
-        with caplog.at_level(logging.WARNING, logger="qwen_vl_utils"):
-            chunks, sound = _stream({"video": feed.stdout, "video_start": 2.0})
-    finally:
-        feed.stdout.close()
-        feed.wait()
     assert chunks[0].start == 2.0 and "muxed late" not in caplog.text, caplog.text
     _aligned(sound, 2.0)
 
@@ -335,19 +310,12 @@ def test_what_a_muxer_holds_back_at_each_pause_is_not_logged(tmp_path, caplog):
     """Sound in 1 s bursts 5 s apart through a pipe: MPEG-TS's muxer holds each burst's last packets (0.2-0.3 s)
     until the next burst, more than 3 s later, so they are silence; that is not sound muxed late (they added up
     over the pauses to a warning), and the rest of each burst reaches its chunks."""
-    import logging
 
     spans = [(at, at + 1.0) for at in (0.0, 5.0, 10.0, 15.0)]
     src = write_video(tmp_path / "v.mp4", seconds=18.0, spans=spans)
     ts = tmp_path / "v.ts"
     subprocess.run(["ffmpeg", "-v", "error", "-i", str(src), "-c", "copy", str(ts)], check=True)
-    feed = subprocess.Popen(["cat", str(ts)], stdout=subprocess.PIPE)
-    try:
-        with caplog.at_level(logging.WARNING, logger="qwen_vl_utils"):
-            chunks, piped = _stream({"video": feed.stdout})
-    finally:
-        feed.stdout.close()
-        feed.wait()
+    chunks, piped = _piped(["cat", str(ts)])
     assert len(chunks) == 18 and "muxed late" not in caplog.text, caplog.text
     for at, _ in spans:
         _aligned(piped[round((at + 0.1) * SR) : round((at + 0.6) * SR)], at + 0.1, seconds=18.0)
