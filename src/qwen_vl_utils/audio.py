@@ -178,7 +178,8 @@ def decode_audio(
         ends = _check_length(source.name, stream, container, t0, t1, max_seconds)
         if head is not None:
             head.seek(t0)
-        track = AudioTrack(t0, sr, gaps=timed(container))
+        track = AudioTrack(t0, sr, gaps=timed(container), rate=stream.codec_context.sample_rate)
+        track.stale = _frame_length(stream)
         if ends is not None:  # (a margin for what the header leaves out: an encoder's padding)
             track.reserve(round(((ends if t1 is None else min(ends, t1)) - t0 + 0.5) * sr))
         limit = None if max_seconds is None else (max_seconds, source.name)
@@ -199,7 +200,8 @@ def decode_audio(
             f"audio_start ({start} s) is at or after the end of the audio of {source.name}{length}; give a "
             "window within it"
         )
-    hole = track.gaps and track.begins > _JITTER * sr  # (a window that starts in a hole: its silence is kept)
+    hole = track.gaps and start > 0 and track.begins > 1  # (a window that starts in a hole: its silence is kept;
+    # 1: the cut's rounding to an 8 kHz source sample)
     first = 0 if hole else max(0, track.begins)  # the samples the stream has within the window
     since = t0 if hole else max(t0, track.first or t0)
     last = track.end if t1 is None else min(track.end, first + round((t1 - since) * sr))
@@ -293,6 +295,12 @@ class _Head:
         if frame.samples == size and frame.sample_rate == rate and abs(exact - stamped) <= self.tb + 1 / rate:
             return exact
         return begins
+
+
+def _frame_length(stream: Any) -> Optional[float]:
+    """Seconds in a frame of the stream as its header has it (None: the codec's frames vary)."""
+    cc = stream.codec_context
+    return cc.frame_size / cc.sample_rate if cc.frame_size > 0 and cc.sample_rate else None
 
 
 def _first_sample_time(source: Source, index: int, tb: float, default: float) -> float:
@@ -415,9 +423,8 @@ _JITTER = 0.005
 #: seconds by which frames that follow one another by their stamps may drift from the samples counted (a parser's
 #: stamps between two true ones) and still be taken as following the sound before
 _DRIFT = 0.1
-#: ... and, at a sample rate other than the track's first, by which its stamps may stray from the samples counted
-#: (a PES of MPEG-TS audio is up to 0.7 s long, its stamps between the first rate's frame lengths apart)
-_RATE_DRIFT = 1.0
+#: seconds within which a stamp is the last one plus a frame of the track's first rate (MPEG-TS's 90 kHz clock)
+_STAMP_TICK = 0.0001
 #: seconds a live source's audio may leap and still be a gap (silence); a larger leap, or one back by more than
 #: half a second, is a discontinuity: the sound goes on where it was
 _LEAP = 10.0
@@ -433,16 +440,21 @@ class AudioTrack:
     with estimates that drift, Matroska rounds to the millisecond). With ``gaps`` (a live source; a container
     whose timestamps are exact), a frame that begins more than :data:`_JITTER` after the last one ended leaves
     silence up to its time, and one that begins before is cut to what is new, so that the sound stays on the
-    timeline through lost or repeated packets (a leap of more than :data:`_LEAP` s, or back by more than half a
-    second, is a discontinuity: the sound goes on where it was). The resampled samples are held until
+    timeline through lost or repeated packets (a step back by more than half a second, or, live, a leap of more
+    than :data:`_LEAP` s, is a discontinuity: the sound goes on where it was). The resampled samples are held until
     :meth:`take` asks for them."""
 
-    def __init__(self, t0: float, sr: int = SAMPLE_RATE, *, gaps: bool = False) -> None:
+    def __init__(
+        self, t0: float, sr: int = SAMPLE_RATE, *, gaps: bool = False, live: bool = False, rate: Optional[int] = None
+    ) -> None:
         self.t0, self.sr, self.gaps = t0, sr, gaps
+        self.leap = _LEAP if live else math.inf  # (a file's timeline has no discontinuities forward)
         self.block = _Block(sr)
         self.clock: Optional[float] = None  # where the frame after the last one taken begins (input time)
         self.stamped: Optional[float] = None  # where the last frame's stamp says it ends
-        self.rate0: Optional[int] = None  # the first frame's sample rate
+        self.stamp: Optional[float] = None  # the last frame's stamp
+        self.stale: Optional[float] = None  # the length of a frame at the first rate
+        self.rate0: Optional[int] = rate or None  # the stream's first rate (its header's; else its first frame's)
         self.fed: Optional[float] = None  # the time after the last sample fed to the resampler
         self.first: Optional[float] = None  # the time of the first sample
         self.begins: int = 0  # its window index (negative: cut before t0 by rounding)
@@ -463,11 +475,16 @@ class AudioTrack:
         """One decoded frame beginning at ``begins`` seconds (None: right after the last one); returns that
         time."""
         rate, n = frame.sample_rate, frame.samples
-        clock, stamped = self.clock, self.stamped
+        clock, stamped, stamp = self.clock, self.stamped, self.stamp
         self.stamped = None if begins is None else begins + n / rate
+        self.stamp = begins
         if self.rate0 is None:
             self.rate0 = rate
-        if begins is None or (clock is not None and (not self.gaps or self._follows(begins, clock, stamped, rate))):
+        if self.stale is None and rate == self.rate0:
+            self.stale = n / rate
+        if begins is None or (
+            clock is not None and (not self.gaps or self._follows(begins, clock, stamped, stamp, rate))
+        ):
             begins = clock if clock is not None else self.t0  # (rounded times: the count goes on)
         self.clock = begins + n / rate
         if self.clock <= self.t0 or self.done:
@@ -490,7 +507,7 @@ class AudioTrack:
                     return begins
                 channels = [c[cut:] for c in channels]
                 begins = self.fed
-            elif _JITTER < step <= _LEAP and not self.resuming:  # lost audio: silence up to this frame's time
+            elif _JITTER < step <= self.leap and not self.resuming:  # lost audio: silence up to this frame's time
                 self._out(self.block.flush())
                 self.pos = max(self.pos, round((begins - self.t0) * self.sr))
             else:
@@ -502,15 +519,19 @@ class AudioTrack:
             self._out(out)
         return begins
 
-    def _follows(self, begins: float, clock: float, stamped: Optional[float], rate: int) -> bool:
+    def _follows(
+        self, begins: float, clock: float, stamped: Optional[float], stamp: Optional[float], rate: int
+    ) -> bool:
         """Does a frame stamped ``begins`` follow the samples counted so far (up to ``clock``)? Yes within
         :data:`_JITTER` of the count; or within it of the last frame's stamp and :data:`_DRIFT` of the count
-        (stamps that drift from the count); or, at a sample rate other than the track's first, within
-        :data:`_RATE_DRIFT` of the count: MPEG-TS's parser stamps the frames between two timestamps with the first
-        rate's frame length (1.9 ms a frame off from 44.1 to 48 kHz, 23 ms from 44.1 to 22.05 kHz), a drift back
-        to the next true stamp, not holes and repeats."""
+        (stamps that drift from the count); or, at a sample rate other than the track's first, where its stamp
+        is the last one plus a frame of the first rate: MPEG-TS's parser stamps the frames between two true
+        timestamps so (1.9 ms a frame off from 44.1 to 48 kHz, 23 ms from 44.1 to 22.05 kHz), a drift back to the
+        next true stamp, not holes and repeats; the true stamps are held to the count as at the first rate."""
         step = abs(begins - clock)
-        if step <= _JITTER or (rate != self.rate0 and step <= _RATE_DRIFT):
+        if step <= _JITTER:
+            return True
+        if rate != self.rate0 and stamp is not None and self.stale and abs(begins - stamp - self.stale) < _STAMP_TICK:
             return True
         return stamped is not None and abs(begins - stamped) <= _JITTER and step <= _DRIFT
 
