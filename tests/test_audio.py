@@ -14,6 +14,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from PIL import Image
 
 import qwen_vl_utils as q
 from qwen_vl_utils import _errors as errors
@@ -706,3 +707,71 @@ def test_windows_around_holes_are_the_whole_tracks_slices(tmp_path):
             assert len(part) == round(0.5 * SR) and np.abs(part[32:] - ref[32:]).max() < 0.01, (path.name, start)
     sound = q.process_mm_info(_message({"type": "video", "video": str(src)}), use_audio_in_video=True)[0][0]
     assert lag(sound[23 * SR : 29 * SR], stepped(30.0)[23 * SR : 29 * SR]) == 0  # with its frames after the hole
+
+
+def _ffmpeg(*args) -> None:
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", *args], check=True)
+
+
+def _pitch(sound: np.ndarray) -> float:
+    """The frequency of the loudest tone in the first second."""
+    spectrum = np.abs(np.fft.rfft(sound[:SR]))
+    return float(np.argmax(spectrum)) * SR / len(sound[:SR])
+
+
+def test_sound_that_is_not_there_is_a_typed_error(tmp_path):
+    """An audio track that decodes to no sample, and a window shorter than a sample, gave empty arrays (on which
+    the Omni feature extractors fail); an M4A with cover art given as a video gave 2 frames at 180,000 fps and
+    no sound."""
+    pictures = ["-f", "lavfi", "-i", "testsrc=size=64x48:rate=10:duration=3"]
+    empty = tmp_path / "empty.mp4"
+    _ffmpeg(*pictures, "-f", "lavfi", "-i", "sine=r=48000:d=3", "-c:v", "libx264", "-c:a", "aac",
+            "-af", "atrim=end_sample=1", str(empty))  # fmt: skip
+    with pytest.raises(q.DecodeError, match="empty.mp4 holds no sound"):
+        q.fetch_audio({"audio": str(empty)})
+    wav = write_audio(tmp_path / "a.wav", "pcm_s16le", 16000, 1)
+    with pytest.raises(q.InvalidOptionError, match="shorter than one sample"):
+        q.fetch_audio({"audio": str(wav), "audio_start": 1.0, "audio_end": 1.00001})
+    with pytest.raises(q.InvalidOptionError, match="shorter than one sample"):
+        q.fetch_audio({"audio": np.zeros(SR, np.float32), "audio_start": 1e-9, "audio_end": 2e-9})
+    cover = tmp_path / "cover.png"
+    Image.new("RGB", (64, 64), "red").save(cover)
+    m4a = tmp_path / "cover.m4a"
+    _ffmpeg("-i", str(wav), "-i", str(cover), "-map", "0:a", "-map", "1", "-c:a", "aac", "-c:v", "png",
+            "-disposition:v", "attached_pic", str(m4a))  # fmt: skip
+    assert len(q.fetch_audio({"audio": str(m4a)})) > 2 * SR
+    for call in (
+        lambda: q.process_mm_info(_message({"type": "video", "video": str(m4a)}), use_audio_in_video=True),
+        lambda: q.process_vision_info(_message({"type": "video", "video": str(m4a)})),
+        lambda: next(iter(q.stream_video({"video": str(m4a)}, audio=True))),
+    ):
+        with pytest.raises(q.DecodeError, match="cover picture, not a video; give it as audio"):
+            call()
+
+
+def test_of_several_audio_tracks_the_one_ffmpeg_picks(tmp_path):
+    """A video with two audio tracks (440 Hz, then 1000 Hz): the sound is the track FFmpeg's command line picks, as
+    qwen-omni-utils gets it through it: the default one (it was always the first), else the one with the most
+    channels, else the first; the same for a file, a video's sound and a stream."""
+    tones = ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000:duration=3"]
+    tones += ["-f", "lavfi", "-i", "sine=frequency=1000:sample_rate=44100:duration=3"]
+    two = tmp_path / "two.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=10:duration=3", *tones, "-map", "0", "-map", "1",
+            "-map", "2", "-c:v", "libx264", "-c:a", "aac", str(two))  # fmt: skip
+    second = tmp_path / "second.mp4"
+    _ffmpeg("-i", str(two), "-map", "0", "-c", "copy", "-disposition:a:0", "0", "-disposition:a:1", "default",
+            str(second))  # fmt: skip
+    stereo = tmp_path / "stereo.mkv"
+    _ffmpeg("-i", str(two), "-map", "0", "-c:v", "copy", "-c:a", "aac", "-ac:a:1", "2", "-disposition:a:0", "0",
+            str(stereo))  # fmt: skip
+    for path in (two, second, stereo):
+        cmd = ["ffmpeg", "-v", "error", "-i", str(path), "-vn", "-ar", str(SR), "-ac", "1", "-f", "f32le", "-"]
+        theirs = _pitch(np.frombuffer(subprocess.run(cmd, check=True, capture_output=True).stdout, np.float32))
+        ele = {"type": "video", "video": str(path), "fps": 2.0}
+        sounds = [
+            q.fetch_audio({"audio": str(path)}),
+            q.process_mm_info(_message(ele), use_audio_in_video=True)[0][0],
+            np.concatenate([c.audio for c in q.stream_video(ele, 1.0, audio=True)]),
+        ]
+        assert [round(_pitch(s)) for s in sounds] == [round(theirs)] * 3, path.name
+    assert round(_pitch(q.fetch_audio({"audio": str(second)}))) == 1000

@@ -24,7 +24,7 @@ import numpy as np
 from . import _cancel
 from ._errors import DecodeError, InvalidOptionError, SourceTooLargeError, describe
 from ._options import check_number
-from .container._probe import decode_or_conceal, open_container
+from .container._probe import decode_or_conceal, is_picture, open_container
 from .sources._policy import FetchPolicy, get_fetch_policy
 from .sources._resolve import Source, resolve_source
 
@@ -90,11 +90,21 @@ def fetch_audio(ele: dict, sr: int = SAMPLE_RATE, *, policy: Optional[FetchPolic
     """
     value = audio_source(ele)
     start, end = audio_window(ele)
+    if end is not None and round(end * sr) - round(start * sr) < 1:
+        raise InvalidOptionError(
+            f"the audio window from {start} s to {end} s is shorter than one sample at {sr} Hz; give a longer one"
+        )
     if _is_samples(value):
-        return _samples(value, start, end, sr)
-    policy = get_fetch_policy(policy)
-    with resolve_source(value, "audio", policy) as source:
-        return decode_audio(source, start, end, sr=sr, max_seconds=policy.max_audio_seconds)
+        out = _samples(value, start, end, sr)
+        name = "the audio array"
+    else:
+        policy = get_fetch_policy(policy)
+        with resolve_source(value, "audio", policy) as source:
+            out = decode_audio(source, start, end, sr=sr, max_seconds=policy.max_audio_seconds)
+            name = source.name
+    if not len(out):  # (the Omni processors' feature extractors fail on it)
+        raise DecodeError(f"{name} holds no sound (no sample decodes from it); give audio with sound in it")
+    return out
 
 
 def _is_samples(value: Any) -> bool:
@@ -214,7 +224,19 @@ def audio_stream(container: Any, name: str, missing: str) -> Any:
     if not container.streams.audio:
         kinds = sorted({s.type for s in container.streams}) or ["no streams"]
         raise DecodeError(f"{name} has no audio stream (it has: {', '.join(kinds)}); {missing}")
-    return container.streams.audio[0]
+    return choose_audio(container)
+
+
+def choose_audio(container: Any) -> Any:
+    """The audio stream FFmpeg's command line picks, as qwen-omni-utils gets it: the default one (a track that is
+    enabled), then the one with the most channels, then the first. None if there is none."""
+    import av
+
+    default = av.stream.Disposition.default
+    streams = list(container.streams.audio)
+    if not streams:
+        return None
+    return max(streams, key=lambda s: (bool(s.disposition & default), s.codec_context.channels or 0, -s.index))
 
 
 def time_base(stream: Any) -> float:
@@ -344,7 +366,7 @@ def _seeks_exactly(container: Any, stream: Any) -> bool:
     if name not in _EXACT_SEEK:
         return False
     if name == "matroska,webm":  # millisecond times (Vorbis laced: up to 3.5 ms off): a sound file is read through
-        return any(not _is_picture(v) for v in container.streams.video)
+        return any(not is_picture(v) for v in container.streams.video)
     return name not in _PCM_SEEK or stream.codec_context.name.startswith("pcm_")
 
 
@@ -723,7 +745,7 @@ def describe_audio(source: Source) -> Optional[dict]:
     try:
         if not container.streams.audio:
             return None
-        stream = container.streams.audio[0]
+        stream = choose_audio(container)
         tb = float(stream.time_base) if stream.time_base else 0.0
         if stream.duration and tb:
             duration = stream.duration * tb
@@ -734,17 +756,10 @@ def describe_audio(source: Source) -> Optional[dict]:
             "sample_rate": stream.rate,
             "channels": stream.channels,
             "duration": round(float(duration), 4),
-            "has_video": any(not _is_picture(v) for v in container.streams.video),
+            "has_video": any(not is_picture(v) for v in container.streams.video),
         }
     finally:
         container.close()
-
-
-def _is_picture(stream: Any) -> bool:
-    """A "video" stream that is a still attached to the sound (an MP3's or M4A's cover art)."""
-    import av
-
-    return bool(stream.disposition & av.stream.Disposition.attached_pic)
 
 
 def token_counts(seconds: float) -> dict:

@@ -50,6 +50,13 @@ class VideoInfo:
         return (self.height, self.width) if self.rotation in (90, 270) else (self.width, self.height)
 
 
+#: what a "video" that is sound with a cover picture is told (an M4A's or MP3's cover art)
+_ONLY_A_PICTURE = (
+    "is sound with a cover picture, not a video; give it as audio ({'type': 'audio', 'audio': ...}), or the "
+    "picture as an image"
+)
+
+
 def open_container(source: Source) -> Any:
     import av
 
@@ -137,6 +144,8 @@ def probe_video(source: Source, count: bool = True) -> VideoInfo:
                 "give a file with video, or use an image element for a still picture"
             )
         stream = container.streams.video[0]
+        if is_picture(stream):
+            raise DecodeError(f"{source.name} {_ONLY_A_PICTURE}")
         has_audio = bool(container.streams.audio)
         rate = _rate(stream)
         tb = stream.time_base
@@ -400,3 +409,10 @@ class _SizeWatch:
         except Exception:  # undecodable alone: say it changed, and let the backend that copes decode it
             return None
         return (frames[0].width, frames[0].height) if frames else None
+
+
+def is_picture(stream: Any) -> bool:
+    """A "video" stream that is a still attached to the sound (an MP3's or M4A's cover art)."""
+    import av
+
+    return bool(stream.disposition & av.stream.Disposition.attached_pic)

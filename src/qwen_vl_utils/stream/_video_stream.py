@@ -34,7 +34,7 @@ from .. import _cancel
 from .._errors import DecodeError, FetchTimeoutError, InvalidOptionError, QwenVLError, SourceTooLargeError, describe
 from .._options import VideoOptions, check_backend, patch_factor, video_options
 from .._util import usable_cpus
-from ..container._probe import decode_or_conceal
+from ..container._probe import _ONLY_A_PICTURE, decode_or_conceal, is_picture
 from ..sources._policy import FetchPolicy, get_fetch_policy
 from ._audio import AUDIO_LAG, StreamAudio
 from ._file import (
@@ -758,7 +758,7 @@ class _Run:
         """The video stream's packets; with audio, the sound's are demuxed with them and decoded on the way."""
         if self.audio is None:
             return container.demux(stream)
-        return self.audio.split(container.demux(stream, container.streams.audio[0]))
+        return self.audio.split(container.demux(stream, container.streams[self.audio.index]))
 
     # -- live streams -------------------------------------------------------------------------------------------------
 
@@ -779,6 +779,8 @@ class _Run:
             if not container.streams.video:
                 raise DecodeError(f"{inp.name} has no video stream; give a stream with video")
             stream = container.streams.video[0]
+            if is_picture(stream):
+                raise DecodeError(f"{inp.name} {_ONLY_A_PICTURE}")
             self.time_base = stream.time_base
             if self.s.audio:
                 self.audio = StreamAudio(self.chunker.origin, None, live=True)
@@ -852,7 +854,7 @@ def _decode_all(
     cut = False
     reader = inp.reader
     ends = getattr(reader, "ends", lambda exc: False)
-    packets = _packets(container, [stream] if audio is None else [stream, container.streams.audio[0]], ends)
+    packets = _packets(container, [stream] if audio is None else [stream, container.streams[audio.index]], ends)
     try:
         for packet in packets if audio is None else audio.split(packets):
             if packet.size == 0:  # the demuxer's end (one such packet per stream): the decoder is flushed below
