@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import subprocess
 import sys
 from fractions import Fraction
@@ -775,3 +776,24 @@ def test_of_several_audio_tracks_the_one_ffmpeg_picks(tmp_path):
         ]
         assert [round(_pitch(s)) for s in sounds] == [round(theirs)] * 3, path.name
     assert round(_pitch(q.fetch_audio({"audio": str(second)}))) == 1000
+    # the header's facts are the picked track's: Matroska states its length in a tag per track (the container's
+    # duration is the longest track's, 6 s, and inspect said 150 tokens for 2 s of sound)
+    mka = tmp_path / "two.mka"
+    tones = [
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=440:duration=6",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=1000:duration=2",
+    ]
+    flags = ["-disposition:a:0", "0", "-disposition:a:1", "default"]
+    _ffmpeg(*tones, "-map", "0", "-map", "1", "-c:a", "libopus", *flags, str(mka))
+    sound = q.fetch_audio({"audio": str(mka)})
+    res = subprocess.run([sys.executable, "-m", "qwen_vl_utils", "inspect", str(mka), "--json"], capture_output=True,
+                         text=True, timeout=120, check=True)  # fmt: skip
+    out = json.loads(res.stdout)[0]
+    assert round(_pitch(sound)) == 1000 and out["duration"] == pytest.approx(len(sound) / SR, abs=0.02)
+    assert out["audio_tokens"]["qwen2.5-omni"] == q.audio_token_count(len(sound))

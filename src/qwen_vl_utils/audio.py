@@ -393,9 +393,9 @@ def _check_length(
         )
     if container.format.name not in _STATED:  # (MP3, ADTS, MPEG-TS: a bit-rate estimate; checked while decoding)
         return None
-    tb = time_base(stream)
-    if stream.duration:
-        ends = (stream.start_time or 0) * tb + stream.duration * tb
+    seconds = _stream_seconds(stream)
+    if seconds is not None:
+        ends = (stream.start_time or 0) * time_base(stream) + seconds
     elif container.duration:
         ends = container.duration / 1_000_000
     else:
@@ -404,6 +404,19 @@ def _check_length(
     if max_seconds is not None and seconds > max_seconds:
         raise _too_long(name, seconds, max_seconds)
     return ends
+
+
+def _stream_seconds(stream: Any) -> Optional[float]:
+    """The stream's own duration in seconds as its header states it (Matroska states it only in a tag per track,
+    which FFmpeg's and mkvmerge's muxers write); None if it does not (the container's may be a longer track's)."""
+    if stream.duration:
+        return stream.duration * time_base(stream)
+    tag = (stream.metadata or {}).get("DURATION", "")
+    try:
+        hours, minutes, seconds = tag.split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        return None
 
 
 def _too_long(name: str, seconds: float, max_seconds: float) -> SourceTooLargeError:
@@ -735,9 +748,9 @@ def video_audio(
 
 
 def describe_audio(source: Source) -> Optional[dict]:
-    """The first audio stream's facts from the header (nothing decoded): codec, sample rate, channels and
-    duration in seconds; None when the file has no audio stream. ``has_video`` says whether it has a video
-    stream too (cover art is not one)."""
+    """The facts of the audio stream :func:`choose_audio` picks, from the header (nothing decoded): codec, sample
+    rate, channels and duration in seconds; None when the file has no audio stream. ``has_video`` says whether it
+    has a video stream too (cover art is not one)."""
     try:
         container = open_container(source)
     except DecodeError:
@@ -746,10 +759,8 @@ def describe_audio(source: Source) -> Optional[dict]:
         if not container.streams.audio:
             return None
         stream = choose_audio(container)
-        tb = float(stream.time_base) if stream.time_base else 0.0
-        if stream.duration and tb:
-            duration = stream.duration * tb
-        else:
+        duration = _stream_seconds(stream)
+        if duration is None:
             duration = container.duration / 1_000_000 if container.duration else 0.0
         return {
             "codec": stream.codec_context.name,
