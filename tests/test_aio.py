@@ -189,9 +189,10 @@ async def _with_heartbeat(coro, period=0.002):
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_the_loop_is_never_blocked_for_more_than_20_ms(media, files, loop_kind):
     """Four conversations at once (images, videos by path and by range over HTTP, a frame list) and one image
-    behind a server that answers after 300 ms: the loop thread never runs library code for more than 20 ms at
-    a time, and never stops beating for as long as a network wait (which would mean I/O on the loop)."""
-    slow = files.add("/slow-answer.png", image_bytes(gradient(80, 60), "PNG"), delay=0.3)
+    behind a server that answers after a second: the loop thread never runs library code for more than 20 ms at
+    a time, and never stops beating for as long as that network wait (which would mean I/O on the loop; the
+    bound leaves room for a loaded machine's scheduling, which stalled a 0.2 s bound)."""
+    slow = files.add("/slow-answer.png", image_bytes(gradient(80, 60), "PNG"), delay=1.0)
     conv = [{"role": "user", "content": [*media["content"], {"type": "image", "image": slow}]}]
 
     async def many():
@@ -200,7 +201,7 @@ def test_the_loop_is_never_blocked_for_more_than_20_ms(media, files, loop_kind):
     results, wall, cpu = run(_with_heartbeat(many()), loop_kind)
     assert len(results) == 4
     assert cpu < 0.020, f"the event loop ran library code for {cpu * 1000:.1f} ms at once"
-    assert wall < 0.2, f"the event loop stalled for {wall * 1000:.1f} ms"
+    assert wall < 0.8, f"the event loop stalled for {wall * 1000:.1f} ms"
 
 
 # --- cancellation -----------------------------------------------------------------------------------------------
