@@ -172,14 +172,14 @@ def decode_audio(
         stream = audio_stream(container, source.name, missing)
         tb = time_base(stream)
         _only(container, stream)
-        first = stream.start_time * tb if stream.start_time is not None else 0.0
+        begin = stream.start_time * tb if stream.start_time is not None else 0.0
         head = (
             _Head(container, stream, tb)
-            if _seeks(container, stream, (first if origin is None else origin) + start)
+            if _seeks(container, stream, (begin if origin is None else origin) + start)
             else None
         )
         if origin is None:  # an audio file: its time 0 is its first sample's (WMA stamps it 92 ms in), or the
-            origin = first  # stream's start where that is later (Opus's pre-skip), as for the whole track
+            origin = begin  # stream's start where that is later (Opus's pre-skip), as for the whole track
             if start > 0 or end is not None:
                 sample = head.first if head else _first_sample_time(source, stream.index, tb, origin)
                 origin = max(origin, origin if sample is None else sample)
@@ -188,8 +188,8 @@ def decode_audio(
         ends = _check_length(source.name, stream, container, t0, t1, max_seconds)
         if head is not None:
             head.seek(t0)
-        track = AudioTrack(t0, sr, gaps=timed(container), rate=stream.codec_context.sample_rate)
-        track.stale = _frame_length(stream)
+        track = AudioTrack(t0, sr, gaps=timed(container))
+        track.expect(stream)
         if ends is not None:  # (a margin for what the header leaves out: an encoder's padding)
             track.reserve(round(((ends if t1 is None else min(ends, t1)) - t0 + 0.5) * sr))
         limit = None if max_seconds is None else (max_seconds, source.name)
@@ -229,14 +229,13 @@ def audio_stream(container: Any, name: str, missing: str) -> Any:
 
 def choose_audio(container: Any) -> Any:
     """The audio stream FFmpeg's command line picks, as qwen-omni-utils gets it: the default one (a track that is
-    enabled), then the one with the most channels, then the first. None if there is none."""
+    enabled), then the one with the most channels, then the first (the container has one at least)."""
     import av
 
     default = av.stream.Disposition.default
-    streams = list(container.streams.audio)
-    if not streams:
-        return None
-    return max(streams, key=lambda s: (bool(s.disposition & default), s.codec_context.channels or 0, -s.index))
+    return max(
+        container.streams.audio, key=lambda s: (bool(s.disposition & default), s.codec_context.channels or 0, -s.index)
+    )
 
 
 def time_base(stream: Any) -> float:
@@ -317,12 +316,6 @@ class _Head:
         if frame.samples == size and frame.sample_rate == rate and abs(exact - stamped) <= self.tb + 1 / rate:
             return exact
         return begins
-
-
-def _frame_length(stream: Any) -> Optional[float]:
-    """Seconds in a frame of the stream as its header has it (None: the codec's frames vary)."""
-    cc = stream.codec_context
-    return cc.frame_size / cc.sample_rate if cc.frame_size > 0 and cc.sample_rate else None
 
 
 def _first_sample_time(source: Source, index: int, tb: float, default: float) -> float:
@@ -479,9 +472,7 @@ class AudioTrack:
     than :data:`_LEAP` s, is a discontinuity: the sound goes on where it was). The resampled samples are held until
     :meth:`take` asks for them."""
 
-    def __init__(
-        self, t0: float, sr: int = SAMPLE_RATE, *, gaps: bool = False, live: bool = False, rate: Optional[int] = None
-    ) -> None:
+    def __init__(self, t0: float, sr: int = SAMPLE_RATE, *, gaps: bool = False, live: bool = False) -> None:
         self.t0, self.sr, self.gaps = t0, sr, gaps
         self.leap = _LEAP if live else math.inf  # (a file's timeline has no discontinuities forward)
         self.block = _Block(sr)
@@ -489,7 +480,7 @@ class AudioTrack:
         self.stamped: Optional[float] = None  # where the last frame's stamp says it ends
         self.stamp: Optional[float] = None  # the last frame's stamp
         self.stale: Optional[float] = None  # the length of a frame at the first rate
-        self.rate0: Optional[int] = rate or None  # the stream's first rate (its header's; else its first frame's)
+        self.rate0: Optional[int] = None  # the stream's first rate (its header's; else its first frame's)
         self.fed: Optional[float] = None  # the time after the last sample fed to the resampler
         self.first: Optional[float] = None  # the time of the first sample
         self.begins: int = 0  # its window index (negative: cut before t0 by rounding)
@@ -500,6 +491,13 @@ class AudioTrack:
         self.buf: Optional[np.ndarray] = None  # see reserve()
         self.buf_at: Optional[int] = None
         self.in_buf = False
+
+    def expect(self, stream: Any) -> None:
+        """The stream's first sample rate and frame length, as its header has them (kept where already known)."""
+        cc = stream.codec_context
+        self.rate0 = self.rate0 or cc.sample_rate or None
+        if self.stale is None and cc.frame_size > 0 and cc.sample_rate:
+            self.stale = cc.frame_size / cc.sample_rate
 
     @property
     def end(self) -> int:

@@ -50,13 +50,6 @@ class VideoInfo:
         return (self.height, self.width) if self.rotation in (90, 270) else (self.width, self.height)
 
 
-#: what a "video" that is sound with a cover picture is told (an M4A's or MP3's cover art)
-_ONLY_A_PICTURE = (
-    "is sound with a cover picture, not a video; give it as audio ({'type': 'audio', 'audio': ...}), or the "
-    "picture as an image"
-)
-
-
 def open_container(source: Source) -> Any:
     import av
 
@@ -144,8 +137,7 @@ def probe_video(source: Source, count: bool = True) -> VideoInfo:
                 "give a file with video, or use an image element for a still picture"
             )
         stream = container.streams.video[0]
-        if is_picture(stream):
-            raise DecodeError(f"{source.name} {_ONLY_A_PICTURE}")
+        refuse_picture(stream, source.name)
         has_audio = bool(container.streams.audio)
         rate = _rate(stream)
         tb = stream.time_base
@@ -416,3 +408,12 @@ def is_picture(stream: Any) -> bool:
     import av
 
     return bool(stream.disposition & av.stream.Disposition.attached_pic)
+
+
+def refuse_picture(stream: Any, name: str) -> None:
+    """DecodeError if the "video" stream ``stream`` of ``name`` is sound's cover art, not a video."""
+    if is_picture(stream):
+        raise DecodeError(
+            f"{name} is sound with a cover picture, not a video; give it as audio ({{'type': 'audio', 'audio': "
+            "...}), or the picture as an image"
+        )

@@ -17,7 +17,7 @@ import threading
 from typing import Any, Iterator, Optional
 
 from .._errors import DecodeError
-from ..audio import SAMPLE_RATE, AudioTrack, _frame_length, audio_stream, frame_time, seek_audio, time_base, timed
+from ..audio import SAMPLE_RATE, AudioTrack, audio_stream, frame_time, seek_audio, time_base, timed
 from ..container._probe import decode_or_conceal, open_container
 
 #: seconds of video a complete chunk waits for its sound before the sound is read another way (a file) or taken
@@ -60,8 +60,7 @@ class StreamAudio:
             self.close_own()
             self.index, self.cc, self.tb = stream.index, stream.codec_context, time_base(stream)
             self.track.gaps = self.live or timed(container)
-            self.track.rate0 = self.track.rate0 or stream.codec_context.sample_rate or None
-            self.track.stale = self.track.stale or _frame_length(stream)
+            self.track.expect(stream)
             self.track.resume()
         return stream
 

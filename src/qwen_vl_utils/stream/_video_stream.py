@@ -34,7 +34,7 @@ from .. import _cancel
 from .._errors import DecodeError, FetchTimeoutError, InvalidOptionError, QwenVLError, SourceTooLargeError, describe
 from .._options import VideoOptions, check_backend, patch_factor, video_options
 from .._util import usable_cpus
-from ..container._probe import _ONLY_A_PICTURE, decode_or_conceal, is_picture
+from ..container._probe import decode_or_conceal, refuse_picture
 from ..sources._policy import FetchPolicy, get_fetch_policy
 from ._audio import AUDIO_LAG, StreamAudio
 from ._file import (
@@ -779,8 +779,7 @@ class _Run:
             if not container.streams.video:
                 raise DecodeError(f"{inp.name} has no video stream; give a stream with video")
             stream = container.streams.video[0]
-            if is_picture(stream):
-                raise DecodeError(f"{inp.name} {_ONLY_A_PICTURE}")
+            refuse_picture(stream, inp.name)
             self.time_base = stream.time_base
             if self.s.audio:
                 self.audio = StreamAudio(self.chunker.origin, None, live=True)
